@@ -1,0 +1,94 @@
+//! Criterion benches of the sans-IO core: a whole early-reject dialogue through a `Session`
+//! (the common case in a backscatter flood), the command parser, and the RCPT rule.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Instant;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use gatekeeper::policy::{self, Directory, PolicyConfig};
+use gatekeeper::proto::{Command, Domain, ForwardPath, ReversePath};
+use gatekeeper::session::{ClientInfo, Session, SessionConfig};
+
+/// One line per read, as a client that waits for each reply sends them.
+const DIALOGUE: [&[u8]; 4] =
+    [b"EHLO mx.example.org\r\n", b"MAIL FROM:<>\r\n", b"RCPT TO:<nobody@example.test>\r\n", b"QUIT\r\n"];
+
+const MAIL_LINE: &[u8] = b"MAIL FROM:<someone@elsewhere.example.org> SIZE=12345 BODY=8BITMIME";
+
+/// `example.test` with alice, bob and a thousand more users, as a small site has.
+fn directory() -> Arc<Directory> {
+    let d = Domain::parse("example.test").expect("domain");
+    let mut dir = Directory::new([d.clone()], true);
+    dir.add_user("alice", &d);
+    dir.add_user("bob", &d);
+    for i in 0..1000 {
+        dir.add_user(&format!("user{i}"), &d);
+    }
+    Arc::new(dir)
+}
+
+/// Writes every reply into `wire` and drops actions and events, as the server does.
+fn drain(s: &mut Session, wire: &mut Vec<u8>) {
+    while let Some(a) = s.poll_action() {
+        black_box(a);
+    }
+    while let Some(r) = s.poll_reply() {
+        r.write_to(wire);
+    }
+    while let Some(e) = s.poll_event() {
+        black_box(e);
+    }
+}
+
+fn dialogue(now: Instant, cfg: &Arc<SessionConfig>, dir: &Arc<Directory>, client: &ClientInfo, wire: &mut Vec<u8>) {
+    let mut s = Session::new(now, Arc::clone(cfg), Arc::clone(dir), client.clone());
+    drain(&mut s, wire);
+    for line in DIALOGUE {
+        s.handle_input(now, line);
+        drain(&mut s, wire);
+    }
+}
+
+fn bench_session(c: &mut Criterion) {
+    let now = Instant::now();
+    let cfg = Arc::new(SessionConfig { hostname: "mx.example.test".into(), ..SessionConfig::default() });
+    let dir = directory();
+    let client = ClientInfo { id: 1, addr: "192.0.2.1".parse().expect("addr"), unknown_before: 0 };
+    let mut wire = Vec::with_capacity(1024);
+    dialogue(now, &cfg, &dir, &client, &mut wire);
+    let text = String::from_utf8_lossy(&wire);
+    let codes: Vec<&str> = text.lines().map(|l| &l[..3]).collect();
+    assert_eq!(codes, ["220", "250", "250", "250", "250", "250", "250", "550", "221"], "{text}");
+    c.bench_function("session/early_reject_dialogue", |b| {
+        b.iter(|| {
+            wire.clear();
+            dialogue(now, &cfg, &dir, &client, &mut wire);
+            black_box(wire.len())
+        })
+    });
+}
+
+fn bench_parse(c: &mut Criterion) {
+    assert!(matches!(Command::parse(MAIL_LINE), Ok(Command::Mail(..))));
+    c.bench_function("proto/parse_mail", |b| b.iter(|| Command::parse(black_box(MAIL_LINE))));
+}
+
+fn bench_rcpt(c: &mut Criterion) {
+    let dir = directory();
+    let cfg = PolicyConfig::default();
+    let from = ReversePath::Null;
+    let unknown = ForwardPath::parse("<nobody@example.test>").expect("path");
+    let known = ForwardPath::parse("<alice@example.test>").expect("path");
+    let sender = ReversePath::parse("<x@elsewhere.test>").expect("path");
+    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &unknown, 0).reply.code, 550);
+    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &known, 0).reply.code, 250);
+    let mut g = c.benchmark_group("policy/rcpt_to");
+    g.bench_function("known", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&known), 0)));
+    g.bench_function("unknown_null_sender", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&unknown), 0)));
+    g.bench_function("unknown_with_ban", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &sender, black_box(&unknown), 0)));
+    g.finish();
+}
+
+criterion_group!(benches, bench_session, bench_parse, bench_rcpt);
+criterion_main!(benches);

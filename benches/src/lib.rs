@@ -1,0 +1,1 @@
+//! Load benchmark support (see issue load bench).

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Drives the release binary with swaks (a real SMTP client) through the core dialogues. Each
+# dialogue uses its own source address in 127.0.0.0/8 so the gate sees distinct clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v swaks >/dev/null || { echo "swaks: not installed (run: bash ci/setup.sh swaks)"; exit 1; }
+cargo build --release -q -p gatekeeper
+bin=target/release/gatekeeper
+work=$(mktemp -d)
+port=$((20000 + RANDOM % 20000))
+log="$work/gatekeeper.log"
+"$bin" serve --config examples/gatekeeper.toml --listen "127.0.0.1:$port" --state-dir "$work/state" 2>"$log" &
+pid=$!
+trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
+for _ in $(seq 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.1
+done
+# That probe connection used 127.0.0.1's gate slot; the dialogues below use other addresses.
+
+pass=0 fail=0
+check() { # name, expected regex, swaks transcript
+  if grep -qE -- "$2" <<<"$3"; then
+    pass=$((pass + 1)); echo "ok   $1"
+  else
+    fail=$((fail + 1)); echo "FAIL $1: expected /$2/ in:"; sed 's/^/     /' <<<"$3"
+  fi
+}
+sw() { # source address, swaks args...
+  local src=$1; shift
+  swaks --server "127.0.0.1:$port" --local-interface "$src" --helo client.test --timeout 10 "$@" 2>&1 || true
+}
+
+out=$(sw 127.0.0.21 --from '<>' --to nobody@example.test --quit-after RCPT)
+check "<> to an unknown user: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+out=$(sw 127.0.0.21 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and no ban: the next connection is only rate limited (421, not 554)" '<\*\* +421 4\.7\.0' "$out"
+
+out=$(sw 127.0.0.22 --from nobody@example.test --to alice@example.test --quit-after RCPT)
+check "forged local sender: 550 5.7.1" '<\*\* +550 5\.7\.1' "$out"
+out=$(sw 127.0.0.22 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and banned: 554 greeting" '<\*\* +554 5\.7\.1' "$out"
+
+out=$(sw 127.0.0.23 --from foo --to alice@example.test --quit-after RCPT)
+check "sender without a domain: 553 5.1.7" '<\*\* +553 5\.1\.7' "$out"
+
+out=$(sw 127.0.0.24 --from someone@elsewhere.test --to victim@elsewhere.test --quit-after RCPT)
+check "relay denied: 554 5.7.1" '<\*\* +554 5\.7\.1' "$out"
+
+out=$(sw 127.0.0.25 --from '<>' --to postmaster@example.test --quit-after RCPT)
+check "postmaster always accepted" '<- +250 2\.1\.5' "$out"
+
+out=$(sw 127.0.0.26 --from someone@elsewhere.test --to nobody@example.test --quit-after RCPT)
+check "unknown recipient with a real sender: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+out=$(sw 127.0.0.26 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and banned (B4)" '<\*\* +554 5\.7\.1' "$out"
+
+out=$(sw 127.0.0.27 --pipeline --from '<>' --to alice@example.test --header "Subject: swaks ci" --body "hello from swaks")
+check "pipelined message to alice: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
+spooled=$(grep -l "hello from swaks" "$work"/state/maildir/new/* 2>/dev/null | wc -l)
+check "... and it is in the Maildir spool" '^1$' "$spooled"
+
+out=$(sw 127.0.0.28 --from '<>' --to bob@example.test --quit-after RCPT)
+check "first connection from an address: 220" '<- +220 ' "$out"
+out=$(sw 127.0.0.28 --from '<>' --to bob@example.test --quit-after RCPT)
+check "second within the window: 421 (G1)" '<\*\* +421 4\.7\.0' "$out"
+
+verdicts=$(grep -c 'verdict' "$log" || true)
+check "one log event per verdict" '^[1-9][0-9]*$' "$verdicts"
+
+echo "swaks: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]

@@ -1,0 +1,414 @@
+//! The TOML configuration: its shape (every table `deny_unknown_fields`), its embedded
+//! defaults, and its validation, which lists every problem at once instead of stopping at the
+//! first. `examples/gatekeeper.toml` documents each field.
+//!
+//! Durations are written the human way: `"60s"`, `"5m"`, `"4d"`, `"1h 30m"`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::gate::GateConfig;
+use crate::policy::{Directory, OnScanFailure, OnUnknown, PolicyConfig};
+use crate::proto::Domain;
+use crate::session::SessionConfig;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Listening, identity, state and concurrency.
+    pub server: ServerSection,
+    /// SMTP limits and timeouts.
+    pub smtp: SmtpSection,
+    /// Local domains and users.
+    pub domains: DomainsSection,
+    /// Rule tunables.
+    pub rules: RulesSection,
+    /// The connection and ban gate.
+    pub gate: GateConfig,
+    /// Where accepted mail goes.
+    pub delivery: DeliverySection,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    /// Address to listen on.
+    pub listen: String,
+    /// Our host name in the greeting, EHLO and Received headers.
+    pub hostname: String,
+    /// Directory for the spool and, later, the ban database.
+    pub state_dir: PathBuf,
+    /// Concurrent sessions overall; beyond it new connections get 421.
+    pub max_sessions: usize,
+    /// Concurrent sessions from one address.
+    pub max_sessions_per_ip: usize,
+    /// On SIGTERM/SIGINT: how long running sessions may go on before they get 421.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Peers (e.g. HAProxy) whose PROXY protocol header gives the client address. Empty: the
+    /// PROXY protocol is refused from everyone.
+    pub proxy_trusted: Vec<String>,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            listen: "127.0.0.1:2525".into(),
+            hostname: "gatekeeper.example.test".into(),
+            state_dir: PathBuf::from("state"),
+            max_sessions: 2000,
+            max_sessions_per_ip: 10,
+            shutdown_grace: Duration::from_secs(30),
+            proxy_trusted: Vec::new(),
+        }
+    }
+}
+
+/// `[smtp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSection {
+    /// Largest message in octets (advertised as SIZE).
+    pub size_max: u64,
+    /// Recipients per message (RFC 5321 §4.5.3.1.8 requires at least 100).
+    pub rcpt_max: usize,
+    /// 4xx/5xx replies before 421 and close.
+    pub errors_max: u32,
+    /// Wait for a command or DATA (RFC 5321 §4.5.3.2.7: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// The same wait once a client has had a 5xx.
+    #[serde(with = "humantime_serde")]
+    pub penalty_timeout: Duration,
+    /// Longest session.
+    #[serde(with = "humantime_serde")]
+    pub session_max: Duration,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        let s = SessionConfig::default();
+        SmtpSection {
+            size_max: s.size_max,
+            rcpt_max: s.rcpt_max,
+            errors_max: s.errors_max,
+            command_timeout: s.command_timeout,
+            penalty_timeout: s.penalty_timeout,
+            session_max: s.session_max,
+        }
+    }
+}
+
+/// `[domains]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainsSection {
+    /// Domains we receive mail for.
+    pub local: Vec<String>,
+    /// Existing addresses (`local@domain`).
+    pub users: Vec<String>,
+    /// A file with more addresses, one a line (`#` comments); relative to the config file.
+    pub users_file: Option<PathBuf>,
+    /// `abuse@` every local domain exists (RFC 2142).
+    pub abuse_always: bool,
+}
+
+impl Default for DomainsSection {
+    fn default() -> Self {
+        DomainsSection {
+            local: vec!["example.test".into()],
+            users: vec!["alice@example.test".into(), "bob@example.test".into()],
+            users_file: None,
+            abuse_always: true,
+        }
+    }
+}
+
+/// `[rules]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesSection {
+    /// B4: unknown recipients (non-null sender) within `b4_window` before a ban.
+    pub b4_threshold: u32,
+    /// B4 counting window.
+    #[serde(with = "humantime_serde")]
+    pub b4_window: Duration,
+    /// Callback verification of external senders (C1), configured in `[callbacks]`.
+    pub verify_senders: bool,
+    /// An inconclusive callback: `tempfail` (451) or `accept`.
+    pub on_unknown_sender: OnUnknown,
+    /// Virus scanning (V1) with the `[scan]` engine.
+    pub scan: bool,
+    /// A failed scan: `tempfail` (451) or `accept`.
+    pub on_scan_failure: OnScanFailure,
+}
+
+impl Default for RulesSection {
+    fn default() -> Self {
+        let p = PolicyConfig::default();
+        RulesSection {
+            b4_threshold: p.b4_threshold,
+            b4_window: p.b4_window,
+            verify_senders: false,
+            on_unknown_sender: OnUnknown::Tempfail,
+            scan: false,
+            on_scan_failure: OnScanFailure::Tempfail,
+        }
+    }
+}
+
+/// `[delivery]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliverySection {
+    /// Relay accepted mail to this SMTP server (`host:port`, e.g. the local MTA on
+    /// `127.0.0.1:10025`). Unset: a Maildir spool under `<state_dir>/maildir`.
+    pub relay: Option<String>,
+    /// Per-message timeout of the relay.
+    #[serde(with = "humantime_serde")]
+    pub relay_timeout: Duration,
+}
+
+impl Default for DeliverySection {
+    fn default() -> Self {
+        DeliverySection { relay: None, relay_timeout: Duration::from_secs(60) }
+    }
+}
+
+/// A configuration that failed to load: every problem, one a line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    /// What is wrong, each naming the field.
+    pub problems: Vec<String>,
+}
+
+/// A validated configuration, ready to build a server from.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The file as read.
+    pub config: Config,
+    /// The listening address.
+    pub listen: SocketAddr,
+    /// Session limits and rule tunables.
+    pub session: Arc<SessionConfig>,
+    /// Local domains and users.
+    pub directory: Arc<Directory>,
+    /// Relay target, if any.
+    pub relay: Option<SocketAddr>,
+    /// Trusted PROXY peers.
+    pub proxy_trusted: Vec<std::net::IpAddr>,
+}
+
+impl Config {
+    /// Parses TOML text; syntax errors and unknown fields are reported with their position.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError { problems: vec![e.to_string().trim_end().to_string()] })
+    }
+
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { problems: vec![format!("cannot read {}: {e}", path.display())] })?;
+        Config::parse(&text)?.validate(path.parent())
+    }
+
+    /// Checks everything and builds the runtime settings; relative paths are resolved against
+    /// `base` (the config file's directory).
+    pub fn validate(self, base: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let listen = self
+            .server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| problems.push(format!("server.listen: {:?} is not an address:port ({e})", self.server.listen)))
+            .ok();
+        if Domain::parse(&self.server.hostname).is_err() {
+            problems.push(format!("server.hostname: {:?} is not a domain name", self.server.hostname));
+        }
+        if self.server.max_sessions == 0 {
+            problems.push("server.max_sessions: must be at least 1".into());
+        }
+        if self.server.max_sessions_per_ip == 0 {
+            problems.push("server.max_sessions_per_ip: must be at least 1".into());
+        }
+        let mut proxy_trusted = Vec::new();
+        for p in &self.server.proxy_trusted {
+            match p.parse() {
+                Ok(ip) => proxy_trusted.push(ip),
+                Err(_) => problems.push(format!("server.proxy_trusted: {p:?} is not an IP address")),
+            }
+        }
+        if self.smtp.size_max < 1024 {
+            problems.push("smtp.size_max: must be at least 1024 octets".into());
+        }
+        if self.smtp.rcpt_max < 100 {
+            problems.push("smtp.rcpt_max: RFC 5321 §4.5.3.1.8 requires at least 100".into());
+        }
+        if self.smtp.errors_max == 0 {
+            problems.push("smtp.errors_max: must be at least 1".into());
+        }
+        for (name, d) in [
+            ("smtp.command_timeout", self.smtp.command_timeout),
+            ("smtp.penalty_timeout", self.smtp.penalty_timeout),
+            ("smtp.session_max", self.smtp.session_max),
+            ("rules.b4_window", self.rules.b4_window),
+            ("delivery.relay_timeout", self.delivery.relay_timeout),
+        ] {
+            if d.is_zero() {
+                problems.push(format!("{name}: must be longer than 0s"));
+            }
+        }
+        if self.smtp.command_timeout < Duration::from_secs(300) && !self.smtp.command_timeout.is_zero() {
+            // Allowed (tests use short ones), but RFC 5321 §4.5.3.2.7 says 5 minutes; no error.
+        }
+        if self.rules.b4_threshold == 0 {
+            problems.push("rules.b4_threshold: must be at least 1".into());
+        }
+        let mut domains = Vec::new();
+        if self.domains.local.is_empty() {
+            problems.push("domains.local: at least one local domain is needed".into());
+        }
+        for d in &self.domains.local {
+            match Domain::parse(d) {
+                Ok(d) => domains.push(d),
+                Err(e) => problems.push(format!("domains.local: {d:?}: {e}")),
+            }
+        }
+        let mut directory = Directory::new(domains, self.domains.abuse_always);
+        for e in directory.add_list(&self.domains.users.join("\n")) {
+            problems.push(format!("domains.users: {}", e.to_string().replacen("line ", "entry ", 1)));
+        }
+        if let Some(file) = &self.domains.users_file {
+            let path = base.map_or_else(|| file.clone(), |b| b.join(file));
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    for e in directory.add_list(&text) {
+                        problems.push(format!("domains.users_file {}: {e}", path.display()));
+                    }
+                }
+                Err(e) => problems.push(format!("domains.users_file: cannot read {}: {e}", path.display())),
+            }
+        }
+        let relay = self.delivery.relay.as_ref().and_then(|r| {
+            r.parse::<SocketAddr>()
+                .map_err(|e| problems.push(format!("delivery.relay: {r:?} is not an address:port ({e})")))
+                .ok()
+        });
+        problems.extend(self.gate.problems().into_iter().map(|p| format!("gate.{p}")));
+        if self.rules.verify_senders {
+            problems.push("rules.verify_senders: callback verification is not available in this build yet".into());
+        }
+        if self.rules.scan {
+            problems.push("rules.scan: virus scanning is not available in this build yet".into());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
+        let mut config = self;
+        if let Some(base) = base
+            && config.server.state_dir.is_relative()
+        {
+            config.server.state_dir = base.join(&config.server.state_dir);
+        }
+        let session = SessionConfig {
+            hostname: config.server.hostname.clone(),
+            size_max: config.smtp.size_max,
+            rcpt_max: config.smtp.rcpt_max,
+            errors_max: config.smtp.errors_max,
+            command_timeout: config.smtp.command_timeout,
+            penalty_timeout: config.smtp.penalty_timeout,
+            session_max: config.smtp.session_max,
+            verify_senders: config.rules.verify_senders,
+            on_unknown: config.rules.on_unknown_sender,
+            scan: config.rules.scan,
+            on_scan_failure: config.rules.on_scan_failure,
+            policy: PolicyConfig { b4_threshold: config.rules.b4_threshold, b4_window: config.rules.b4_window },
+        };
+        Ok(Settings {
+            listen: listen.expect("checked above"),
+            session: Arc::new(session),
+            directory: Arc::new(directory),
+            relay,
+            proxy_trusted,
+            config,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gatekeeper.toml");
+        let settings = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(settings.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(settings.directory.user_count(), 2);
+    }
+
+    #[test]
+    fn empty_file_is_the_embedded_defaults() {
+        let s = Config::parse("").unwrap().validate(None).unwrap();
+        assert_eq!(s.session.rcpt_max, 100);
+        assert!(s.relay.is_none());
+    }
+
+    #[test]
+    fn every_problem_is_listed() {
+        let text = r#"
+            [server]
+            listen = "nowhere"
+            hostname = "bad host"
+            max_sessions = 0
+            [smtp]
+            rcpt_max = 10
+            command_timeout = "0s"
+            [domains]
+            local = ["example.test", "-bad"]
+            users = ["carol", "x@other.test"]
+            [rules]
+            b4_threshold = 0
+            [delivery]
+            relay = "mta"
+        "#;
+        let err = Config::parse(text).unwrap().validate(None).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "server.listen",
+            "server.hostname",
+            "server.max_sessions",
+            "smtp.rcpt_max",
+            "smtp.command_timeout",
+            "domains.local: \"-bad\"",
+            "domains.users: entry 1",
+            "domains.users: entry 2",
+            "rules.b4_threshold",
+            "delivery.relay",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        assert_eq!(err.problems.len(), 10, "{all}");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let err = Config::parse("[server]\nlisten_on = \"x\"\n").unwrap_err();
+        assert!(err.problems[0].contains("listen_on"), "{err}");
+        let err = Config::parse("[nonsense]\n").unwrap_err();
+        assert!(err.problems[0].contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = Config::parse("[smtp]\ncommand_timeout = \"2m 30s\"\n").unwrap();
+        assert_eq!(c.smtp.command_timeout, Duration::from_secs(150));
+    }
+}

@@ -1,0 +1,25 @@
+//! Gatekeeper: an SMTP front end for port 25 that protects a mail server from backscatter
+//! floods and the spammers hiding in them (see DESIGN.md).
+//!
+//! Layers, lowest first; each uses only the layers before it:
+//!
+//! - [`proto`] — SMTP wire types: commands, paths, replies, line and DATA receivers (sans-IO).
+//! - [`policy`] — the rules E1, E2, C1, V1 and the B1–B4 ban requests as pure functions.
+//! - [`gate`] — the kernel `recent` table model (xt_recent, nft sets): rules G1 and G2.
+//! - [`session`] — the per-connection state machine, `handle_*` / `poll_*`, sans-IO.
+//! - [`edges`] — traits for IO: clock, listener, downstream; their production versions.
+//! - [`verify`] — callback verification (C1): resolver and connector edges, probe, cache, limits.
+//! - [`scan`] — virus scanning (V1): the clamd client and the builtin test-signature scanner.
+//! - [`config`] — the TOML configuration, validated with every problem listed.
+//! - [`server`] — the async driver: accept loop, gate, limits, timeouts, shutdown.
+//!
+//! Nothing here reads a clock except `edges::SystemClock`; the simulation (`gatekeeper-sim`)
+//! supplies its own edges and runs the same server.
+
+pub mod config;
+pub mod edges;
+pub mod gate;
+pub mod policy;
+pub mod proto;
+pub mod server;
+pub mod session;

@@ -1,0 +1,814 @@
+//! One SMTP connection's state machine: proto + policy, sans-IO.
+//!
+//! Inputs are `handle_*(now, …)`; outputs are drained with `poll_*()` until `None`; timers are
+//! `poll_timeout()` / `handle_timeout(now)`. The session never does IO and never reads a clock.
+//! It is the only place that turns a verdict into a reply.
+//!
+//! Driver contract (see `server`):
+//! 1. After every `handle_*` call, drain [`Session::poll_action`] first and carry each action
+//!    out — in particular a [`Action::Ban`] is recorded *before* any reply is written, so a
+//!    banned client never sees its reply without the ban being durable.
+//! 2. Then write every [`Session::poll_reply`]. Replies come in command order (RFC 2920).
+//! 3. While [`Session::wants_input`] is `false` (a probe, scan or delivery is pending), stop
+//!    reading from the socket: pipelined input waits in the kernel, not in memory.
+//! 4. Stop after [`Action::Close`].
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::policy::{
+    self, BanReason, BanRequest, Directory, OnScanFailure, OnUnknown, PolicyConfig, Rule, ScanOutcome, Verdict,
+    Verification,
+};
+use crate::proto::{
+    Command, CommandError, DataEvent, DataReceiver, Enhanced, ForwardPath, LineEvent, LineReceiver, Mailbox, Reply,
+    ReversePath,
+};
+
+/// Session limits and switches. Defaults follow RFC 5321 §4.5.3.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Our name in the greeting and EHLO reply.
+    pub hostname: String,
+    /// Largest message accepted, advertised as SIZE (RFC 1870).
+    pub size_max: u64,
+    /// Recipients per transaction (RFC 5321 §4.5.3.1.8: at least 100).
+    pub rcpt_max: usize,
+    /// 4xx/5xx replies before 421 and close.
+    pub errors_max: u32,
+    /// Waiting for a command or for more DATA (RFC 5321 §4.5.3.2.7: 5 minutes).
+    pub command_timeout: Duration,
+    /// The same wait once the client has had a 5xx: spammers get less patience.
+    pub penalty_timeout: Duration,
+    /// Longest a whole session may take.
+    pub session_max: Duration,
+    /// Run callback verification (C1) of external senders.
+    pub verify_senders: bool,
+    /// What an inconclusive callback means.
+    pub on_unknown: OnUnknown,
+    /// Scan messages (V1) before delivery.
+    pub scan: bool,
+    /// What a failed scan means.
+    pub on_scan_failure: OnScanFailure,
+    /// The rules' tunables.
+    pub policy: PolicyConfig,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            hostname: "gatekeeper.invalid".into(),
+            size_max: 25 * 1024 * 1024,
+            rcpt_max: 100,
+            errors_max: 10,
+            command_timeout: Duration::from_secs(300),
+            penalty_timeout: Duration::from_secs(30),
+            session_max: Duration::from_secs(1800),
+            verify_senders: false,
+            on_unknown: OnUnknown::Tempfail,
+            scan: false,
+            on_scan_failure: OnScanFailure::Tempfail,
+            policy: PolicyConfig::default(),
+        }
+    }
+}
+
+/// What the session knows about its client when it starts.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// Session id, unique per server run; it appears in logs, bans and queue ids.
+    pub id: u64,
+    /// The client's address (after PROXY protocol, if any).
+    pub addr: IpAddr,
+    /// Unknown recipients with a non-null sender this address gave within the B4 window
+    /// before this session.
+    pub unknown_before: u32,
+}
+
+/// Why the gate refused a connection before SMTP began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// G1: over the connection rate: 421 and close.
+    RateLimited,
+    /// G2: banned: 554 greeting, then 503 to everything until QUIT (RFC 5321 §3.1).
+    Banned,
+    /// Too many sessions overall or from this address: 421 and close.
+    Busy,
+}
+
+/// A message ready for durable handoff.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Session id (queue ids derive from it).
+    pub session: u64,
+    /// The client's address.
+    pub client: IpAddr,
+    /// What it said in EHLO/HELO.
+    pub helo: String,
+    /// MAIL FROM.
+    pub from: ReversePath,
+    /// Accepted recipients; `<Postmaster>` is given as `postmaster@` the first local domain by
+    /// the driver (the session does not know the domains' order of preference).
+    pub rcpts: Vec<ForwardPath>,
+}
+
+/// Why a handoff failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryError {
+    /// Try again later (451).
+    Temporary(String),
+    /// The downstream refused it for good (554).
+    Permanent(String),
+}
+
+/// Something the driver must do for the session.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Ban the client; record it durably before writing further replies.
+    Ban {
+        /// The client.
+        addr: IpAddr,
+        /// Session id, for the evidence.
+        session: u64,
+        /// Reason and evidence.
+        request: BanRequest,
+    },
+    /// Verify `sender` by callback (C1) and call [`Session::handle_verified`].
+    Verify {
+        /// The external sender.
+        sender: Mailbox,
+    },
+    /// Scan the message (V1) and call [`Session::handle_scanned`].
+    Scan {
+        /// The message as received.
+        message: Bytes,
+    },
+    /// Hand the message off durably and call [`Session::handle_delivered`].
+    Deliver {
+        /// Envelope.
+        envelope: Envelope,
+        /// Content, dot-unstuffed, CRLF line endings.
+        message: Bytes,
+    },
+    /// Close the connection after writing the replies.
+    Close,
+}
+
+/// A decision worth logging and counting: one per verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// The rule that decided.
+    pub rule: Rule,
+    /// The command it answered (`connect`, `MAIL`, `RCPT`, `DATA`, …).
+    pub command: &'static str,
+    /// The reply code.
+    pub code: u16,
+    /// The ban requested, if any.
+    pub ban: Option<BanReason>,
+    /// Extra detail (evidence, signature, queue id).
+    pub detail: String,
+}
+
+impl Event {
+    /// `accept`, `tempfail` or `reject`, from the code.
+    pub fn verdict(&self) -> &'static str {
+        match self.code {
+            200..=399 => "accept",
+            400..=499 => "tempfail",
+            _ => "reject",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    /// Before EHLO/HELO.
+    Connected,
+    /// After EHLO/HELO, no transaction.
+    Ready,
+    /// MAIL accepted.
+    Mail(Transaction),
+    /// After 354: receiving the message.
+    Data(Transaction, DataReceiver),
+    /// Refused at connect with 554: answer 503 until QUIT.
+    Refused,
+    /// Waiting for an action's result; input is not processed meanwhile.
+    Waiting(Transaction, Pending),
+    /// Done; everything is ignored.
+    Closed,
+}
+
+#[derive(Debug)]
+enum Pending {
+    /// The first valid recipient waits for the sender's callback.
+    Verify {
+        rcpt: ForwardPath,
+    },
+    Scan {
+        message: Bytes,
+    },
+    Deliver,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SenderCheck {
+    NotNeeded,
+    NotYet,
+    Valid,
+    /// The callback said invalid or unknown: every further RCPT gets this reply.
+    Failed(u16, Enhanced, &'static str),
+}
+
+#[derive(Debug)]
+struct Transaction {
+    from: ReversePath,
+    rcpts: Vec<ForwardPath>,
+    /// Recipients answered (accepted or not), for "no valid recipients" at DATA.
+    sender: SenderCheck,
+}
+
+/// One SMTP connection's state machine. No IO, no clock: `now` is always an argument.
+#[derive(Debug)]
+pub struct Session {
+    cfg: Arc<SessionConfig>,
+    dir: Arc<Directory>,
+    client: ClientInfo,
+    state: State,
+    helo: Option<String>,
+    lines: LineReceiver,
+    input: Vec<u8>,
+    replies: VecDeque<Reply>,
+    actions: VecDeque<Action>,
+    events: VecDeque<Event>,
+    errors: u32,
+    had_5xx: bool,
+    /// The client closed its side while an action was pending.
+    eof: bool,
+    unknown_rcpts: u32,
+    started: Instant,
+    last_input: Instant,
+    transactions: u64,
+}
+
+impl Session {
+    /// A new session that greets the client with 220.
+    pub fn new(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo) -> Self {
+        let greeting = Reply::plain(220, vec![format!("{} ESMTP Gatekeeper", cfg.hostname).into()]);
+        let mut s = Session::blank(now, cfg, dir, client, State::Connected);
+        s.replies.push_back(greeting);
+        s
+    }
+
+    /// A session for a connection the gate refuses (G1, G2, busy).
+    pub fn refused(
+        now: Instant,
+        cfg: Arc<SessionConfig>,
+        dir: Arc<Directory>,
+        client: ClientInfo,
+        why: Refusal,
+    ) -> Self {
+        let mut s = Session::blank(now, cfg, dir, client, State::Refused);
+        let host = s.cfg.hostname.clone();
+        match why {
+            Refusal::Banned => {
+                // RFC 5321 §3.1: a 554 greeting, then wait for QUIT.
+                let text = format!("{host} Service unavailable: your address is banned");
+                s.verdict_reply(
+                    "connect",
+                    Verdict { rule: Rule::G2, reply: plain_enhanced(554, (5, 7, 1), text), ban: None },
+                );
+            }
+            Refusal::RateLimited => {
+                let text = format!("{host} Too many connections from your address, try again later");
+                s.verdict_reply(
+                    "connect",
+                    Verdict { rule: Rule::G1, reply: plain_enhanced(421, (4, 7, 0), text), ban: None },
+                );
+                s.close();
+            }
+            Refusal::Busy => {
+                let text = format!("{host} Too busy, try again later");
+                s.verdict_reply(
+                    "connect",
+                    Verdict { rule: Rule::G1, reply: plain_enhanced(421, (4, 3, 2), text), ban: None },
+                );
+                s.close();
+            }
+        }
+        s
+    }
+
+    fn blank(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo, state: State) -> Self {
+        Session {
+            cfg,
+            dir,
+            client,
+            state,
+            helo: None,
+            lines: LineReceiver::new(),
+            input: Vec::new(),
+            replies: VecDeque::new(),
+            actions: VecDeque::new(),
+            events: VecDeque::new(),
+            errors: 0,
+            had_5xx: false,
+            eof: false,
+            unknown_rcpts: 0,
+            started: now,
+            last_input: now,
+            transactions: 0,
+        }
+    }
+
+    /// Bytes from the client. They are processed at once unless an action is pending, in which
+    /// case they wait (the driver should not read more until [`Session::wants_input`]).
+    pub fn handle_input(&mut self, now: Instant, bytes: &[u8]) {
+        if matches!(self.state, State::Closed) {
+            return;
+        }
+        self.last_input = now;
+        self.input.extend_from_slice(bytes);
+        self.process(now);
+    }
+
+    /// The client closed its side. A pending probe, scan or handoff is finished (its reply
+    /// can no longer be read, but a complete message is never dropped); then the session
+    /// closes once the input already received is processed.
+    pub fn handle_eof(&mut self, _now: Instant) {
+        self.eof = true;
+        if !matches!(self.state, State::Waiting(..)) {
+            self.close();
+        }
+    }
+
+    /// The result of a callback probe requested with [`Action::Verify`].
+    pub fn handle_verified(&mut self, now: Instant, result: Verification) {
+        if !matches!(self.state, State::Waiting(_, Pending::Verify { .. })) {
+            return; // spurious: nothing was asked
+        }
+        let State::Waiting(mut tx, Pending::Verify { rcpt }) = std::mem::replace(&mut self.state, State::Closed) else {
+            unreachable!()
+        };
+        let verdict = policy::verified(&result, self.cfg.on_unknown, &tx.from);
+        let evidence = match &result {
+            Verification::Valid { evidence }
+            | Verification::Invalid { evidence }
+            | Verification::Unknown { evidence } => evidence.clone(),
+        };
+        tx.sender = if verdict.reply.is_positive() {
+            tx.rcpts.push(rcpt);
+            SenderCheck::Valid
+        } else {
+            let e = verdict.reply.enhanced.unwrap_or(Enhanced(5, 0, 0));
+            let text = if verdict.reply.is_transient() {
+                "Sender address could not be verified, try again later"
+            } else {
+                "Sender address rejected: it does not exist at its domain"
+            };
+            SenderCheck::Failed(verdict.reply.code, e, text)
+        };
+        self.state = State::Mail(tx);
+        self.verdict_reply_with("RCPT", verdict, evidence);
+        self.last_input = now;
+        self.process(now);
+    }
+
+    /// The result of a scan requested with [`Action::Scan`].
+    pub fn handle_scanned(&mut self, now: Instant, outcome: ScanOutcome) {
+        if !matches!(self.state, State::Waiting(_, Pending::Scan { .. })) {
+            return;
+        }
+        let State::Waiting(tx, Pending::Scan { message }) = std::mem::replace(&mut self.state, State::Closed) else {
+            unreachable!()
+        };
+        let detail = match &outcome {
+            ScanOutcome::Clean => "clean".to_string(),
+            ScanOutcome::Infected { signature } => signature.clone(),
+            ScanOutcome::Failed { reason } => reason.clone(),
+        };
+        match policy::scanned(&outcome, self.cfg.on_scan_failure) {
+            Some(verdict) => {
+                self.state = State::Ready;
+                self.verdict_reply_with("DATA", verdict, detail);
+                self.last_input = now;
+                self.process(now);
+            }
+            None => self.deliver(tx, message),
+        }
+    }
+
+    /// The result of a handoff requested with [`Action::Deliver`]: `Ok(queue_id)` or an error.
+    pub fn handle_delivered(&mut self, now: Instant, result: Result<String, DeliveryError>) {
+        if !matches!(self.state, State::Waiting(_, Pending::Deliver)) {
+            return;
+        }
+        self.state = State::Ready;
+        let (reply, detail) = match result {
+            Ok(id) => (Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}")), id),
+            Err(DeliveryError::Temporary(why)) => {
+                (Reply::new(451, Enhanced(4, 3, 0), "Local error in processing, try again later"), why)
+            }
+            Err(DeliveryError::Permanent(why)) => {
+                (Reply::new(554, Enhanced(5, 3, 0), "Message refused downstream"), why)
+            }
+        };
+        self.verdict_reply_with("DATA", Verdict { rule: Rule::Deliver, reply, ban: None }, detail);
+        self.last_input = now;
+        self.process(now);
+    }
+
+    /// The server is shutting down and the grace period is over: 421 and close (RFC 5321
+    /// §3.8). Never called while an action is pending, so no handoff is cut short.
+    pub fn handle_shutdown(&mut self, _now: Instant) {
+        if matches!(self.state, State::Closed | State::Waiting(..)) {
+            return;
+        }
+        let text = format!("{} Service shutting down, closing connection", self.cfg.hostname);
+        self.replies.push_back(Reply::new(421, Enhanced(4, 3, 2), text));
+        self.close();
+    }
+
+    /// A timer fired; spurious calls are no-ops.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(deadline) = self.poll_timeout() else { return };
+        if now < deadline {
+            return;
+        }
+        let text = if now >= self.started + self.cfg.session_max {
+            "Session lifetime exceeded, closing connection"
+        } else {
+            "Timeout waiting for input, closing connection"
+        };
+        self.replies.push_back(Reply::new(421, Enhanced(4, 4, 2), format!("{} {text}", self.cfg.hostname)));
+        self.close();
+    }
+
+    /// The next reply to write, in order.
+    #[must_use]
+    pub fn poll_reply(&mut self) -> Option<Reply> {
+        self.replies.pop_front()
+    }
+
+    /// The next action to carry out; drain these before writing replies.
+    #[must_use]
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The next verdict event, for logs and counters.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Session::handle_timeout`] should be called; `None` while an action is pending
+    /// (the driver bounds its own work) or after close.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed | State::Waiting(..) => None,
+            _ => {
+                let idle = if self.had_5xx { self.cfg.penalty_timeout } else { self.cfg.command_timeout };
+                Some((self.last_input + idle).min(self.started + self.cfg.session_max))
+            }
+        }
+    }
+
+    /// `false` while an action is pending or after close: do not read more input.
+    pub fn wants_input(&self) -> bool {
+        !matches!(self.state, State::Closed | State::Waiting(..)) && self.input.is_empty()
+    }
+
+    /// `true` once the session has closed (after [`Action::Close`]).
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Unknown recipients with a non-null sender in this session (B4 counting).
+    pub fn unknown_rcpts(&self) -> u32 {
+        self.unknown_rcpts
+    }
+
+    /// The client.
+    pub fn client(&self) -> &ClientInfo {
+        &self.client
+    }
+
+    /// Messages accepted for delivery in this session.
+    pub fn transactions(&self) -> u64 {
+        self.transactions
+    }
+
+    fn close(&mut self) {
+        if !matches!(self.state, State::Closed) {
+            self.state = State::Closed;
+            self.actions.push_back(Action::Close);
+        }
+        self.input.clear();
+    }
+
+    fn process(&mut self, now: Instant) {
+        let mut input = std::mem::take(&mut self.input);
+        let mut rest: &[u8] = &input;
+        loop {
+            match &mut self.state {
+                State::Closed | State::Waiting(..) => break,
+                State::Data(_, receiver) => match receiver.next(&mut rest) {
+                    Some(event) => self.end_of_data(event),
+                    None => break,
+                },
+                _ => match self.lines.next(&mut rest) {
+                    Some(LineEvent::Line(line)) => self.command(now, &line),
+                    Some(LineEvent::TooLong) => {
+                        self.reply_error(Reply::new(500, Enhanced(5, 5, 2), "Line too long"));
+                    }
+                    None => break,
+                },
+            }
+        }
+        let consumed = input.len() - rest.len();
+        if self.eof && !matches!(self.state, State::Waiting(..)) {
+            self.close();
+        }
+        if matches!(self.state, State::Closed) {
+            input.clear();
+        } else {
+            input.drain(..consumed);
+        }
+        self.input = input;
+    }
+
+    fn command(&mut self, now: Instant, line: &[u8]) {
+        let _ = now;
+        if matches!(self.state, State::Refused) {
+            // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT, malformed or not.
+            return match Command::parse(line) {
+                Ok(Command::Quit) => self.quit(),
+                _ => self.reply_error(Reply::new(
+                    503,
+                    Enhanced(5, 5, 1),
+                    "Bad sequence of commands: service unavailable",
+                )),
+            };
+        }
+        let cmd = match Command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(e) => return self.command_error(e),
+        };
+        match cmd {
+            Command::Ehlo(host) => {
+                let r = Reply::plain(
+                    250,
+                    vec![
+                        format!("{} greets {}", self.cfg.hostname, echo(&host)).into(),
+                        "PIPELINING".into(),
+                        format!("SIZE {}", self.cfg.size_max).into(),
+                        "8BITMIME".into(),
+                        "ENHANCEDSTATUSCODES".into(),
+                    ],
+                );
+                self.helo = Some(host);
+                self.state = State::Ready;
+                self.replies.push_back(r);
+            }
+            Command::Helo(host) => {
+                self.replies.push_back(Reply::plain(250, vec![self.cfg.hostname.clone().into()]));
+                self.helo = Some(host);
+                self.state = State::Ready;
+            }
+            Command::Mail(from, params) => self.mail(from, params.size),
+            Command::Rcpt(to, _) => self.rcpt(to),
+            Command::Data => self.data(),
+            Command::Rset => {
+                if !matches!(self.state, State::Connected) {
+                    self.state = State::Ready;
+                }
+                self.replies.push_back(Reply::new(250, Enhanced(2, 0, 0), "Reset OK"));
+            }
+            Command::Noop => self.replies.push_back(Reply::new(250, Enhanced(2, 0, 0), "OK")),
+            Command::Quit => self.quit(),
+            Command::Vrfy(_) => self.replies.push_back(policy::vrfy()),
+            Command::Help => self.replies.push_back(Reply::new(
+                214,
+                Enhanced(2, 0, 0),
+                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
+            )),
+            Command::NotImplemented(_) => {
+                self.reply_error(Reply::new(502, Enhanced(5, 5, 1), "Command not implemented"));
+            }
+        }
+    }
+
+    fn command_error(&mut self, e: CommandError) {
+        let (verdict, command) = match e {
+            CommandError::BadReversePath(p) => (policy::malformed_sender(p), "MAIL"),
+            CommandError::BadForwardPath(p) => (policy::malformed_recipient(p), "RCPT"),
+            CommandError::Unrecognized => {
+                return self.reply_error(Reply::new(500, Enhanced(5, 5, 1), "Command unrecognized"));
+            }
+            CommandError::NotText => {
+                return self.reply_error(Reply::new(500, Enhanced(5, 5, 2), "Syntax error: command line is not text"));
+            }
+            CommandError::Syntax(what) => {
+                return self.reply_error(Reply::new(501, Enhanced(5, 5, 4), format!("Syntax error: {what}")));
+            }
+            CommandError::BadParameter(p) => {
+                let text = format!("Parameter not recognized: {}", echo(&p));
+                return self.reply_error(Reply::new(555, Enhanced(5, 5, 4), text));
+            }
+        };
+        // Sequence errors take precedence over argument errors for MAIL (RFC 5321 §4.1.4).
+        if command == "MAIL" && !matches!(self.state, State::Ready) {
+            return self.mail_sequence_error();
+        }
+        if command == "RCPT" && !matches!(self.state, State::Mail(_)) {
+            return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL before RCPT"));
+        }
+        self.verdict_reply(command, verdict);
+    }
+
+    fn mail_sequence_error(&mut self) {
+        let text = match self.state {
+            State::Connected => "Send EHLO or HELO first",
+            _ => "Nested MAIL command",
+        };
+        self.reply_error(Reply::new(503, Enhanced(5, 5, 1), text));
+    }
+
+    fn mail(&mut self, from: ReversePath, size: Option<u64>) {
+        if !matches!(self.state, State::Ready) {
+            return self.mail_sequence_error();
+        }
+        if size.is_some_and(|s| s > self.cfg.size_max) {
+            let reply = Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed maximum message size");
+            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
+        }
+        let verdict = policy::mail_from(&self.dir, &from);
+        if verdict.reply.is_positive() {
+            let sender = match &from {
+                ReversePath::Mailbox(m) if self.cfg.verify_senders && !self.dir.is_local(m) => SenderCheck::NotYet,
+                _ => SenderCheck::NotNeeded,
+            };
+            self.state = State::Mail(Transaction { from, rcpts: Vec::new(), sender });
+        }
+        self.verdict_reply("MAIL", verdict);
+    }
+
+    fn rcpt(&mut self, to: ForwardPath) {
+        let State::Mail(tx) = &mut self.state else {
+            return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL before RCPT"));
+        };
+        if tx.rcpts.len() >= self.cfg.rcpt_max {
+            // RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in another transaction.
+            return self.reply_error(Reply::new(452, Enhanced(4, 5, 3), "Too many recipients"));
+        }
+        let verdict = policy::rcpt_to(
+            &self.dir,
+            &self.cfg.policy,
+            &tx.from,
+            &to,
+            self.client.unknown_before + self.unknown_rcpts,
+        );
+        if verdict.reply.code == 550 && !tx.from.is_null() {
+            self.unknown_rcpts += 1;
+        }
+        if !verdict.reply.is_positive() {
+            return self.verdict_reply("RCPT", verdict);
+        }
+        if policy::always_accepted(&self.dir, &to) {
+            // E2: postmaster and abuse are accepted whatever C1 says (RFC 5321 §4.5.1).
+            tx.rcpts.push(to);
+            return self.verdict_reply("RCPT", verdict);
+        }
+        match tx.sender {
+            SenderCheck::NotNeeded | SenderCheck::Valid => {
+                tx.rcpts.push(to);
+                self.verdict_reply("RCPT", verdict);
+            }
+            SenderCheck::Failed(code, e, text) => {
+                // The C1 verdict stands for every further recipient: an event, but no new ban.
+                let reply = Reply::new(code, e, text);
+                self.verdict_reply("RCPT", Verdict { rule: Rule::C1, reply, ban: None });
+            }
+            SenderCheck::NotYet => {
+                let sender = tx.from.mailbox().cloned().expect("NotYet only for mailbox senders");
+                let State::Mail(tx) = std::mem::replace(&mut self.state, State::Closed) else { unreachable!() };
+                self.state = State::Waiting(tx, Pending::Verify { rcpt: to });
+                self.actions.push_back(Action::Verify { sender });
+            }
+        }
+    }
+
+    fn data(&mut self) {
+        match &self.state {
+            State::Mail(tx) if !tx.rcpts.is_empty() => {}
+            State::Mail(_) => {
+                // RFC 2920 §3.1 / RFC 5321 §3.3: all recipients were refused.
+                return self.reply_error(Reply::new(554, Enhanced(5, 5, 1), "No valid recipients"));
+            }
+            _ => return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL and RCPT before DATA")),
+        }
+        let State::Mail(tx) = std::mem::replace(&mut self.state, State::Closed) else { unreachable!() };
+        self.state = State::Data(tx, DataReceiver::new(self.cfg.size_max));
+        self.replies.push_back(Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()]));
+    }
+
+    fn end_of_data(&mut self, event: DataEvent) {
+        let State::Data(tx, _) = std::mem::replace(&mut self.state, State::Ready) else { unreachable!() };
+        let reply = match event {
+            DataEvent::Message(message) => {
+                let message = Bytes::from(message);
+                if self.cfg.scan {
+                    self.state = State::Waiting(tx, Pending::Scan { message: message.clone() });
+                    self.actions.push_back(Action::Scan { message });
+                } else {
+                    self.deliver(tx, message);
+                }
+                return;
+            }
+            DataEvent::TooBig { .. } => {
+                Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed maximum message size")
+            }
+            DataEvent::LineTooLong => {
+                Reply::new(500, Enhanced(5, 5, 2), "Line too long (RFC 5321 limit is 1000 octets)")
+            }
+        };
+        self.verdict_reply("DATA", Verdict { rule: Rule::Proto, reply, ban: None });
+    }
+
+    fn deliver(&mut self, tx: Transaction, message: Bytes) {
+        let envelope = Envelope {
+            session: self.client.id,
+            client: self.client.addr,
+            helo: self.helo.clone().unwrap_or_default(),
+            from: tx.from.clone(),
+            rcpts: tx.rcpts.clone(),
+        };
+        self.transactions += 1;
+        self.state = State::Waiting(tx, Pending::Deliver);
+        self.actions.push_back(Action::Deliver { envelope, message });
+    }
+
+    fn quit(&mut self) {
+        self.replies.push_back(Reply::new(221, Enhanced(2, 0, 0), format!("{} Bye", self.cfg.hostname)));
+        self.close();
+    }
+
+    fn verdict_reply(&mut self, command: &'static str, verdict: Verdict) {
+        let detail = verdict.ban.as_ref().map(|b| b.evidence.clone()).unwrap_or_default();
+        self.verdict_reply_with(command, verdict, detail);
+    }
+
+    /// The one place where a verdict becomes a reply (plus its ban and event).
+    fn verdict_reply_with(&mut self, command: &'static str, verdict: Verdict, detail: String) {
+        let Verdict { rule, reply, ban } = verdict;
+        self.events.push_back(Event { rule, command, code: reply.code, ban: ban.as_ref().map(|b| b.reason), detail });
+        if let Some(request) = ban {
+            self.actions.push_back(Action::Ban { addr: self.client.addr, session: self.client.id, request });
+        }
+        if reply.is_positive() || reply.code == 354 {
+            self.replies.push_back(reply);
+        } else {
+            self.reply_error(reply);
+        }
+    }
+
+    /// Sends a 4xx/5xx reply and counts it; at the limit, 421 and close.
+    fn reply_error(&mut self, reply: Reply) {
+        self.had_5xx |= reply.is_permanent();
+        let closing = reply.code == 421;
+        self.replies.push_back(reply);
+        if closing {
+            return self.close();
+        }
+        self.errors += 1;
+        if self.errors >= self.cfg.errors_max {
+            let text = format!("{} Too many errors, closing connection", self.cfg.hostname);
+            self.replies.push_back(Reply::new(421, Enhanced(4, 7, 0), text));
+            self.close();
+        }
+    }
+}
+
+/// Client text quoted in a reply: at most 64 printable ASCII characters, so that the reply
+/// line stays within 512 octets (RFC 5321 §4.5.3.1.5) and holds no CR, LF or control octet
+/// (§4.2 textstring).
+fn echo(s: &str) -> std::borrow::Cow<'_, str> {
+    const ECHO_MAX: usize = 64;
+    let printable = |c: char| (' '..='~').contains(&c);
+    if s.len() <= ECHO_MAX && s.chars().all(printable) {
+        return s.into();
+    }
+    s.chars().take(ECHO_MAX).map(|c| if printable(c) { c } else { '?' }).collect::<String>().into()
+}
+
+fn plain_enhanced(code: u16, (a, b, c): (u8, u16, u16), text: String) -> Reply {
+    Reply::new(code, Enhanced(a, b, c), text)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1293 @@
+//! Scripted dialogues (mailin style): feed lines, collect the replies, actions and events, and
+//! check every rule of DESIGN.md §2 and every limit of the session. Each test fails if the
+//! rule or limit it names is broken.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::policy::{BanReason, Directory, OnScanFailure, OnUnknown, PolicyConfig, Rule, ScanOutcome, Verification};
+use crate::proto::{Domain, Reply};
+
+const HOST: &str = "mx.example.test";
+const CLIENT: &str = "192.0.2.9";
+const SESSION_ID: u64 = 42;
+
+fn directory() -> Arc<Directory> {
+    let d = Domain::parse("example.test").unwrap();
+    let mut dir = Directory::new([d.clone()], true);
+    dir.add_user("alice", &d);
+    dir.add_user("bob", &d);
+    Arc::new(dir)
+}
+
+fn config() -> SessionConfig {
+    SessionConfig { hostname: HOST.into(), ..SessionConfig::default() }
+}
+
+fn client(unknown_before: u32) -> ClientInfo {
+    ClientInfo { id: SESSION_ID, addr: CLIENT.parse().unwrap(), unknown_before }
+}
+
+/// What an action was, in a form tests can compare.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Act {
+    Ban(BanReason, String),
+    Verify(String),
+    Scan(Vec<u8>),
+    Deliver { from: String, rcpts: Vec<String>, helo: String, message: Vec<u8> },
+    Close,
+}
+
+fn act(a: Action) -> Act {
+    match a {
+        Action::Ban { addr, session, request } => {
+            assert_eq!(addr, CLIENT.parse::<IpAddr>().unwrap(), "ban names the client");
+            assert_eq!(session, SESSION_ID, "ban names the session");
+            Act::Ban(request.reason, request.evidence)
+        }
+        Action::Verify { sender } => Act::Verify(sender.to_string()),
+        Action::Scan { message } => Act::Scan(message.to_vec()),
+        Action::Deliver { envelope, message } => {
+            assert_eq!(envelope.session, SESSION_ID);
+            assert_eq!(envelope.client, CLIENT.parse::<IpAddr>().unwrap());
+            Act::Deliver {
+                from: envelope.from.to_string(),
+                rcpts: envelope.rcpts.iter().map(ToString::to_string).collect(),
+                helo: envelope.helo,
+                message: message.to_vec(),
+            }
+        }
+        Action::Close => Act::Close,
+    }
+}
+
+/// One session with a test clock.
+struct T {
+    s: Session,
+    t0: Instant,
+    now: Instant,
+}
+
+impl T {
+    fn new() -> Self {
+        Self::with(config(), 0)
+    }
+
+    fn with(cfg: SessionConfig, unknown_before: u32) -> Self {
+        let t0 = Instant::now();
+        let mut t = T { s: Session::new(t0, Arc::new(cfg), directory(), client(unknown_before)), t0, now: t0 };
+        let greeting = t.replies();
+        assert_eq!(codes(&greeting), [220]);
+        t
+    }
+
+    /// A session past EHLO.
+    fn ehlo(cfg: SessionConfig) -> Self {
+        let mut t = Self::with(cfg, 0);
+        assert_eq!(t.codes("EHLO client.example.org\r\n"), [250]);
+        t
+    }
+
+    fn refused(why: Refusal) -> Self {
+        let t0 = Instant::now();
+        let s = Session::refused(t0, Arc::new(config()), directory(), client(0), why);
+        T { s, t0, now: t0 }
+    }
+
+    /// Feeds `input` at the current time and returns the replies written.
+    fn send(&mut self, input: &str) -> Vec<Reply> {
+        self.send_bytes(input.as_bytes())
+    }
+
+    fn send_bytes(&mut self, input: &[u8]) -> Vec<Reply> {
+        self.s.handle_input(self.now, input);
+        self.replies()
+    }
+
+    /// Feeds `input` and returns the reply codes.
+    fn codes(&mut self, input: &str) -> Vec<u16> {
+        codes(&self.send(input))
+    }
+
+    fn replies(&mut self) -> Vec<Reply> {
+        std::iter::from_fn(|| self.s.poll_reply()).collect()
+    }
+
+    fn actions(&mut self) -> Vec<Act> {
+        std::iter::from_fn(|| self.s.poll_action()).map(act).collect()
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.s.poll_event()).collect()
+    }
+
+    fn bans(&mut self) -> Vec<BanReason> {
+        self.actions()
+            .into_iter()
+            .filter_map(|a| match a {
+                Act::Ban(r, _) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn advance(&mut self, secs: u64) {
+        self.now += Duration::from_secs(secs);
+    }
+
+    fn at(&self, secs: u64) -> Instant {
+        self.t0 + Duration::from_secs(secs)
+    }
+}
+
+fn codes(replies: &[Reply]) -> Vec<u16> {
+    replies.iter().map(|r| r.code).collect()
+}
+
+fn enhanced(r: &Reply) -> String {
+    r.enhanced.map(|e| e.to_string()).unwrap_or_default()
+}
+
+fn text(r: &Reply) -> String {
+    r.lines.join("\n")
+}
+
+fn rules(events: &[Event]) -> Vec<(Rule, u16, Option<BanReason>)> {
+    events.iter().map(|e| (e.rule, e.code, e.ban)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Greeting, EHLO, HELO, enhanced status codes
+
+#[test]
+fn greeting_is_220_with_our_name() {
+    let t0 = Instant::now();
+    let mut s = Session::new(t0, Arc::new(config()), directory(), client(0));
+    let r = s.poll_reply().unwrap();
+    assert_eq!(r.to_wire(), format!("220 {HOST} ESMTP Gatekeeper\r\n"));
+    assert!(s.poll_reply().is_none());
+    assert!(s.poll_action().is_none());
+    assert!(s.wants_input());
+}
+
+#[test]
+fn ehlo_advertises_pipelining_size_8bitmime_enhancedstatuscodes() {
+    let mut cfg = config();
+    cfg.size_max = 1234;
+    let mut t = T::with(cfg, 0);
+    let r = t.send("EHLO client.example.org\r\n");
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        r[0].to_wire(),
+        format!(
+            "250-{HOST} greets client.example.org\r\n250-PIPELINING\r\n250-SIZE 1234\r\n250-8BITMIME\r\n\
+             250 ENHANCEDSTATUSCODES\r\n"
+        )
+    );
+    assert_eq!(t.codes("MAIL FROM:<>\r\n"), [250]);
+}
+
+#[test]
+fn helo_is_accepted_and_opens_the_session() {
+    let mut t = T::new();
+    let r = t.send("HELO client.example.org\r\n");
+    assert_eq!(codes(&r), [250]);
+    assert!(!text(&r[0]).contains("PIPELINING"), "HELO lists no extensions");
+    assert_eq!(t.codes("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n"), [250, 250, 354]);
+    match t.actions().as_slice() {
+        [Act::Deliver { helo, .. }] => assert_eq!(helo, "client.example.org"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// RFC 2034 §3: once ENHANCEDSTATUSCODES is advertised every reply but the greeting and the
+/// EHLO/HELO reply carries one, whose class is the reply's first digit. The 354 intermediate
+/// reply is left bare as Postfix, Exim and Gmail do (see the report to the lead).
+#[test]
+fn enhanced_status_code_on_every_other_reply() {
+    let mut cfg = config();
+    cfg.errors_max = 100;
+    let mut t = T::with(cfg, 0);
+    let script = "MAIL FROM:<>\r\nEHLO c.example.org\r\nHELO c.example.org\r\nEHLO c.example.org\r\nNOOP\r\nVRFY alice\r\n\
+                  HELP\r\nEXPN x\r\nSTARTTLS\r\nFOO\r\nEHLO\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n\
+                  MAIL FROM:<foo>\r\nMAIL FROM:<a@b.test> X=1\r\nMAIL FROM:<a@b.test> SIZE=999999999999\r\n\
+                  MAIL FROM:<nobody@example.test>\r\nMAIL FROM:<x@elsewhere.test>\r\nMAIL FROM:<>\r\n\
+                  RCPT TO:<bob>\r\nRCPT TO:<bob@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+                  RCPT TO:<alice@example.test>\r\nDATA\r\nhello\r\n.\r\n";
+    let mut replies = t.send(script);
+    t.actions();
+    t.s.handle_delivered(t.now, Err(DeliveryError::Temporary("disk full".into())));
+    replies.extend(t.replies());
+    replies.extend(t.send(&format!("{}\r\n", "X".repeat(600))));
+    replies.extend(t.send("RSET\r\nQUIT\r\n"));
+    assert!(replies.len() > 25, "{replies:?}");
+    let mut seen = std::collections::BTreeSet::new();
+    for r in &replies {
+        seen.insert(r.code);
+        let bare = r.code == 354 || (r.code == 250 && r.enhanced.is_none() && text(r).starts_with(HOST));
+        if bare {
+            continue;
+        }
+        let e = r.enhanced.unwrap_or_else(|| panic!("no enhanced code: {r}"));
+        assert_eq!(u16::from(e.0), r.code / 100, "class matches: {r}");
+        let wire = r.to_wire();
+        assert!(wire.starts_with(&format!("{} {e} ", r.code)), "{wire:?}");
+    }
+    for code in [221, 214, 250, 252, 354, 451, 500, 501, 502, 503, 550, 552, 553, 554, 555] {
+        assert!(seen.contains(&code), "script covers {code}: {seen:?}");
+    }
+    // The timeout reply and the refusals carry one too.
+    let mut t = T::new();
+    t.s.handle_timeout(t.at(300));
+    assert_eq!(enhanced(&t.replies()[0]), "4.4.2");
+    for why in [Refusal::Banned, Refusal::RateLimited, Refusal::Busy] {
+        let mut t = T::refused(why);
+        assert!(t.replies().iter().all(|r| r.enhanced.is_some()), "{why:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// E1: MAIL FROM
+
+#[test]
+fn e1_sender_without_domain_553_no_ban() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<foo>\r\n");
+    assert_eq!((r[0].code, enhanced(&r[0])), (553, "5.1.7".into()));
+    assert!(t.actions().is_empty());
+    assert_eq!(rules(&t.events()), [(Rule::E1, 553, None)]);
+    // The transaction did not start.
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), [503]);
+}
+
+#[test]
+fn e1_malformed_sender_5xx_no_ban() {
+    let long = format!("MAIL FROM:<{}@example.test>\r\n", "a".repeat(65));
+    for line in [
+        "MAIL FROM:nobody@example.test\r\n",
+        "MAIL FROM:<a b@example.test>\r\n",
+        "MAIL FROM:<.x@example.test>\r\n",
+        "MAIL FROM:<x@-bad.test>\r\n",
+        "MAIL FROM:<x@[300.1.1.1]>\r\n",
+        "MAIL FROM:<@bad route:x@y.test>\r\n",
+        &long,
+    ] {
+        let mut t = T::ehlo(config());
+        let r = t.send(line);
+        assert_eq!(r.len(), 1, "{line}");
+        assert!(r[0].is_permanent(), "{line}: {}", r[0]);
+        assert!(t.actions().is_empty(), "{line}: no ban");
+        assert!(t.events().iter().all(|e| e.ban.is_none()));
+    }
+}
+
+#[test]
+fn e1_null_sender_accepted() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<>\r\n");
+    assert_eq!((r[0].code, enhanced(&r[0])), (250, "2.1.0".into()));
+    assert!(t.actions().is_empty());
+    assert_eq!(rules(&t.events()), [(Rule::E1, 250, None)]);
+}
+
+#[test]
+fn e1_forged_local_sender_550_and_exactly_one_ban_before_the_reply() {
+    let mut t = T::ehlo(config());
+    t.s.handle_input(t.now, b"MAIL FROM:<nobody@example.test>\r\n");
+    // Driver contract: the ban is there to be recorded when the reply is there to be written.
+    let actions = t.actions();
+    let replies = t.replies();
+    assert_eq!(codes(&replies), [550]);
+    assert_eq!(enhanced(&replies[0]), "5.7.1");
+    assert_eq!(actions, [Act::Ban(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into())]);
+    let events = t.events();
+    assert_eq!(rules(&events), [(Rule::E1, 550, Some(BanReason::ForgedLocalSender))]);
+    assert_eq!(events[0].command, "MAIL");
+    assert!(events[0].detail.contains("MAIL FROM:<nobody@example.test>"));
+    assert_eq!(events[0].verdict(), "reject");
+    // No transaction: RCPT is out of sequence, and no second ban.
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), [503]);
+    assert!(t.actions().is_empty());
+}
+
+#[test]
+fn e1_existing_local_sender_accepted() {
+    for from in ["<alice@example.test>", "<BOB@Example.Test>", "<postmaster@example.test>", "<abuse@example.test>"] {
+        let mut t = T::ehlo(config());
+        assert_eq!(t.codes(&format!("MAIL FROM:{from}\r\n")), [250], "{from}");
+        assert!(t.actions().is_empty(), "{from}");
+    }
+}
+
+#[test]
+fn e1_external_sender_accepted() {
+    for from in ["<someone@elsewhere.test>", "<x@[192.0.2.1]>", "<\"john doe\"@elsewhere.test>"] {
+        let mut t = T::ehlo(config());
+        assert_eq!(t.codes(&format!("MAIL FROM:{from}\r\n")), [250], "{from}");
+        assert!(t.actions().is_empty(), "{from}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// E2: RCPT TO
+
+#[test]
+fn e2_relay_denied_554_no_ban() {
+    for to in ["<bob@elsewhere.test>", "<bob@[192.0.2.1]>", "<bob@sub.example.test>"] {
+        let mut t = T::ehlo(config());
+        let r = t.send(&format!("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:{to}\r\n"));
+        assert_eq!(codes(&r), [250, 554], "{to}");
+        assert_eq!(enhanced(&r[1]), "5.7.1");
+        assert!(t.actions().is_empty(), "{to}: no ban");
+        assert_eq!(rules(&t.events())[1], (Rule::E2, 554, None));
+    }
+}
+
+#[test]
+fn e2_malformed_recipient_553_no_ban() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<bob>\r\nRCPT TO:bob@example.test\r\n");
+    assert_eq!(codes(&r), [250, 553, 553]);
+    assert_eq!(enhanced(&r[1]), "5.1.3");
+    assert!(t.actions().is_empty());
+}
+
+#[test]
+fn e2_postmaster_and_abuse_always_accepted() {
+    let senders = ["<>", "<x@elsewhere.test>", "<alice@example.test>", "<spam@[192.0.2.66]>"];
+    let rcpts = [
+        "<Postmaster>",
+        "<POSTMASTER>",
+        "<postmaster@example.test>",
+        "<PostMaster@EXAMPLE.test>",
+        "<abuse@example.test>",
+    ];
+    for from in senders {
+        for to in rcpts {
+            let mut t = T::ehlo(config());
+            assert_eq!(t.codes(&format!("MAIL FROM:{from}\r\nRCPT TO:{to}\r\n")), [250, 250], "{from} {to}");
+            assert!(t.actions().is_empty(), "{from} {to}");
+        }
+    }
+}
+
+/// Postmaster and abuse are accepted even while C1 is on and the sender turns out fake: the
+/// callback neither delays nor refuses them (RFC 5321 §4.5.1).
+#[test]
+fn e2_postmaster_accepted_even_from_a_fake_sender_under_c1() {
+    let mut t = T::ehlo(SessionConfig { verify_senders: true, ..config() });
+    let r = t.send("MAIL FROM:<fake@elsewhere.test>\r\nRCPT TO:<Postmaster>\r\nRCPT TO:<abuse@example.test>\r\n");
+    assert_eq!(codes(&r), [250, 250, 250], "no callback held them back");
+    assert!(t.actions().is_empty(), "no callback for postmaster");
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), Vec::<u16>::new());
+    assert_eq!(t.actions(), [Act::Verify("fake@elsewhere.test".into())]);
+    t.s.handle_verified(t.now, Verification::Invalid { evidence: "550 no such user".into() });
+    assert_eq!(codes(&t.replies()), [550]);
+    assert_eq!(t.bans(), [BanReason::FakeSender]);
+    // Still accepted after the sender failed, and the message goes to the role addresses only.
+    assert_eq!(t.codes("RCPT TO:<postmaster@example.test>\r\nDATA\r\nhi\r\n.\r\n"), [250, 354]);
+    match t.actions().as_slice() {
+        [Act::Deliver { rcpts, .. }] => {
+            assert_eq!(rcpts, &["<Postmaster>", "<abuse@example.test>", "<postmaster@example.test>"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn e2_null_sender_to_unknown_550_no_ban() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<random123@example.test>\r\n");
+    assert_eq!(codes(&r), [250, 550, 550]);
+    assert_eq!(enhanced(&r[1]), "5.1.1");
+    assert!(t.actions().is_empty(), "no ban for <> to unknown users");
+    assert_eq!(t.s.unknown_rcpts(), 0, "<> does not count towards B4");
+}
+
+#[test]
+fn e2_unknown_recipient_from_non_null_sender_550_and_b4_ban() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n");
+    assert_eq!(codes(&r), [250, 550]);
+    assert_eq!(enhanced(&r[1]), "5.1.1");
+    let actions = t.actions();
+    assert_eq!(
+        actions,
+        [Act::Ban(BanReason::UnknownRecipient, "MAIL FROM:<x@elsewhere.test> RCPT TO:<nobody@example.test>".into())]
+    );
+    assert_eq!(rules(&t.events())[1], (Rule::E2, 550, Some(BanReason::UnknownRecipient)));
+    assert_eq!(t.s.unknown_rcpts(), 1);
+}
+
+#[test]
+fn e2_b4_threshold_counts_this_and_previous_sessions() {
+    let policy = PolicyConfig { b4_threshold: 3, ..PolicyConfig::default() };
+    let cfg = SessionConfig { policy, ..config() };
+    // Fresh client: the third unknown recipient bans, not before.
+    let mut t = T::with(cfg.clone(), 0);
+    t.send("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\n");
+    for (i, banned) in [(1, false), (2, false), (3, true)] {
+        assert_eq!(t.codes("RCPT TO:<nobody@example.test>\r\n"), [550], "{i}");
+        assert_eq!(!t.bans().is_empty(), banned, "unknown recipient #{i}");
+    }
+    // Null-sender unknowns do not count.
+    let mut t = T::with(cfg.clone(), 0);
+    t.send("EHLO c\r\nMAIL FROM:<>\r\n");
+    t.send("RCPT TO:<n1@example.test>\r\nRCPT TO:<n2@example.test>\r\nRCPT TO:<n3@example.test>\r\nRSET\r\n");
+    t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<n4@example.test>\r\n");
+    assert!(t.bans().is_empty());
+    // Two before this session: the first one here is the third.
+    let mut t = T::with(cfg.clone(), 2);
+    assert_eq!(t.codes("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n"), [250, 250, 550]);
+    assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
+    // One before: the second here.
+    let mut t = T::with(cfg, 1);
+    t.send("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<n1@example.test>\r\n");
+    assert!(t.bans().is_empty());
+    t.send("RCPT TO:<n2@example.test>\r\n");
+    assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
+}
+
+#[test]
+fn e2_known_recipients_accepted_case_insensitively() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<BOB@EXAMPLE.TEST>\r\n");
+    assert_eq!(codes(&r), [250, 250, 250]);
+    assert_eq!(enhanced(&r[1]), "2.1.5");
+    assert_eq!(rules(&t.events())[1..], [(Rule::E2, 250, None), (Rule::E2, 250, None)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// R1: another server's callback
+
+#[test]
+fn r1_callbacks_answered_correctly_and_never_banned() {
+    // Strictest B4 setting: it must still not touch `<>`.
+    let mut t = T::with(config(), 5);
+    let r = t.send("EHLO prober.example.org\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nQUIT\r\n");
+    assert_eq!(codes(&r), [250, 250, 250, 221]);
+    assert_eq!(t.actions(), [Act::Close]);
+    let mut t = T::with(config(), 5);
+    let r = t.send(
+        "EHLO prober.example.org\r\nMAIL FROM:<>\r\nRCPT TO:<q8x7z@example.test>\r\nRSET\r\nMAIL FROM:<>\r\n\
+         RCPT TO:<nobody@example.test>\r\nQUIT\r\n",
+    );
+    assert_eq!(codes(&r), [250, 250, 550, 250, 250, 550, 221]);
+    assert_eq!(t.actions(), [Act::Close], "no ban");
+    assert!(t.events().iter().all(|e| e.ban.is_none()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sequence and syntax (RFC 5321 §4.1, §4.3.2)
+
+#[test]
+fn seq_mail_before_ehlo_503() {
+    let mut t = T::new();
+    let r = t.send("MAIL FROM:<>\r\nMAIL FROM:<foo>\r\n");
+    assert_eq!(codes(&r), [503, 503], "sequence errors come before argument errors");
+    assert_eq!(enhanced(&r[0]), "5.5.1");
+    assert!(t.actions().is_empty() && t.events().is_empty());
+}
+
+#[test]
+fn seq_rcpt_before_mail_503() {
+    let mut t = T::ehlo(config());
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\nRCPT TO:<bob>\r\n"), [503, 503]);
+    let mut t = T::new();
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), [503]);
+}
+
+#[test]
+fn seq_data_before_mail_503_and_without_valid_recipients_554() {
+    let mut t = T::ehlo(config());
+    assert_eq!(t.codes("DATA\r\n"), [503]);
+    let r = t.send("MAIL FROM:<>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\nSubject: x\r\n");
+    assert_eq!(codes(&r), [250, 550, 554, 500], "refused DATA: the body is read as commands");
+    assert_eq!(enhanced(&r[2]), "5.5.1");
+    assert!(t.actions().is_empty(), "nothing delivered");
+}
+
+#[test]
+fn seq_nested_mail_503() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<>\r\nMAIL FROM:<alice@example.test>\r\nMAIL FROM:<foo>\r\n");
+    assert_eq!(codes(&r), [250, 503, 503]);
+}
+
+#[test]
+fn seq_rset_ends_the_transaction() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRSET\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n");
+    assert_eq!(codes(&r), [250, 250, 250, 503, 503]);
+    assert_eq!(enhanced(&r[2]), "2.0.0");
+    // A new transaction can start, and RSET before EHLO does not open the session.
+    assert_eq!(t.codes("MAIL FROM:<>\r\n"), [250]);
+    let mut t = T::new();
+    assert_eq!(t.codes("RSET\r\nMAIL FROM:<>\r\n"), [250, 503]);
+}
+
+#[test]
+fn seq_ehlo_again_resets_the_transaction() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nEHLO again\r\nDATA\r\nMAIL FROM:<>\r\n");
+    assert_eq!(codes(&r), [250, 250, 250, 503, 250]);
+}
+
+#[test]
+fn seq_noop_vrfy_help() {
+    let mut t = T::new();
+    let r = t.send("NOOP\r\nNOOP anything\r\nVRFY alice\r\nHELP\r\nHELP MAIL\r\n");
+    assert_eq!(codes(&r), [250, 250, 252, 214, 214]);
+    assert_eq!(enhanced(&r[2]), "2.5.2");
+    assert!(!text(&r[2]).contains("alice"), "VRFY discloses nothing");
+    // They are harmless inside a transaction too.
+    let mut t = T::ehlo(config());
+    assert_eq!(
+        t.codes("MAIL FROM:<>\r\nNOOP\r\nVRFY x\r\nHELP\r\nRCPT TO:<alice@example.test>\r\n"),
+        [250, 250, 252, 214, 250]
+    );
+}
+
+#[test]
+fn seq_not_implemented_502() {
+    let mut t = T::ehlo(config());
+    let r = t.send("EXPN staff\r\nSTARTTLS\r\nAUTH PLAIN\r\nBDAT 10\r\nTURN\r\n");
+    assert_eq!(codes(&r), [502; 5]);
+    assert_eq!(enhanced(&r[0]), "5.5.1");
+}
+
+#[test]
+fn seq_unknown_command_500() {
+    let mut t = T::ehlo(config());
+    let r = t.send("FOO\r\n\r\nMAILFROM:<>\r\n");
+    assert_eq!(codes(&r), [500, 500, 500]);
+    assert_eq!(enhanced(&r[0]), "5.5.1");
+    let r = t.send_bytes(b"HELO \xff\xfe\r\n");
+    assert_eq!((r[0].code, enhanced(&r[0])), (500, "5.5.2".into()));
+}
+
+#[test]
+fn seq_syntax_error_501() {
+    let mut t = T::ehlo(config());
+    let r = t.send("EHLO\r\nHELO a b\r\nMAIL TO:<>\r\nMAIL FROM:<>SIZE=1\r\nVRFY\r\nDATA now\r\nQUIT now\r\n");
+    assert_eq!(codes(&r), [501; 7]);
+    assert_eq!(enhanced(&r[0]), "5.5.4");
+    assert!(!t.s.is_closed(), "QUIT with arguments is not QUIT");
+}
+
+#[test]
+fn seq_bad_mail_parameter_555() {
+    let mut t = T::ehlo(config());
+    let r = t.send("MAIL FROM:<> SMTPUTF8\r\nMAIL FROM:<> SIZE=big\r\nMAIL FROM:<> BODY=BINARYMIME\r\n");
+    assert_eq!(codes(&r), [555, 555, 555]);
+    assert_eq!(enhanced(&r[0]), "5.5.4");
+    let r = t.send("MAIL FROM:<> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<alice@example.test> NOTIFY=NEVER\r\n");
+    assert_eq!(codes(&r), [250, 555]);
+}
+
+#[test]
+fn seq_size_over_max_at_mail_552() {
+    let cfg = SessionConfig { size_max: 1000, ..config() };
+    let mut t = T::ehlo(cfg);
+    let r = t.send("MAIL FROM:<> SIZE=1001\r\nRCPT TO:<alice@example.test>\r\nMAIL FROM:<> SIZE=1000\r\n");
+    assert_eq!(codes(&r), [552, 503, 250]);
+    assert_eq!(enhanced(&r[0]), "5.3.4");
+    assert_eq!(rules(&t.events())[0], (Rule::Proto, 552, None));
+}
+
+#[test]
+fn seq_quit_221_and_close() {
+    let mut t = T::ehlo(config());
+    let r = t.send("QUIT\r\nNOOP\r\n");
+    assert_eq!(codes(&r), [221], "nothing after QUIT is answered");
+    assert_eq!(enhanced(&r[0]), "2.0.0");
+    assert_eq!(t.actions(), [Act::Close]);
+    assert!(t.s.is_closed() && !t.s.wants_input());
+    assert_eq!(t.s.poll_timeout(), None);
+    assert!(t.send("NOOP\r\n").is_empty());
+}
+
+/// RFC 5321 §4.5.3.1.5 and §4.2: what the client says is echoed within 512-octet reply lines
+/// of printable text.
+#[test]
+fn replies_echo_client_text_safely() {
+    let mut t = T::new();
+    let long = "h".repeat(505);
+    let mut replies = t.send(&format!("EHLO {long}\r\n"));
+    replies.extend(t.send_bytes(b"EHLO a\rb\x01\xc3\xa9\r\n"));
+    replies.extend(t.send(&format!("MAIL FROM:<> X={}\r\n", "p".repeat(480))));
+    replies.extend(t.send("MAIL FROM:<> X=a\rb\r\n"));
+    assert_eq!(codes(&replies), [250, 250, 555, 555]);
+    for r in &replies {
+        for line in r.to_wire().split_terminator("\r\n") {
+            assert!(line.len() + 2 <= 512, "{} octets", line.len() + 2);
+            assert!(line.bytes().all(|b| (32..=126).contains(&b)), "{line:?}");
+        }
+    }
+    assert!(text(&replies[0]).contains(&"h".repeat(64)));
+    assert!(text(&replies[1]).contains("greets a?b??"), "{}", replies[1]);
+}
+
+#[test]
+fn seq_bare_lf_command_lines_are_tolerated() {
+    let mut t = T::new();
+    assert_eq!(t.codes("EHLO c\nMAIL FROM:<>\nNOOP\r\n"), [250, 250, 250]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// DATA
+
+/// A session that has reached 354 from `<x@elsewhere.test>` to alice and bob.
+fn in_data(cfg: SessionConfig) -> T {
+    let mut t = T::ehlo(cfg);
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<Postmaster>\r\nDATA\r\n");
+    assert_eq!(codes(&r), [250, 250, 250, 354]);
+    assert!(!t.s.is_closed());
+    t
+}
+
+#[test]
+fn data_354_unstuffs_and_delivers_with_the_envelope() {
+    let mut t = in_data(config());
+    let r = t.send("Subject: hi\r\n\r\n..leading dot\r\n.\r\n");
+    assert!(r.is_empty(), "no reply before the handoff: {r:?}");
+    assert_eq!(
+        t.actions(),
+        [Act::Deliver {
+            from: "<x@elsewhere.test>".into(),
+            rcpts: vec!["<alice@example.test>".into(), "<Postmaster>".into()],
+            helo: "client.example.org".into(),
+            message: b"Subject: hi\r\n\r\n.leading dot\r\n".to_vec(),
+        }]
+    );
+    assert!(!t.s.wants_input());
+    assert_eq!(t.s.poll_timeout(), None);
+    assert_eq!(t.s.transactions(), 1);
+}
+
+#[test]
+fn data_delivered_ok_250_with_queue_id() {
+    let mut t = in_data(config());
+    t.send("hello\r\n.\r\n");
+    t.actions();
+    t.s.handle_delivered(t.now, Ok("Q42-1".into()));
+    let r = t.replies();
+    assert_eq!(codes(&r), [250]);
+    assert_eq!(enhanced(&r[0]), "2.0.0");
+    assert!(text(&r[0]).contains("Q42-1"), "{}", r[0]);
+    let events = t.events();
+    assert_eq!(
+        events.last().map(|e| (e.rule, e.command, e.code, e.detail.as_str())),
+        Some((Rule::Deliver, "DATA", 250, "Q42-1"))
+    );
+    // The session goes on: a second transaction.
+    assert_eq!(t.codes("MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nx\r\n.\r\n"), [250, 250, 354]);
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]));
+    assert_eq!(t.s.transactions(), 2);
+    // The pending handoff is answered once; a second result is spurious and ignored.
+    t.s.handle_delivered(t.now, Ok("Q42-2".into()));
+    t.s.handle_delivered(t.now, Ok("Q42-3".into()));
+    assert_eq!(codes(&t.replies()), [250]);
+}
+
+#[test]
+fn data_delivery_failures_451_and_554() {
+    let mut t = in_data(config());
+    t.send("hello\r\n.\r\n");
+    t.actions();
+    t.s.handle_delivered(t.now, Err(DeliveryError::Temporary("queue full".into())));
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (451, "4.3.0".into()));
+    assert_eq!(rules(&t.events()).last(), Some(&(Rule::Deliver, 451, None)));
+    assert_eq!(t.codes("MAIL FROM:<>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nx\r\n.\r\n"), [250, 250, 354]);
+    t.actions();
+    t.s.handle_delivered(t.now, Err(DeliveryError::Permanent("refused".into())));
+    assert_eq!(codes(&t.replies()), [554]);
+    assert!(t.actions().is_empty(), "no ban for a downstream refusal");
+}
+
+#[test]
+fn data_too_big_552_nothing_delivered() {
+    let mut t = in_data(SessionConfig { size_max: 100, ..config() });
+    let body = "0123456789012345678901234567890123456789\r\n".repeat(5);
+    let r = t.send(&format!("{body}.\r\n"));
+    assert_eq!(codes(&r), [552]);
+    assert_eq!(enhanced(&r[0]), "5.3.4");
+    assert!(t.actions().is_empty(), "nothing delivered");
+    assert_eq!(rules(&t.events()).last(), Some(&(Rule::Proto, 552, None)));
+    assert_eq!(t.s.transactions(), 0);
+    // Back to commands, transaction over.
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\nNOOP\r\n"), [503, 250]);
+}
+
+#[test]
+fn data_line_over_1000_500_nothing_delivered() {
+    let mut t = in_data(config());
+    let r = t.send(&format!("ok\r\n{}\r\nafter\r\n.\r\n", "x".repeat(999)));
+    assert_eq!(codes(&r), [500]);
+    assert_eq!(enhanced(&r[0]), "5.5.2");
+    assert!(t.actions().is_empty(), "nothing delivered");
+    // 998 octets plus CRLF is the limit and fine.
+    let mut t = in_data(config());
+    assert!(t.send(&format!("{}\r\n.\r\n", "x".repeat(998))).is_empty());
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]));
+}
+
+#[test]
+fn data_smuggling_bare_lf_dot_does_not_end_data() {
+    let mut t = in_data(config());
+    let smuggled = "hi\n.\nMAIL FROM:<ceo@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nfake\r\n";
+    assert!(t.send(smuggled).is_empty(), "still in DATA: no command was answered");
+    assert!(t.send("x\r\n.\nRSET\r\n\n.\r\n").is_empty());
+    assert!(t.actions().is_empty());
+    assert!(t.send(".\r\n").is_empty());
+    match t.actions().as_slice() {
+        [Act::Deliver { message, .. }] => {
+            let m = String::from_utf8_lossy(message);
+            assert!(m.contains("MAIL FROM:<ceo@example.test>\r\n"), "{m:?}");
+            assert!(m.contains("RSET\r\n"), "{m:?}");
+        }
+        other => panic!("exactly one delivery: {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PIPELINING (RFC 2920)
+
+const PIPELINED: &str = "EHLO c.example.org\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n\
+                         RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: p\r\n\r\n\
+                         ..body\r\n.\r\nNOOP\r\nQUIT\r\n";
+
+/// Feeds `chunks` and answers every action the way a driver would; returns the wire replies
+/// and the actions in order.
+fn drive(cfg: SessionConfig, chunks: &[&[u8]]) -> (String, Vec<Act>) {
+    let t0 = Instant::now();
+    let mut s = Session::new(t0, Arc::new(cfg), directory(), client(0));
+    let mut wire = Vec::new();
+    let mut acts = Vec::new();
+    let mut queue = 0;
+    let mut pump = |s: &mut Session, wire: &mut Vec<u8>, acts: &mut Vec<Act>| {
+        loop {
+            let Some(a) = s.poll_action() else { break };
+            match &a {
+                Action::Verify { .. } => s.handle_verified(t0, Verification::Valid { evidence: "250".into() }),
+                Action::Scan { .. } => s.handle_scanned(t0, ScanOutcome::Clean),
+                Action::Deliver { .. } => {
+                    queue += 1;
+                    s.handle_delivered(t0, Ok(format!("Q{queue}")));
+                }
+                Action::Ban { .. } | Action::Close => {}
+            }
+            acts.push(act(a));
+        }
+        while let Some(r) = s.poll_reply() {
+            r.write_to(wire);
+        }
+    };
+    pump(&mut s, &mut wire, &mut acts);
+    for chunk in chunks {
+        s.handle_input(t0, chunk);
+        pump(&mut s, &mut wire, &mut acts);
+    }
+    (String::from_utf8(wire).unwrap(), acts)
+}
+
+#[test]
+fn pipelining_whole_transaction_in_one_input_answers_in_order() {
+    let mut t = T::new();
+    let r = t.send(PIPELINED);
+    assert_eq!(codes(&r), [250, 250, 250, 550, 250, 354], "up to the end of data, in order");
+    let actions = t.actions();
+    assert!(
+        matches!(actions.as_slice(), [Act::Ban(BanReason::UnknownRecipient, _), Act::Deliver { .. }]),
+        "{actions:?}"
+    );
+    assert!(!t.s.wants_input(), "NOOP and QUIT wait behind the delivery");
+    t.s.handle_delivered(t.now, Ok("Q1".into()));
+    assert_eq!(codes(&t.replies()), [250, 250, 221]);
+    assert_eq!(t.actions(), [Act::Close]);
+}
+
+#[test]
+fn pipelining_any_split_gives_the_same_replies() {
+    let input = PIPELINED.as_bytes();
+    let (want_wire, want_acts) = drive(config(), &[input]);
+    // Greeting, EHLO (5 lines), MAIL, 3 RCPT, DATA, end of data, NOOP, QUIT.
+    assert_eq!(want_wire.matches("\r\n").count(), 1 + 5 + 5 + 3, "{want_wire}");
+    let check = |chunks: Vec<&[u8]>, how: &str| {
+        let (wire, acts) = drive(config(), &chunks);
+        assert_eq!(wire, want_wire, "{how}");
+        assert_eq!(acts, want_acts, "{how}");
+    };
+    for i in 0..=input.len() {
+        check(vec![&input[..i], &input[i..]], &format!("split at {i}"));
+    }
+    for n in [1, 2, 3, 5, 7, 13, 64] {
+        check(input.chunks(n).collect(), &format!("chunks of {n}"));
+    }
+    // Splits right at CR|LF and at the end of data.
+    let cr: Vec<usize> = (0..input.len()).filter(|&i| input[i] == b'\r').collect();
+    let mut chunks = Vec::new();
+    let mut start = 0;
+    for &i in &cr {
+        chunks.push(&input[start..=i]);
+        start = i + 1;
+    }
+    chunks.push(&input[start..]);
+    check(chunks, "after every CR");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits
+
+#[test]
+fn limit_command_line_over_512_is_500_and_the_session_goes_on() {
+    let mut t = T::ehlo(config());
+    // 510 octets + CRLF = 512: the longest allowed line.
+    let longest = format!("NOOP {}\r\n", "x".repeat(505));
+    assert_eq!(longest.len(), 512);
+    assert_eq!(t.codes(&longest), [250]);
+    let too_long = format!("NOOP {}\r\n", "x".repeat(506));
+    let r = t.send(&too_long);
+    assert_eq!((r[0].code, enhanced(&r[0])), (500, "5.5.2".into()));
+    // A huge line in pieces: one 500, nothing buffered beyond the limit, then normal service.
+    for _ in 0..50 {
+        assert!(t.send(&"y".repeat(4096)).is_empty());
+        assert!(t.s.lines.buffered() <= crate::proto::COMMAND_LINE_MAX);
+    }
+    assert_eq!(t.codes("\r\nMAIL FROM:<>\r\n"), [500, 250]);
+    assert!(!t.s.is_closed());
+}
+
+#[test]
+fn limit_101st_rcpt_452() {
+    let mut t = T::ehlo(config());
+    t.send("MAIL FROM:<>\r\n");
+    for i in 0..100 {
+        assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), [250], "rcpt {i}");
+    }
+    let r = t.send("RCPT TO:<bob@example.test>\r\n");
+    assert_eq!((r[0].code, enhanced(&r[0])), (452, "4.5.3".into()));
+    assert_eq!(t.codes("DATA\r\nx\r\n.\r\n"), [354]);
+    match t.actions().as_slice() {
+        [Act::Deliver { rcpts, .. }] => assert_eq!(rcpts.len(), 100),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn limit_errors_max_421_and_close() {
+    let mut t = T::ehlo(SessionConfig { errors_max: 3, ..config() });
+    let r = t.send("FOO\r\nMAIL FROM:<>\r\nRCPT TO:<bob@elsewhere.test>\r\nBAR\r\nNOOP\r\n");
+    assert_eq!(codes(&r), [500, 250, 554, 500, 421]);
+    assert_eq!(enhanced(&r[4]), "4.7.0");
+    assert_eq!(t.actions(), [Act::Close]);
+    assert!(t.s.is_closed());
+    assert!(t.send("NOOP\r\n").is_empty());
+    // 4xx count too.
+    let mut t = T::ehlo(SessionConfig { errors_max: 2, rcpt_max: 1, ..config() });
+    let r = t.send(
+        "MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\nRCPT TO:<bob@example.test>\r\n",
+    );
+    assert_eq!(codes(&r), [250, 250, 452, 452, 421]);
+}
+
+#[test]
+fn limit_command_timeout_421_and_close() {
+    let mut t = T::ehlo(config());
+    assert_eq!(t.s.poll_timeout(), Some(t.at(300)));
+    t.advance(100);
+    t.send("NOOP\r\n");
+    assert_eq!(t.s.poll_timeout(), Some(t.at(400)), "input restarts the idle timer");
+    t.s.handle_timeout(t.at(400));
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (421, "4.4.2".into()));
+    assert!(text(&r[0]).contains("Timeout"));
+    assert_eq!(t.actions(), [Act::Close]);
+    assert_eq!(t.s.poll_timeout(), None);
+    // In DATA too.
+    let mut t = in_data(config());
+    t.send("partial line");
+    t.s.handle_timeout(t.s.poll_timeout().unwrap());
+    assert_eq!(codes(&t.replies()), [421]);
+    assert_eq!(t.actions(), [Act::Close], "nothing delivered");
+}
+
+#[test]
+fn limit_penalty_timeout_after_a_5xx() {
+    let mut t = T::ehlo(config());
+    t.advance(10);
+    t.send("MAIL FROM:<>\r\nRCPT TO:<nobody@example.test>\r\n");
+    assert_eq!(t.s.poll_timeout(), Some(t.at(40)), "30 s after a 5xx, not 300 s");
+    // A 4xx alone does not shorten it.
+    let mut t = T::ehlo(SessionConfig { rcpt_max: 0, ..config() });
+    t.send("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\n");
+    assert_eq!(t.s.poll_timeout(), Some(t.at(300)));
+    // The penalty holds for the rest of the session.
+    let mut t = T::ehlo(config());
+    t.send("FOO\r\n");
+    t.advance(20);
+    t.send("NOOP\r\n");
+    assert_eq!(t.s.poll_timeout(), Some(t.at(50)));
+    t.s.handle_timeout(t.at(50));
+    assert_eq!(codes(&t.replies()), [421]);
+}
+
+#[test]
+fn limit_session_lifetime() {
+    let mut t = T::ehlo(config());
+    for _ in 0..8 {
+        t.advance(200);
+        assert_eq!(t.codes("NOOP\r\n"), [250]);
+    }
+    // Now at 1600 s: the idle deadline (1900 s) is past the lifetime (1800 s).
+    assert_eq!(t.s.poll_timeout(), Some(t.at(1800)));
+    t.s.handle_timeout(t.at(1799));
+    assert!(t.replies().is_empty());
+    t.s.handle_timeout(t.at(1800));
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (421, "4.4.2".into()));
+    assert!(text(&r[0]).contains("lifetime"), "{}", r[0]);
+    assert_eq!(t.actions(), [Act::Close]);
+}
+
+#[test]
+fn limit_spurious_timeout_is_a_no_op() {
+    let mut t = T::ehlo(config());
+    t.s.handle_timeout(t.at(0));
+    t.s.handle_timeout(t.at(299));
+    assert!(t.replies().is_empty() && t.actions().is_empty());
+    assert_eq!(t.codes("NOOP\r\n"), [250]);
+    // After close, any timeout is a no-op.
+    t.send("QUIT\r\n");
+    t.actions();
+    t.s.handle_timeout(t.at(10_000));
+    assert!(t.replies().is_empty() && t.actions().is_empty());
+}
+
+#[test]
+fn limit_no_timeout_and_no_input_while_an_action_is_pending() {
+    let mut t = in_data(config());
+    assert!(t.s.wants_input());
+    t.send("x\r\n.\r\nNOOP\r\n");
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]));
+    assert_eq!(t.s.poll_timeout(), None);
+    assert!(!t.s.wants_input());
+    t.s.handle_timeout(t.at(100_000));
+    assert!(t.replies().is_empty() && t.actions().is_empty(), "the driver bounds the action, not the session");
+    t.now = t.at(1000);
+    t.s.handle_delivered(t.now, Ok("Q".into()));
+    assert_eq!(codes(&t.replies()), [250, 250]);
+    assert!(t.s.wants_input());
+    assert_eq!(t.s.poll_timeout(), Some(t.at(1300)));
+}
+
+#[test]
+fn limit_eof_closes_unless_an_action_is_pending() {
+    let mut t = T::ehlo(config());
+    t.s.handle_eof(t.now);
+    assert_eq!(t.actions(), [Act::Close]);
+    assert!(t.s.is_closed());
+    // A complete message being handed off is not abandoned: the handoff finishes and is answered.
+    let mut t = in_data(config());
+    t.send("x\r\n.\r\n");
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]));
+    t.s.handle_eof(t.now);
+    assert!(t.actions().is_empty() && !t.s.is_closed());
+    t.s.handle_delivered(t.now, Ok("Q".into()));
+    assert_eq!(codes(&t.replies()), [250]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// C1: callback verification
+
+fn c1() -> SessionConfig {
+    SessionConfig { verify_senders: true, ..config() }
+}
+
+#[test]
+fn c1_first_valid_rcpt_waits_for_the_callback() {
+    let mut t = T::ehlo(c1());
+    assert_eq!(t.codes("MAIL FROM:<Someone@Elsewhere.TEST>\r\n"), [250]);
+    assert!(t.actions().is_empty(), "no callback before a valid recipient");
+    assert!(t.send("RCPT TO:<alice@example.test>\r\n").is_empty(), "held");
+    assert_eq!(t.actions(), [Act::Verify("Someone@elsewhere.test".into())]);
+    assert!(!t.s.wants_input());
+    assert_eq!(t.s.poll_timeout(), None);
+    t.s.handle_verified(t.now, Verification::Valid { evidence: "250 ok".into() });
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (250, "2.1.5".into()));
+    assert_eq!(rules(&t.events()).last(), Some(&(Rule::C1, 250, None)));
+    // Later recipients need no callback.
+    assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\nRCPT TO:<abuse@example.test>\r\n"), [250, 250]);
+    assert!(t.actions().is_empty());
+    assert_eq!(t.codes("DATA\r\nx\r\n.\r\n"), [354]);
+    match t.actions().as_slice() {
+        [Act::Deliver { rcpts, .. }] => assert_eq!(rcpts.len(), 3),
+        other => panic!("{other:?}"),
+    }
+    // A spurious verification result is ignored.
+    t.s.handle_verified(t.now, Verification::Invalid { evidence: "late".into() });
+    assert!(t.replies().is_empty() && t.actions().is_empty());
+}
+
+#[test]
+fn c1_invalid_sender_550_and_one_ban() {
+    let mut t = T::ehlo(c1());
+    t.send("MAIL FROM:<fake@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    assert_eq!(t.actions(), [Act::Verify("fake@elsewhere.test".into())]);
+    t.s.handle_verified(t.now, Verification::Invalid { evidence: "550 5.1.1 unknown".into() });
+    let actions = t.actions();
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (550, "5.1.7".into()));
+    match actions.as_slice() {
+        [Act::Ban(BanReason::FakeSender, evidence)] => {
+            assert!(evidence.contains("<fake@elsewhere.test>") && evidence.contains("550 5.1.1 unknown"), "{evidence}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(rules(&t.events()).last(), Some(&(Rule::C1, 550, Some(BanReason::FakeSender))));
+    // Every further valid recipient is refused, with no new callback and no new ban.
+    let r = t.send("RCPT TO:<bob@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
+    assert_eq!(codes(&r), [550, 550, 554]);
+    assert!(t.actions().is_empty());
+    assert_eq!(rules(&t.events()), [(Rule::C1, 550, None), (Rule::C1, 550, None)]);
+}
+
+#[test]
+fn c1_unknown_tempfails_and_never_bans() {
+    let mut t = T::ehlo(c1());
+    t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.actions();
+    t.s.handle_verified(t.now, Verification::Unknown { evidence: "timeout".into() });
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (451, "4.4.3".into()));
+    assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\n"), [451]);
+    assert!(t.actions().is_empty(), "no ban, no second callback");
+    assert!(t.events().iter().all(|e| e.ban.is_none()));
+    // With `on_unknown = accept` the recipient stands.
+    let mut t = T::ehlo(SessionConfig { on_unknown: OnUnknown::Accept, ..c1() });
+    t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.actions();
+    t.s.handle_verified(t.now, Verification::Unknown { evidence: "timeout".into() });
+    assert_eq!(codes(&t.replies()), [250]);
+    assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n"), [250, 354]);
+    assert!(t.actions().is_empty());
+}
+
+#[test]
+fn c1_pipelined_commands_are_answered_after_the_held_rcpt_in_order() {
+    let mut t = T::with(c1(), 0);
+    let r = t.send(
+        "EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+         RCPT TO:<bob@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(codes(&r), [250, 250]);
+    assert_eq!(t.actions(), [Act::Verify("x@elsewhere.test".into())]);
+    assert!(!t.s.wants_input());
+    // More input while waiting is kept, not answered.
+    assert!(t.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n").is_empty());
+    t.s.handle_verified(t.now, Verification::Valid { evidence: "250".into() });
+    assert_eq!(codes(&t.replies()), [250, 550, 250, 354]);
+    let actions = t.actions();
+    assert!(
+        matches!(actions.as_slice(), [Act::Ban(BanReason::UnknownRecipient, _), Act::Deliver { rcpts, .. }] if rcpts.len() == 2),
+        "{actions:?}"
+    );
+    t.s.handle_delivered(t.now, Ok("Q".into()));
+    assert_eq!(codes(&t.replies()), [250, 221]);
+}
+
+#[test]
+fn c1_null_and_local_senders_are_never_verified() {
+    for from in ["<>", "<alice@example.test>", "<postmaster@example.test>"] {
+        let mut t = T::ehlo(c1());
+        assert_eq!(t.codes(&format!("MAIL FROM:{from}\r\nRCPT TO:<alice@example.test>\r\n")), [250, 250], "{from}");
+        assert!(t.actions().is_empty(), "{from}");
+    }
+}
+
+#[test]
+fn c1_cheap_checks_first() {
+    let mut t = T::ehlo(c1());
+    let r = t.send(
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<bob@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<bob>\r\n",
+    );
+    assert_eq!(codes(&r), [250, 554, 550, 553]);
+    assert_eq!(
+        t.actions().into_iter().filter(|a| matches!(a, Act::Verify(_))).count(),
+        0,
+        "no callback for refused recipients"
+    );
+    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), Vec::<u16>::new());
+    assert_eq!(t.actions(), [Act::Verify("x@elsewhere.test".into())]);
+}
+
+#[test]
+fn c1_off_by_default() {
+    let mut t = T::ehlo(config());
+    assert_eq!(t.codes("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n"), [250, 250]);
+    assert!(t.actions().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// V1: virus scan
+
+fn v1() -> SessionConfig {
+    SessionConfig { scan: true, ..config() }
+}
+
+fn scanned(cfg: SessionConfig) -> T {
+    let mut t = in_data(cfg);
+    assert!(t.send("Subject: v\r\n\r\nbody\r\n.\r\nNOOP\r\n").is_empty());
+    assert_eq!(t.actions(), [Act::Scan(b"Subject: v\r\n\r\nbody\r\n".to_vec())]);
+    assert!(!t.s.wants_input());
+    assert_eq!(t.s.poll_timeout(), None);
+    t
+}
+
+#[test]
+fn v1_clean_message_is_delivered() {
+    let mut t = scanned(v1());
+    t.s.handle_scanned(t.now, ScanOutcome::Clean);
+    assert!(t.replies().is_empty());
+    match t.actions().as_slice() {
+        [Act::Deliver { message, .. }] => assert_eq!(message, b"Subject: v\r\n\r\nbody\r\n"),
+        other => panic!("{other:?}"),
+    }
+    t.s.handle_delivered(t.now, Ok("Q".into()));
+    assert_eq!(codes(&t.replies()), [250, 250]);
+}
+
+#[test]
+fn v1_infected_554_names_the_signature_and_bans() {
+    let mut t = scanned(v1());
+    t.s.handle_scanned(t.now, ScanOutcome::Infected { signature: "Eicar-Test-Signature".into() });
+    let actions = t.actions();
+    let r = t.replies();
+    assert_eq!(codes(&r), [554, 250], "then the pipelined NOOP");
+    assert_eq!(enhanced(&r[0]), "5.7.1");
+    assert!(text(&r[0]).contains("Eicar-Test-Signature"));
+    match actions.as_slice() {
+        [Act::Ban(BanReason::Virus, evidence)] => {
+            assert!(evidence.contains("Eicar-Test-Signature"))
+        }
+        other => panic!("a ban and no delivery: {other:?}"),
+    }
+    let events = t.events();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.rule, last.code, last.ban, last.detail.as_str()),
+        (Rule::V1, 554, Some(BanReason::Virus), "Eicar-Test-Signature")
+    );
+    assert_eq!(t.s.transactions(), 0);
+}
+
+#[test]
+fn v1_scan_failure_tempfails_without_ban() {
+    let mut t = scanned(v1());
+    t.s.handle_scanned(t.now, ScanOutcome::Failed { reason: "clamd down".into() });
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (451, "4.7.0".into()));
+    assert!(t.actions().is_empty(), "no ban, no delivery");
+    assert_eq!(rules(&t.events()).last(), Some(&(Rule::V1, 451, None)));
+    // Or deliver unscanned when so configured.
+    let mut t = scanned(SessionConfig { on_scan_failure: OnScanFailure::Accept, ..v1() });
+    t.s.handle_scanned(t.now, ScanOutcome::Failed { reason: "clamd down".into() });
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]));
+    assert!(t.replies().is_empty());
+}
+
+#[test]
+fn v1_off_by_default_and_spurious_results_ignored() {
+    let mut t = in_data(config());
+    t.send("x\r\n.\r\n");
+    assert!(matches!(t.actions().as_slice(), [Act::Deliver { .. }]), "no scan when off");
+    t.s.handle_scanned(t.now, ScanOutcome::Infected { signature: "X".into() });
+    assert!(t.actions().is_empty() && t.replies().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Refusals at connect (G1, G2)
+
+#[test]
+fn refused_rate_limited_421_and_close() {
+    let mut t = T::refused(Refusal::RateLimited);
+    let r = t.replies();
+    assert_eq!((r.len(), r[0].code, enhanced(&r[0])), (1, 421, "4.7.0".into()));
+    assert!(text(&r[0]).starts_with(HOST), "RFC 5321 §4.2: 421 names the server");
+    assert_eq!(t.actions(), [Act::Close]);
+    assert_eq!(rules(&t.events()), [(Rule::G1, 421, None)]);
+    assert!(t.s.is_closed());
+    assert!(t.send("EHLO c\r\n").is_empty());
+}
+
+#[test]
+fn refused_busy_421_and_close() {
+    let mut t = T::refused(Refusal::Busy);
+    assert_eq!(codes(&t.replies()), [421]);
+    assert_eq!(t.actions(), [Act::Close]);
+}
+
+#[test]
+fn refused_banned_554_then_503_until_quit() {
+    let mut t = T::refused(Refusal::Banned);
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (554, "5.7.1".into()));
+    assert!(t.actions().is_empty(), "RFC 5321 §3.1: wait for QUIT");
+    assert_eq!(rules(&t.events()), [(Rule::G2, 554, None)]);
+    let r = t.send("EHLO c\r\nHELO c\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nNOOP\r\nRSET\r\n");
+    assert_eq!(codes(&r), [503; 7]);
+    assert_eq!(enhanced(&r[0]), "5.5.1");
+    // Malformed commands get 503 too: nothing but QUIT is served.
+    // The greeting and 7 replies were errors; the 10th error closes.
+    assert_eq!(t.codes("MAIL FROM:<foo>\r\nMAIL FROM:<> X=Y\r\nFOO\r\n"), [503, 503, 421]);
+    assert_eq!(t.actions(), [Act::Close]);
+    let mut t = T::refused(Refusal::Banned);
+    t.replies();
+    assert_eq!(t.codes("EHLO c\r\nQUIT\r\n"), [503, 221]);
+    assert_eq!(t.actions(), [Act::Close]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Events: one per verdict, with the deciding rule
+
+#[test]
+fn events_one_per_verdict_with_the_rule() {
+    let mut t = T::with(SessionConfig { verify_senders: true, scan: true, ..config() }, 0);
+    t.send(
+        "EHLO c\r\nNOOP\r\nMAIL FROM:<nobody@example.test>\r\nMAIL FROM:<x@elsewhere.test> SIZE=999999999999\r\n\
+         MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<bob@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n\
+         RCPT TO:<alice@example.test>\r\n",
+    );
+    t.s.handle_verified(t.now, Verification::Valid { evidence: "250".into() });
+    t.send("DATA\r\nx\r\n.\r\n");
+    t.s.handle_scanned(t.now, ScanOutcome::Clean);
+    t.s.handle_delivered(t.now, Ok("Q7".into()));
+    t.send("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    t.s.handle_scanned(t.now, ScanOutcome::Infected { signature: "S".into() });
+    let events = t.events();
+    let got: Vec<_> = events.iter().map(|e| (e.rule, e.command, e.code, e.ban)).collect();
+    use BanReason::*;
+    assert_eq!(
+        got,
+        [
+            (Rule::E1, "MAIL", 550, Some(ForgedLocalSender)),
+            (Rule::Proto, "MAIL", 552, None),
+            (Rule::E1, "MAIL", 250, None),
+            (Rule::E2, "RCPT", 554, None),
+            (Rule::E2, "RCPT", 550, Some(UnknownRecipient)),
+            (Rule::C1, "RCPT", 250, None),
+            (Rule::Deliver, "DATA", 250, None),
+            (Rule::E1, "MAIL", 250, None),
+            (Rule::E2, "RCPT", 250, None),
+            (Rule::V1, "DATA", 554, Some(Virus)),
+        ]
+    );
+    assert_eq!(events.iter().map(Event::verdict).collect::<Vec<_>>()[..4], ["reject", "reject", "accept", "reject"]);
+    // Every ban action has its event, and vice versa.
+    let bans = t.bans();
+    assert_eq!(bans, events.iter().filter_map(|e| e.ban).collect::<Vec<_>>());
+}
