@@ -11,10 +11,13 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::ban::BanConfig;
 use crate::gate::GateConfig;
 use crate::policy::{Directory, OnScanFailure, OnUnknown, PolicyConfig};
 use crate::proto::Domain;
+use crate::scan::ScanConfig;
 use crate::session::SessionConfig;
+use crate::verify::CallbacksConfig;
 
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -30,8 +33,14 @@ pub struct Config {
     pub rules: RulesSection,
     /// The connection and ban gate.
     pub gate: GateConfig,
+    /// Ban backend, persistence, allowlist and escalation.
+    pub bans: BanConfig,
     /// Where accepted mail goes.
     pub delivery: DeliverySection,
+    /// The virus scanner behind `rules.scan` (V1).
+    pub scan: ScanConfig,
+    /// Callback probes behind `rules.verify_senders` (C1).
+    pub callbacks: CallbacksConfig,
 }
 
 /// `[server]`.
@@ -302,11 +311,14 @@ impl Config {
                 .ok()
         });
         problems.extend(self.gate.problems().into_iter().map(|p| format!("gate.{p}")));
-        if self.rules.verify_senders {
-            problems.push("rules.verify_senders: callback verification is not available in this build yet".into());
-        }
-        if self.rules.scan {
-            problems.push("rules.scan: virus scanning is not available in this build yet".into());
+        problems.extend(self.bans.problems().into_iter().map(|p| format!("bans.{p}")));
+        problems.extend(self.bans.problems_with_gate(&self.gate));
+        problems.extend(self.callbacks.problems().into_iter().map(|p| format!("callbacks.{p}")));
+        problems.extend(self.scan.problems().into_iter().map(|p| format!("scan.{p}")));
+        let oversize_tempfail = self.scan.on_oversize == Some(OnScanFailure::Tempfail);
+        if oversize_tempfail && self.rules.on_scan_failure == OnScanFailure::Accept {
+            // A failed scan is accepted then, so an oversize tempfail could not be given.
+            problems.push("scan.on_oversize: \"tempfail\" contradicts rules.on_scan_failure = \"accept\"".into());
         }
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -399,11 +411,58 @@ mod tests {
     }
 
     #[test]
+    fn bans_section_is_checked_with_the_gate() {
+        let c = Config::parse("[bans]\nbackend = \"nftables\"\nallowlist = [\"10.0.0.0/99\"]\n").unwrap();
+        let err = c.validate(None).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains("bans.allowlist"), "{all}");
+        assert!(all.contains("gate.kind.backend = \"nft\""), "{all}");
+        let ok = "[bans]\nbackend = \"nftables\"\n[gate.kind]\nbackend = \"nft\"\n";
+        let s = Config::parse(ok).unwrap().validate(None).unwrap();
+        assert_eq!(s.config.bans.backend, crate::ban::BackendKind::Nftables);
+        assert!(Config::parse("[bans]\nban_secs = 1\n").is_err());
+    }
+
+    #[test]
     fn unknown_fields_are_refused() {
         let err = Config::parse("[server]\nlisten_on = \"x\"\n").unwrap_err();
         assert!(err.problems[0].contains("listen_on"), "{err}");
         let err = Config::parse("[nonsense]\n").unwrap_err();
         assert!(err.problems[0].contains("nonsense"), "{err}");
+    }
+
+    #[test]
+    fn scan_section() {
+        let text = r#"
+            [rules]
+            scan = true
+            on_scan_failure = "accept"
+            [scan]
+            engine = "clamd"
+            clamd = "tcp:127.0.0.1:3310"
+            timeout = "10s"
+            stream_max = 1048576
+            on_oversize = "accept"
+        "#;
+        let s = Config::parse(text).unwrap().validate(None).unwrap();
+        assert!(s.session.scan);
+        assert_eq!(s.config.scan.timeout, Duration::from_secs(10));
+        let text = r#"
+            [rules]
+            on_scan_failure = "accept"
+            [scan]
+            engine = "clamd"
+            clamd = "127.0.0.1:3310"
+            on_oversize = "tempfail"
+            signatures = [{ name = "X", text = "short" }]
+        "#;
+        let err = Config::parse(text).unwrap().validate(None).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in ["scan.clamd", "scan.signatures: only", "scan.signatures[0]: at least", "scan.on_oversize"] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        let err = Config::parse("[scan]\nengine = \"sophos\"\n").unwrap_err();
+        assert!(err.problems[0].contains("sophos"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - [`policy`] — the rules E1, E2, C1, V1 and the B1–B4 ban requests as pure functions.
 //! - [`gate`] — the kernel `recent` table model (xt_recent, nft sets): rules G1 and G2.
 //! - [`session`] — the per-connection state machine, `handle_*` / `poll_*`, sans-IO.
+//! - [`ban`] — the ban manager: bans recorded in SQLite, pushed to the kernel (xt_recent,
+//!   nftables) or kept in process, expired and restored by the gatekeeper.
 //! - [`edges`] — traits for IO: clock, listener, downstream; their production versions.
 //! - [`verify`] — callback verification (C1): resolver and connector edges, probe, cache, limits.
 //! - [`scan`] — virus scanning (V1): the clamd client and the builtin test-signature scanner.
@@ -16,10 +18,13 @@
 //! Nothing here reads a clock except `edges::SystemClock`; the simulation (`gatekeeper-sim`)
 //! supplies its own edges and runs the same server.
 
+pub mod ban;
 pub mod config;
 pub mod edges;
 pub mod gate;
 pub mod policy;
 pub mod proto;
+pub mod scan;
 pub mod server;
 pub mod session;
+pub mod verify;

@@ -1,0 +1,366 @@
+//! Ban persistence in SQLite (`<state_dir>/state.sqlite`, shared with other state; this module
+//! owns the tables `bans` and `ban_history`).
+//!
+//! - `bans`: one row per active ban, keyed by its network. A row is committed (WAL,
+//!   `synchronous = FULL`) before the client gets its reply, so a kill -9 or a power loss
+//!   loses no ban.
+//! - `ban_history`: an append-only log of what happened to bans (`ban`, `extend`, `remove`,
+//!   `expire`), which escalation counts and `gatekeeper bans list --history` shows.
+//!
+//! Several processes share the file (the server and `gatekeeper bans`): WAL mode lets readers
+//! and one writer work at once, a busy timeout waits out the other writer, and
+//! `PRAGMA data_version` tells the server that another connection changed something.
+//!
+//! Blocking: callers on an async runtime run this on the blocking pool.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::Ban;
+use super::net::Net;
+use crate::policy::BanReason;
+
+/// A persistence failure. The caller logs it; a failed write means the ban was not recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused (disk full, database locked beyond the busy timeout, corrupt file).
+    #[error("ban database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A row that does not parse (written by a newer version, or edited by hand).
+    #[error("ban database: bad row: {0}")]
+    BadRow(String),
+}
+
+/// What happened to a ban, as logged in `ban_history`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryEvent {
+    /// A new ban.
+    Ban,
+    /// A ban of an already banned network: the later expiry wins.
+    Extend,
+    /// Lifted by an administrator.
+    Remove,
+    /// Ran out.
+    Expire,
+}
+
+impl HistoryEvent {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryEvent::Ban => "ban",
+            HistoryEvent::Extend => "extend",
+            HistoryEvent::Remove => "remove",
+            HistoryEvent::Expire => "expire",
+        }
+    }
+}
+
+/// One `ban_history` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// When it happened.
+    pub at: SystemTime,
+    /// `ban`, `extend`, `remove` or `expire`.
+    pub event: String,
+    /// The ban as it was then.
+    pub ban: Ban,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS bans (
+    net        TEXT PRIMARY KEY,   -- network: '192.0.2.1', '2001:db8:1:2::/64'
+    reason     TEXT NOT NULL,      -- B1..B4, manual
+    session    INTEGER NOT NULL,   -- session id of the evidence (0: manual)
+    evidence   TEXT NOT NULL,      -- the command or finding
+    start_ms   INTEGER NOT NULL,   -- unix ms
+    expires_ms INTEGER NOT NULL,   -- unix ms
+    offence    INTEGER NOT NULL    -- 1 for a first ban; escalation level after
+);
+CREATE TABLE IF NOT EXISTS ban_history (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    event      TEXT NOT NULL,      -- ban, extend, remove, expire
+    net        TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    session    INTEGER NOT NULL,
+    evidence   TEXT NOT NULL,
+    start_ms   INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    offence    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ban_history_net ON ban_history (net, at_ms);
+CREATE INDEX IF NOT EXISTS ban_history_at ON ban_history (at_ms);
+";
+
+/// Unix milliseconds (0 before the epoch).
+pub fn to_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The time of unix milliseconds (the epoch for negative values).
+pub fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// Parses a stored reason.
+pub fn parse_reason(s: &str) -> Option<BanReason> {
+    Some(match s {
+        "B1" => BanReason::ForgedLocalSender,
+        "B2" => BanReason::FakeSender,
+        "B3" => BanReason::Virus,
+        "B4" => BanReason::UnknownRecipient,
+        "manual" => BanReason::Manual,
+        _ => return None,
+    })
+}
+
+/// The ban database.
+#[derive(Debug)]
+pub struct BanStore {
+    conn: Connection,
+    data_version: Option<i64>,
+}
+
+impl BanStore {
+    /// Opens (creating if needed) the database at `path`: WAL, full sync, 5 s busy timeout.
+    pub fn open(path: &Path) -> Result<BanStore, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // WAL may be refused on some filesystems; the rollback journal is correct too.
+        let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        BanStore::init(conn)
+    }
+
+    /// A private database in memory (tests, and the simulation when it needs no restart).
+    pub fn in_memory() -> Result<BanStore, StoreError> {
+        BanStore::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> Result<BanStore, StoreError> {
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        let mut store = BanStore { conn, data_version: None };
+        store.changed()?;
+        Ok(store)
+    }
+
+    fn row_to_ban(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<Result<Ban, String>> {
+        let net: String = r.get(base)?;
+        let reason: String = r.get(base + 1)?;
+        let session: i64 = r.get(base + 2)?;
+        let evidence: String = r.get(base + 3)?;
+        let start: i64 = r.get(base + 4)?;
+        let expires: i64 = r.get(base + 5)?;
+        let offence: i64 = r.get(base + 6)?;
+        let Ok(net) = net.parse::<Net>() else {
+            return Ok(Err(format!("net {net:?}")));
+        };
+        let Some(reason) = parse_reason(&reason) else {
+            return Ok(Err(format!("reason {reason:?} of {net}")));
+        };
+        Ok(Ok(Ban {
+            net,
+            reason,
+            session: session as u64,
+            evidence,
+            start: from_ms(start),
+            expires: from_ms(expires),
+            offence: u32::try_from(offence).unwrap_or(1),
+        }))
+    }
+
+    /// Every active ban (expired ones included until [`BanStore::remove`]), ordered by network.
+    pub fn all(&self) -> Result<Vec<Ban>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans ORDER BY net",
+        )?;
+        let rows = stmt.query_map([], |r| BanStore::row_to_ban(r, 0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?.map_err(StoreError::BadRow)?);
+        }
+        out.sort_by_key(|b| b.net);
+        Ok(out)
+    }
+
+    /// The ban of `net`, if any.
+    pub fn get(&self, net: Net) -> Result<Option<Ban>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans WHERE net = ?1",
+        )?;
+        let row = stmt.query_row([net.to_string()], |r| BanStore::row_to_ban(r, 0)).optional()?;
+        row.transpose().map_err(StoreError::BadRow)
+    }
+
+    /// Records `ban` (replacing the row of its network) and logs `event`, in one transaction.
+    pub fn put(&mut self, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.execute(
+            "INSERT OR REPLACE INTO bans (net, reason, session, evidence, start_ms, expires_ms, offence)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                ban.net.to_string(),
+                ban.reason.as_str(),
+                ban.session as i64,
+                ban.evidence,
+                to_ms(ban.start),
+                to_ms(ban.expires),
+                i64::from(ban.offence)
+            ],
+        )?;
+        log(&tx, ban, event, at)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the ban of `net` and logs `event`; returns it if there was one.
+    pub fn remove(&mut self, net: Net, event: HistoryEvent, at: SystemTime) -> Result<Option<Ban>, StoreError> {
+        self.remove_if(net, event, at, None)
+    }
+
+    /// Deletes the ban of `net`, if it expires by `expired_by` when that is given.
+    fn remove_if(
+        &mut self,
+        net: Net,
+        event: HistoryEvent,
+        at: SystemTime,
+        expired_by: Option<SystemTime>,
+    ) -> Result<Option<Ban>, StoreError> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let old = {
+            let mut stmt = tx.prepare_cached(
+                "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans
+                 WHERE net = ?1 AND (?2 IS NULL OR expires_ms <= ?2)",
+            )?;
+            stmt.query_row(params![net.to_string(), expired_by.map(to_ms)], |r| BanStore::row_to_ban(r, 0))
+                .optional()?
+        };
+        let old = old.transpose().map_err(StoreError::BadRow)?;
+        if let Some(b) = &old {
+            tx.execute("DELETE FROM bans WHERE net = ?1", [net.to_string()])?;
+            log(&tx, b, event, at)?;
+        }
+        tx.commit()?;
+        Ok(old)
+    }
+
+    /// Deletes the ban of `net` if it has expired by `now` (another process may have extended
+    /// it) and logs `expire`; returns it if it was deleted.
+    pub fn remove_expired(&mut self, net: Net, now: SystemTime) -> Result<Option<Ban>, StoreError> {
+        self.remove_if(net, HistoryEvent::Expire, now, Some(now))
+    }
+
+    /// How many bans of `net` started at or after `since` (for escalation).
+    pub fn bans_since(&self, net: Net, since: SystemTime) -> Result<u32, StoreError> {
+        let n: i64 = self.conn.query_row(
+            "SELECT count(*) FROM ban_history WHERE net = ?1 AND event = 'ban' AND start_ms >= ?2",
+            params![net.to_string(), to_ms(since)],
+            |r| r.get(0),
+        )?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    }
+
+    /// The latest `limit` history rows, newest first, optionally for one network only.
+    pub fn history(&self, net: Option<Net>, limit: usize) -> Result<Vec<HistoryRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT at_ms, event, net, reason, session, evidence, start_ms, expires_ms, offence FROM ban_history
+             WHERE ?1 IS NULL OR net = ?1 ORDER BY id DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![net.map(|n| n.to_string()), limit as i64], |r| {
+            let at: i64 = r.get(0)?;
+            let event: String = r.get(1)?;
+            Ok(BanStore::row_to_ban(r, 2)?.map(|ban| HistoryRow { at: from_ms(at), event, ban }))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row?.map_err(StoreError::BadRow)?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes history rows older than `before`; returns how many.
+    pub fn prune_history(&mut self, before: SystemTime) -> Result<usize, StoreError> {
+        Ok(self.conn.execute("DELETE FROM ban_history WHERE at_ms < ?1", [to_ms(before)])?)
+    }
+
+    /// True if another connection committed a change since the last call (the first call
+    /// after opening says false).
+    pub fn changed(&mut self) -> Result<bool, StoreError> {
+        let v: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        let before = self.data_version.replace(v);
+        Ok(before.is_some_and(|b| b != v))
+    }
+}
+
+fn log(tx: &rusqlite::Transaction<'_>, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO ban_history (at_ms, event, net, reason, session, evidence, start_ms, expires_ms, offence)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            to_ms(at),
+            event.as_str(),
+            ban.net.to_string(),
+            ban.reason.as_str(),
+            ban.session as i64,
+            ban.evidence,
+            to_ms(ban.start),
+            to_ms(ban.expires),
+            i64::from(ban.offence)
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ban(net: &str, start: u64, secs: u64) -> Ban {
+        Ban {
+            net: net.parse().unwrap(),
+            reason: BanReason::ForgedLocalSender,
+            session: 7,
+            evidence: "MAIL FROM:<nobody@example.test>".into(),
+            start: UNIX_EPOCH + Duration::from_secs(start),
+            expires: UNIX_EPOCH + Duration::from_secs(start + secs),
+            offence: 1,
+        }
+    }
+
+    #[test]
+    fn put_get_remove_and_history() {
+        let mut s = BanStore::in_memory().unwrap();
+        let b = ban("192.0.2.1", 1000, 60);
+        s.put(&b, HistoryEvent::Ban, b.start).unwrap();
+        s.put(&ban("2001:db8:1:2::/64", 1000, 60), HistoryEvent::Ban, b.start).unwrap();
+        assert_eq!(s.get(b.net).unwrap(), Some(b.clone()));
+        assert_eq!(s.all().unwrap().len(), 2);
+        assert_eq!(s.bans_since(b.net, UNIX_EPOCH).unwrap(), 1);
+        assert_eq!(s.bans_since(b.net, UNIX_EPOCH + Duration::from_secs(1001)).unwrap(), 0);
+        let removed = s.remove(b.net, HistoryEvent::Remove, UNIX_EPOCH + Duration::from_secs(1010)).unwrap();
+        assert_eq!(removed, Some(b.clone()));
+        assert_eq!(s.remove(b.net, HistoryEvent::Remove, UNIX_EPOCH).unwrap(), None);
+        let h = s.history(Some(b.net), 10).unwrap();
+        assert_eq!(h.iter().map(|r| r.event.as_str()).collect::<Vec<_>>(), ["remove", "ban"]);
+        assert_eq!(s.history(None, 10).unwrap().len(), 3);
+        assert_eq!(s.prune_history(UNIX_EPOCH + Duration::from_secs(1005)).unwrap(), 2);
+    }
+
+    #[test]
+    fn data_version_sees_other_connections_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let mut a = BanStore::open(&path).unwrap();
+        let mut b = BanStore::open(&path).unwrap();
+        assert!(!a.changed().unwrap());
+        let x = ban("192.0.2.1", 1000, 60);
+        a.put(&x, HistoryEvent::Ban, x.start).unwrap();
+        assert!(!a.changed().unwrap(), "own commits do not count");
+        assert!(b.changed().unwrap());
+        assert!(!b.changed().unwrap());
+        assert_eq!(b.get(x.net).unwrap(), Some(x));
+    }
+}

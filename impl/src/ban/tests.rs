@@ -1,0 +1,387 @@
+//! Ban manager tests: persistence across a simulated kill -9, expiry, allowlist, IPv6
+//! masking, escalation, backend failure and recovery, sync between processes, reconcile.
+
+use std::sync::Mutex;
+use std::time::UNIX_EPOCH;
+
+use super::*;
+use crate::policy::BanRequest;
+
+/// A clock that moves only when told to.
+#[derive(Debug)]
+struct TestClock {
+    at: Mutex<(Instant, SystemTime)>,
+}
+
+impl TestClock {
+    fn new() -> Arc<TestClock> {
+        Arc::new(TestClock { at: Mutex::new((Instant::now(), UNIX_EPOCH + Duration::from_secs(1_800_000_000))) })
+    }
+    fn advance(&self, d: Duration) {
+        let mut at = self.at.lock().unwrap();
+        at.0 += d;
+        at.1 += d;
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> Instant {
+        self.at.lock().unwrap().0
+    }
+    fn wall(&self) -> SystemTime {
+        self.at.lock().unwrap().1
+    }
+}
+
+/// Records what the in-process gate was told.
+#[derive(Debug, Default)]
+struct Recorder {
+    ops: Mutex<Vec<String>>,
+}
+
+impl Recorder {
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.ops.lock().unwrap())
+    }
+}
+
+impl BanMirror for Recorder {
+    fn ban(&self, addr: IpAddr, remaining: Duration) {
+        self.ops.lock().unwrap().push(format!("ban {addr} {}", remaining.as_secs()));
+    }
+    fn unban(&self, addr: IpAddr) {
+        self.ops.lock().unwrap().push(format!("unban {addr}"));
+    }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn gate() -> GateConfig {
+    GateConfig::default()
+}
+
+fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
+    BanManager::open(cfg, &gate(), dir, clock.clone(), false).unwrap()
+}
+
+fn order(addr: &str, clock: &TestClock) -> BanOrder {
+    BanOrder {
+        addr: ip(addr),
+        session: 42,
+        request: BanRequest {
+            reason: BanReason::ForgedLocalSender,
+            evidence: "MAIL FROM:<nobody@example.test>".into(),
+        },
+        at: clock.wall(),
+        duration: 4 * DAY,
+    }
+}
+
+#[tokio::test]
+async fn a_ban_survives_kill_9_and_comes_back_with_its_remaining_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let m = open(dir.path(), &cfg, &clock);
+    BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+    // kill -9: no shutdown, no flush; the process's memory is gone.
+    drop(m);
+    clock.advance(DAY);
+    let m = open(dir.path(), &cfg, &clock);
+    let mirror = Arc::new(Recorder::default());
+    m.attach_mirror(mirror.clone());
+    let report = m.restore().await.unwrap();
+    assert_eq!(report, RestoreReport { restored: 1, expired: 0, failed: 0 });
+    let bans = m.list_blocking().unwrap();
+    assert_eq!(bans.len(), 1);
+    let b = &bans[0];
+    assert_eq!(b.net.to_string(), "192.0.2.1");
+    assert_eq!(
+        (b.reason, b.session, b.evidence.as_str()),
+        (BanReason::ForgedLocalSender, 42, "MAIL FROM:<nobody@example.test>")
+    );
+    assert_eq!(b.remaining(clock.wall()), 3 * DAY);
+    assert_eq!(mirror.take(), ["ban 192.0.2.1 259200"]);
+}
+
+#[tokio::test]
+async fn expired_bans_are_dropped_on_restore_and_by_the_expiry_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let m = open(dir.path(), &cfg, &clock);
+    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "test".into(), Some(Duration::from_secs(10))).await.unwrap();
+    m.ban(ip("192.0.2.2"), BanReason::Manual, 0, "test".into(), Some(Duration::from_secs(100))).await.unwrap();
+    drop(m);
+    clock.advance(Duration::from_secs(50));
+    let m = open(dir.path(), &cfg, &clock);
+    let mirror = Arc::new(Recorder::default());
+    m.attach_mirror(mirror.clone());
+    assert_eq!(m.restore().await.unwrap(), RestoreReport { restored: 1, expired: 1, failed: 0 });
+    assert_eq!(m.list_blocking().unwrap().len(), 1);
+    mirror.take();
+    clock.advance(Duration::from_secs(50));
+    m.tick().await;
+    assert!(m.list_blocking().unwrap().is_empty());
+    assert!(m.active().is_empty());
+    assert_eq!(mirror.take(), ["unban 192.0.2.2"]);
+    assert_eq!(m.stats().expired.load(Ordering::Relaxed), 2);
+    let events: Vec<String> = m.history_blocking(None, 10).unwrap().into_iter().map(|h| h.event).collect();
+    assert_eq!(events, ["expire", "expire", "ban", "ban"]);
+}
+
+#[tokio::test]
+async fn allowlisted_networks_are_never_banned() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig { allowlist: vec!["192.0.2.0/24".into(), "2001:db8:1:2::99".into()], ..BanConfig::default() };
+    let m = open(dir.path(), &cfg, &clock);
+    let mirror = Arc::new(Recorder::default());
+    m.attach_mirror(mirror.clone());
+    let r = m.ban(ip("192.0.2.200"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    assert!(matches!(r, BanOutcome::Allowlisted(_)));
+    // The /64 of a B1 client holds an allowlisted host: the /64 is not banned either.
+    BanSink::ban(&m, order("2001:db8:1:2::5", &clock)).await;
+    assert!(m.list_blocking().unwrap().is_empty());
+    assert_eq!(m.stats().allowlisted.load(Ordering::Relaxed), 2);
+    // The server banned in process before asking; the manager undoes it.
+    assert_eq!(mirror.take(), ["unban 192.0.2.200", "unban 2001:db8:1:2::"]);
+    assert!(m.is_allowlisted(ip("::ffff:192.0.2.1")));
+    let r = m.ban(ip("198.51.100.1"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    assert!(matches!(r, BanOutcome::Banned(_)));
+}
+
+#[tokio::test]
+async fn ipv6_bans_cover_the_64_and_ipv4_mapped_is_ipv4() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let m = open(dir.path(), &BanConfig::default(), &clock);
+    let r = m.ban(ip("2001:db8:1:2:aaaa::1"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    let BanOutcome::Banned(b) = r else { panic!("{r:?}") };
+    assert_eq!(b.net.to_string(), "2001:db8:1:2::/64");
+    clock.advance(Duration::from_secs(1));
+    let r = m.ban(ip("2001:db8:1:2:bbbb::2"), BanReason::Manual, 0, "y".into(), None).await.unwrap();
+    assert!(matches!(r, BanOutcome::Extended(_)), "{r:?}");
+    assert_eq!(m.list_blocking().unwrap().len(), 1);
+    m.ban(ip("::ffff:203.0.113.9"), BanReason::Manual, 0, "z".into(), None).await.unwrap();
+    let nets: Vec<String> = m.list_blocking().unwrap().iter().map(|b| b.net.to_string()).collect();
+    assert_eq!(nets, ["203.0.113.9", "2001:db8:1:2::/64"]);
+    assert_eq!(m.key_of("2001:db8:1:2::/64".parse().unwrap()).unwrap().to_string(), "2001:db8:1:2::/64");
+    assert!(m.key_of("2001:db8::/48".parse().unwrap()).is_err());
+    // A /48 prefix configured: keys follow it.
+    let g = GateConfig { ipv6_prefix: 48, ..gate() };
+    let m48 = BanManager::new(
+        &BanConfig::default(),
+        &g,
+        BanStore::in_memory().unwrap(),
+        Box::new(MemoryBackend::new()),
+        clock.clone(),
+        false,
+    );
+    assert_eq!(m48.key(ip("2001:db8:1:2::1")).to_string(), "2001:db8:1::/48");
+}
+
+#[tokio::test]
+async fn xt_backend_failure_is_retried_until_the_table_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = dir.path().join("xt_recent");
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let m = open(dir.path(), &cfg, &clock);
+    // No table (the rules are not installed): recorded anyway, failure counted, queued.
+    BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+    assert_eq!(m.list_blocking().unwrap().len(), 1);
+    assert_eq!(m.pending_len(), 1);
+    assert_eq!(m.stats().backend_failures.load(Ordering::Relaxed), 1);
+    // Still missing at the next retry.
+    clock.advance(cfg.retry_interval);
+    m.tick().await;
+    assert_eq!(m.pending_len(), 1);
+    assert_eq!(m.stats().backend_failures.load(Ordering::Relaxed), 2);
+    // The rules get installed: the next retry applies it.
+    std::fs::create_dir_all(&proc_dir).unwrap();
+    for t in ["SMTPBAN", "SMTPBAN6"] {
+        std::fs::write(proc_dir.join(t), "").unwrap();
+    }
+    clock.advance(Duration::from_secs(1));
+    m.tick().await;
+    assert_eq!(m.pending_len(), 1, "not before retry_interval");
+    clock.advance(cfg.retry_interval);
+    m.tick().await;
+    assert_eq!(m.pending_len(), 0);
+    assert_eq!(m.stats().backend_recovered.load(Ordering::Relaxed), 1);
+    assert_eq!(std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap(), "+192.0.2.1\n");
+    // A lift that fails is retried too.
+    std::fs::remove_file(proc_dir.join("SMTPBAN")).unwrap();
+    m.unban(m.key(ip("192.0.2.1"))).await.unwrap();
+    assert_eq!(m.pending_len(), 1);
+    std::fs::write(proc_dir.join("SMTPBAN"), "").unwrap();
+    clock.advance(cfg.retry_interval);
+    m.tick().await;
+    assert_eq!(m.pending_len(), 0);
+    assert_eq!(std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap(), "-192.0.2.1\n");
+}
+
+#[tokio::test]
+async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_bans() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = dir.path().join("xt_recent");
+    std::fs::create_dir_all(&proc_dir).unwrap();
+    for t in ["SMTPBAN", "SMTPBAN6"] {
+        std::fs::write(proc_dir.join(t), "").unwrap();
+    }
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let m = open(dir.path(), &cfg, &clock);
+    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "x".into(), Some(Duration::from_secs(100))).await.unwrap();
+    // The kernel lists it (as /proc does):
+    std::fs::write(proc_dir.join("SMTPBAN"), "src=192.0.2.1 ttl: 0 last_seen: 5 oldest_pkt: 1 5\n").unwrap();
+    clock.advance(cfg.reconcile_interval);
+    m.tick().await;
+    assert_eq!(m.stats().reapplied.load(Ordering::Relaxed), 0);
+    // The table is flushed (rules reloaded): the next reconcile writes it again.
+    std::fs::write(proc_dir.join("SMTPBAN"), "").unwrap();
+    clock.advance(cfg.reconcile_interval);
+    m.tick().await;
+    assert_eq!(m.stats().reapplied.load(Ordering::Relaxed), 1);
+    assert_eq!(std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap(), "+192.0.2.1\n");
+    // Expiry: xt_recent keeps the entry for --seconds; the gatekeeper removes it.
+    clock.advance(Duration::from_secs(100));
+    m.tick().await;
+    assert_eq!(std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap(), "-192.0.2.1\n");
+    assert!(m.list_blocking().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn capacity_warnings_before_the_kernel_evicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = dir.path().join("xt_recent");
+    std::fs::create_dir_all(&proc_dir).unwrap();
+    for t in ["SMTPBAN", "SMTPBAN6"] {
+        std::fs::write(proc_dir.join(t), "").unwrap();
+    }
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir;
+    cfg.xt_recent.capacity = 5;
+    cfg.xt_recent.warn_percent = 80;
+    let m = open(dir.path(), &cfg, &clock);
+    for i in 1..=3 {
+        m.ban(ip(&format!("192.0.2.{i}")), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    }
+    assert_eq!(m.stats().capacity_warnings.load(Ordering::Relaxed), 0);
+    for i in 4..=6 {
+        m.ban(ip(&format!("192.0.2.{i}")), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    }
+    // 4 of 5 (80 %), 5 of 5, 6 of 5.
+    assert_eq!(m.stats().capacity_warnings.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test]
+async fn changes_by_another_process_reach_the_server_within_a_tick() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let server = open(dir.path(), &cfg, &clock);
+    let mirror = Arc::new(Recorder::default());
+    server.attach_mirror(mirror.clone());
+    server.restore().await.unwrap();
+    let cli = open(dir.path(), &cfg, &clock);
+    cli.ban_blocking(ip("198.51.100.7"), BanReason::Manual, 0, "by hand".into(), Some(DAY)).unwrap();
+    server.tick().await;
+    assert_eq!(mirror.take(), ["ban 198.51.100.7 86400"]);
+    assert_eq!(server.active().len(), 1);
+    // Nothing changed: nothing happens.
+    server.tick().await;
+    assert!(mirror.take().is_empty());
+    assert!(cli.unban_blocking(cli.key(ip("198.51.100.7"))).unwrap().is_some());
+    server.tick().await;
+    assert_eq!(mirror.take(), ["unban 198.51.100.7"]);
+    assert!(server.active().is_empty());
+    assert_eq!(server.stats().synced.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn escalation_lengthens_repeat_offences_only_when_enabled() {
+    let clock = TestClock::new();
+    let cfg = BanConfig {
+        escalation: Escalation { enabled: true, factor: 2, max: 10 * DAY, lookback: 30 * DAY },
+        ..BanConfig::default()
+    };
+    let m = BanManager::new(
+        &cfg,
+        &gate(),
+        BanStore::in_memory().unwrap(),
+        Box::new(MemoryBackend::new()),
+        clock.clone(),
+        false,
+    );
+    let mut lengths = Vec::new();
+    for _ in 0..3 {
+        BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+        let b = m.list_blocking().unwrap().remove(0);
+        lengths.push((b.total().as_secs() / 86_400, b.offence));
+        clock.advance(b.total());
+        m.tick().await;
+    }
+    assert_eq!(lengths, [(4, 1), (8, 2), (10, 3)]);
+    let plain = BanManager::new(
+        &BanConfig::default(),
+        &gate(),
+        BanStore::in_memory().unwrap(),
+        Box::new(MemoryBackend::new()),
+        clock.clone(),
+        false,
+    );
+    for _ in 0..2 {
+        BanSink::ban(&plain, order("192.0.2.1", &clock)).await;
+        let b = plain.list_blocking().unwrap().remove(0);
+        assert_eq!(b.total(), 4 * DAY);
+        clock.advance(b.total());
+        plain.tick().await;
+    }
+}
+
+#[tokio::test]
+async fn a_longer_ban_extends_and_a_shorter_one_keeps_the_later_expiry() {
+    let clock = TestClock::new();
+    let m = BanManager::new(
+        &BanConfig::default(),
+        &gate(),
+        BanStore::in_memory().unwrap(),
+        Box::new(MemoryBackend::new()),
+        clock.clone(),
+        false,
+    );
+    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "a".into(), Some(DAY)).await.unwrap();
+    let r = m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "b".into(), Some(Duration::from_secs(60))).await.unwrap();
+    let BanOutcome::Extended(b) = r else { panic!("{r:?}") };
+    assert_eq!((b.evidence.as_str(), b.total()), ("a", DAY));
+    let r = m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "c".into(), Some(2 * DAY)).await.unwrap();
+    let BanOutcome::Extended(b) = r else { panic!("{r:?}") };
+    assert_eq!((b.evidence.as_str(), b.total()), ("c", 2 * DAY));
+    let events: Vec<String> = m.history_blocking(None, 10).unwrap().into_iter().map(|h| h.event).collect();
+    assert_eq!(events, ["extend", "ban"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offloaded_manager_works_on_the_blocking_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let m = BanManager::open(&BanConfig::default(), &gate(), dir.path(), clock.clone(), true).unwrap();
+    BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+    assert_eq!(m.list_blocking().unwrap().len(), 1);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(m.clone().run(async {
+        let _ = rx.await;
+    }));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let _ = tx.send(());
+    task.await.unwrap();
+}

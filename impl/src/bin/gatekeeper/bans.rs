@@ -1,0 +1,365 @@
+//! The `firewall` and `bans` subcommands, the hidden `model-replay` used by ci/kernel.sh, and
+//! the glue that wires the ban manager into `serve`.
+
+use std::io::{BufRead, Write as _};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Subcommand, ValueEnum};
+use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
+use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanMirror, BanOutcome, Net};
+use gatekeeper::config::{Config, Settings};
+use gatekeeper::edges::{Clock, SystemClock, rfc5322_date};
+use gatekeeper::gate::{
+    GateDecision, NFT_DEFAULT_GC_INTERVAL, NftRuleset, NftSet, NftSetConfig, XtMask, XtRecent, XtRecentConfig,
+    XtRuleset,
+};
+use gatekeeper::policy::BanReason;
+use gatekeeper::server::Server;
+use humantime_serde::re::humantime;
+
+/// A kernel backend, as the CLI names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KernelBackend {
+    /// iptables/ip6tables with xt_recent.
+    #[value(name = "xt_recent")]
+    XtRecent,
+    /// nftables.
+    Nftables,
+}
+
+/// `gatekeeper firewall ...`.
+#[derive(Debug, Subcommand)]
+pub enum FirewallCommand {
+    /// Print the kernel ruleset (iptables + ip6tables commands, or an nft script) for the
+    /// configured window, ban time and port.
+    Rules {
+        /// Which ruleset; default: `bans.backend`.
+        #[arg(long, value_enum)]
+        backend: Option<KernelBackend>,
+        /// The TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The port to protect; default: the port of `server.listen`.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+    /// Install the ruleset in the kernel (nft: one atomic `nft -f`; iptables: each rule not yet
+    /// present is appended). Keeps existing bans.
+    Apply {
+        /// Which ruleset; default: `bans.backend`.
+        #[arg(long, value_enum)]
+        backend: Option<KernelBackend>,
+        /// The TOML configuration.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The port to protect; default: the port of `server.listen`.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+/// `gatekeeper bans ...`: the ban database in the state dir, usable while the server runs (it
+/// applies the change within `bans.sync_interval`).
+#[derive(Debug, Subcommand)]
+pub enum BansCommand {
+    /// List the active bans (and, with --history, the latest events).
+    List {
+        /// Also show the latest N history events.
+        #[arg(long, value_name = "N")]
+        history: Option<usize>,
+    },
+    /// Ban an address (an IPv6 address bans its /64, or the configured prefix).
+    Add {
+        /// The address.
+        addr: Net,
+        /// How long; default: `gate.ban_time`.
+        #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+        for_: Option<Duration>,
+        /// Why (stored as the evidence of a manual ban).
+        #[arg(long, default_value = "added by hand")]
+        reason: String,
+    },
+    /// Lift the ban of an address.
+    Remove {
+        /// The address (or its banned network).
+        addr: Net,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 4d, 1h 30m)"))
+}
+
+fn load(config: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<Settings> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
+    let mut parsed = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
+    if let Some(d) = state_dir {
+        parsed.server.state_dir = std::path::absolute(d)?;
+    }
+    parsed
+        .validate(config.parent())
+        .map_err(|e| anyhow::anyhow!("{}: {} problem(s):\n{e}", config.display(), e.problems.len()))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gatekeeper: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn params(s: &Settings, port: Option<u16>) -> RuleParams {
+    let g = &s.config.gate;
+    RuleParams {
+        port: port.unwrap_or(s.listen.port()),
+        window: g.window,
+        ban_time: g.ban_time,
+        ipv6_prefix: g.ipv6_prefix,
+        rate_size: BanConfig::nft_rate_size(g),
+    }
+}
+
+fn which(backend: Option<KernelBackend>, cfg: &BanConfig) -> anyhow::Result<KernelBackend> {
+    match (backend, cfg.backend) {
+        (Some(b), _) => Ok(b),
+        (None, BackendKind::XtRecent) => Ok(KernelBackend::XtRecent),
+        (None, BackendKind::Nftables) => Ok(KernelBackend::Nftables),
+        (None, BackendKind::Memory) => bail!("bans.backend is memory: say --backend xt_recent or --backend nftables"),
+    }
+}
+
+/// `gatekeeper firewall ...`.
+pub fn firewall(cmd: FirewallCommand) -> ExitCode {
+    report(match cmd {
+        FirewallCommand::Rules { backend, config, port } => (|| {
+            let s = load(&config, None)?;
+            let b = &s.config.bans;
+            let text = match which(backend, b)? {
+                KernelBackend::XtRecent => xt_script(&b.xt_recent, &params(&s, port)),
+                KernelBackend::Nftables => nft_script(&b.nftables, &params(&s, port)),
+            };
+            print!("{text}");
+            Ok(())
+        })(),
+        FirewallCommand::Apply { backend, config, port } => (|| {
+            let s = load(&config, None)?;
+            let b = &s.config.bans;
+            match which(backend, b)? {
+                KernelBackend::Nftables => {
+                    let script = nft_script(&b.nftables, &params(&s, port));
+                    gatekeeper::ban::backend::run_nft(&b.nftables.nft, &["-f", "-"], Some(&script))
+                        .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    println!("installed table inet {}", b.nftables.table);
+                }
+                KernelBackend::XtRecent => {
+                    for rule in xt_rules(&b.xt_recent, &params(&s, port)) {
+                        let present = Command::new(rule.program)
+                            .arg("-C")
+                            .args(&rule.args)
+                            .stderr(std::process::Stdio::null())
+                            .status()
+                            .with_context(|| format!("cannot run {}", rule.program))?
+                            .success();
+                        if present {
+                            println!("present: {}", rule.append_command());
+                            continue;
+                        }
+                        let status = Command::new(rule.program).arg("-A").args(&rule.args).status()?;
+                        if !status.success() {
+                            bail!("failed ({status}): {}", rule.append_command());
+                        }
+                        println!("added:   {}", rule.append_command());
+                    }
+                }
+            }
+            Ok(())
+        })(),
+    })
+}
+
+/// `gatekeeper bans ...`.
+pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> ExitCode {
+    report((|| {
+        let s = load(config, state_dir)?;
+        let c = &s.config;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let m = BanManager::open(&c.bans, &c.gate, &c.server.state_dir, clock.clone(), false)?;
+        match cmd {
+            BansCommand::List { history } => {
+                let now = clock.wall();
+                let bans = m.list_blocking()?;
+                println!(
+                    "{:<22} {:<6} {:<31} {:<16} {:>8}  EVIDENCE",
+                    "NET", "REASON", "EXPIRES", "REMAINING", "SESSION"
+                );
+                for b in &bans {
+                    let remaining = if b.is_expired(now) { "expired".to_string() } else { short(b.remaining(now)) };
+                    println!(
+                        "{:<22} {:<6} {:<31} {:<16} {:>8}  {}",
+                        b.net.to_string(),
+                        b.reason.as_str(),
+                        rfc5322_date(b.expires),
+                        remaining,
+                        b.session,
+                        b.evidence
+                    );
+                }
+                println!("{} ban(s)", bans.len());
+                if let Some(n) = history {
+                    println!();
+                    println!("{:<31} {:<7} {:<22} {:<6} {:>16}  EVIDENCE", "AT", "EVENT", "NET", "REASON", "LENGTH");
+                    for h in m.history_blocking(None, n)? {
+                        println!(
+                            "{:<31} {:<7} {:<22} {:<6} {:>16}  {}",
+                            rfc5322_date(h.at),
+                            h.event,
+                            h.ban.net.to_string(),
+                            h.ban.reason.as_str(),
+                            short(h.ban.total()),
+                            h.ban.evidence
+                        );
+                    }
+                }
+            }
+            BansCommand::Add { addr, for_, reason } => {
+                let net = m.key_of(addr)?;
+                match m.ban_blocking(net.addr(), BanReason::Manual, 0, reason, for_)? {
+                    BanOutcome::Allowlisted(n) => bail!("{n} is allowlisted (bans.allowlist): not banned"),
+                    BanOutcome::Banned(b) | BanOutcome::Extended(b) => {
+                        println!(
+                            "banned {} until {} ({})",
+                            b.net,
+                            rfc5322_date(b.expires),
+                            short(b.remaining(clock.wall()))
+                        )
+                    }
+                }
+                warn_pending(&m);
+            }
+            BansCommand::Remove { addr } => {
+                let net = m.key_of(addr)?;
+                match m.unban_blocking(net)? {
+                    Some(_) => println!("removed the ban of {net}"),
+                    None => println!("{net} was not banned (any kernel entry was removed anyway)"),
+                }
+                warn_pending(&m);
+            }
+        }
+        Ok(())
+    })())
+}
+
+fn warn_pending(m: &BanManager) {
+    if m.pending_len() > 0 {
+        eprintln!(
+            "gatekeeper: the {} backend failed (see above); the change is recorded and the server applies it",
+            m.backend().kind()
+        );
+    }
+}
+
+/// A duration rounded to seconds (or minutes past a day), human-readable.
+fn short(d: Duration) -> String {
+    let secs = d.as_secs();
+    let secs = if secs > 86_400 { secs - secs % 60 } else { secs };
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// The server's in-process gate, as the ban manager's mirror.
+#[derive(Debug)]
+struct ServerGate(Server);
+
+impl BanMirror for ServerGate {
+    fn ban(&self, addr: IpAddr, remaining: Duration) {
+        self.0.ban(addr, remaining);
+    }
+    fn unban(&self, addr: IpAddr) {
+        self.0.unban(addr);
+    }
+}
+
+/// For `serve`: the ban manager of the configuration (SQLite offloaded to the blocking pool).
+pub fn open_manager(s: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<BanManager> {
+    let c = &s.config;
+    BanManager::open(&c.bans, &c.gate, &c.server.state_dir, clock, true).context("cannot open the ban database")
+}
+
+/// For `serve`, once the server is built: connects its gate, re-applies the stored bans and
+/// starts the maintenance task (sync with `gatekeeper bans`, expiry, retries).
+pub async fn start(m: &BanManager, server: &Server) -> anyhow::Result<()> {
+    m.attach_mirror(Arc::new(ServerGate(server.clone())));
+    m.restore().await.context("cannot restore the bans")?;
+    tokio::spawn(m.clone().run(std::future::pending()));
+    Ok(())
+}
+
+/// Which kernel mechanism `model-replay` evaluates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelKind {
+    /// The xt_recent ruleset of KERNEL.md §2.
+    #[value(name = "xt_recent")]
+    XtRecent,
+    /// The nftables ruleset of KERNEL.md §2.
+    Nft,
+}
+
+/// `gatekeeper model-replay`: reads `JIFFIES ADDR` lines (SYNs in time order, kernel jiffies
+/// as /proc/net/xt_recent shows them) and prints `JIFFIES ADDR DECISION` for each, from the
+/// in-process model of the kernel rules (no bans). For the differential kernel test.
+pub fn model_replay(kind: ModelKind, window: Duration, hz: u32, ipv6_prefix: u8, size: u32) -> ExitCode {
+    report((|| {
+        let secs = u32::try_from(window.as_secs()).context("window too long")?;
+        let mut xt = (
+            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
+            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
+            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
+            XtRecent::new(XtRecentConfig { hz, mask: XtMask::ipv6_prefix(ipv6_prefix), ..XtRecentConfig::default() }),
+        );
+        let rules = XtRuleset { ban_secs: 345_600, window_secs: secs };
+        let ban =
+            NftSetConfig { hz, size: None, timeout: None, gc_interval: NFT_DEFAULT_GC_INTERVAL, ipv6_prefix: None };
+        let rate = NftSetConfig { size: Some(size), timeout: Some(window), ..ban };
+        let mut nft = (
+            NftSet::new(ban),
+            NftSet::new(NftSetConfig { ipv6_prefix: Some(ipv6_prefix), ..ban }),
+            NftSet::new(rate),
+            NftSet::new(NftSetConfig { ipv6_prefix: Some(ipv6_prefix), ..rate }),
+        );
+        let stdin = std::io::stdin();
+        let mut out = std::io::stdout().lock();
+        for (n, line) in stdin.lock().lines().enumerate() {
+            let line = line?;
+            let mut it = line.split_whitespace();
+            let (Some(j), Some(a)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let j: u64 = j.parse().with_context(|| format!("line {}: bad jiffies {j:?}", n + 1))?;
+            let a: IpAddr = a.parse().with_context(|| format!("line {}: bad address {a:?}", n + 1))?;
+            let a = a.to_canonical();
+            let d: GateDecision = match kind {
+                ModelKind::XtRecent if a.is_ipv4() => rules.eval_syn(&mut xt.0, &mut xt.2, j, a),
+                ModelKind::XtRecent => rules.eval_syn(&mut xt.1, &mut xt.3, j, a),
+                ModelKind::Nft => {
+                    for s in [&mut nft.0, &mut nft.1, &mut nft.2, &mut nft.3] {
+                        s.maybe_gc(j);
+                    }
+                    if a.is_ipv4() {
+                        NftRuleset.eval_syn(&nft.0, &mut nft.2, j, a)
+                    } else {
+                        NftRuleset.eval_syn(&nft.1, &mut nft.3, j, a)
+                    }
+                }
+            };
+            writeln!(out, "{j} {a} {d}")?;
+        }
+        Ok(())
+    })())
+}

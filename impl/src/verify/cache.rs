@@ -1,0 +1,436 @@
+//! The callback cache: per-address results and per-domain accept-all flags, with expiry, in
+//! SQLite (`<state_dir>/callbacks.sqlite`, tables `callback_*`) or in memory (the simulation,
+//! tests).
+//!
+//! Times are wall-clock seconds since the epoch, supplied by the caller from the clock edge,
+//! so a cached result survives a restart and expires on the same schedule in simulated time.
+//! The cache is an optimisation: a database error is logged and treated as a miss, never as a
+//! verdict. SQLite calls block; with `offload` they run on tokio's blocking pool
+//! (production), without it inline (the simulation, which has no real threads).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::policy::Verification;
+
+/// How long each kind of result is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtls {
+    /// Valid senders (7 days).
+    pub positive: Duration,
+    /// Senders that cannot exist (1 day).
+    pub negative: Duration,
+    /// Inconclusive probes (5 minutes): long enough to stop a burst re-probing.
+    pub unknown: Duration,
+    /// A domain found accepting any address (1 day).
+    pub accept_all: Duration,
+}
+
+impl Default for CacheTtls {
+    fn default() -> Self {
+        CacheTtls {
+            positive: Duration::from_secs(7 * 86_400),
+            negative: Duration::from_secs(86_400),
+            unknown: Duration::from_secs(300),
+            accept_all: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// What the cache knows about a sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheHit {
+    /// A stored result for the address, with its original evidence.
+    Result(Verification),
+    /// The sender's domain accepts any address; the evidence that showed it.
+    AcceptAll(String),
+}
+
+/// The cache could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The database could not be opened or its tables created: check the state directory.
+    #[error("callback cache {path}: {source}")]
+    Open {
+        /// The database file.
+        path: String,
+        /// Why.
+        source: rusqlite::Error,
+    },
+}
+
+/// Stores written between two purges of expired rows.
+const PURGE_EVERY: u64 = 256;
+
+/// The callback cache. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct VerifyCache {
+    store: Store,
+    ttls: CacheTtls,
+    max_entries: usize,
+    offload: bool,
+    writes: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+enum Store {
+    Sqlite(Arc<Mutex<Connection>>),
+    Memory(Arc<Mutex<Memory>>),
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    /// address → (result, expires_at).
+    results: BTreeMap<String, (Verification, u64)>,
+    /// domain → (evidence, expires_at).
+    accept_all: BTreeMap<String, (String, u64)>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS callback_results (
+    address    TEXT PRIMARY KEY NOT NULL,
+    verdict    TEXT NOT NULL CHECK (verdict IN ('valid', 'invalid', 'unknown')),
+    evidence   TEXT NOT NULL,
+    checked_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS callback_results_expires ON callback_results (expires_at);
+CREATE TABLE IF NOT EXISTS callback_accept_all (
+    domain     TEXT PRIMARY KEY NOT NULL,
+    evidence   TEXT NOT NULL,
+    checked_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
+";
+
+impl VerifyCache {
+    /// Opens (creating if needed) the SQLite database at `path` in WAL mode with a busy
+    /// timeout, so that the ban store can use the same file.
+    pub fn open_sqlite(path: &Path, ttls: CacheTtls, max_entries: usize, offload: bool) -> Result<Self, CacheError> {
+        let err = |source| CacheError::Open { path: path.display().to_string(), source };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
+        conn.execute_batch("PRAGMA synchronous = NORMAL;").map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(VerifyCache {
+            store: Store::Sqlite(Arc::new(Mutex::new(conn))),
+            ttls,
+            max_entries: max_entries.max(1),
+            offload,
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    /// An in-memory cache holding at most `max_entries` addresses.
+    pub fn memory(ttls: CacheTtls, max_entries: usize) -> Self {
+        VerifyCache {
+            store: Store::Memory(Arc::default()),
+            ttls,
+            max_entries: max_entries.max(1),
+            offload: false,
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    /// The TTLs in force.
+    pub fn ttls(&self) -> CacheTtls {
+        self.ttls
+    }
+
+    /// What is known about `address` (lower-cased `local@domain`) and its `domain` at `now`
+    /// (wall seconds). An address result wins over the domain's accept-all flag.
+    pub async fn lookup(&self, address: &str, domain: &str, now: u64) -> Option<CacheHit> {
+        let (address, domain) = (address.to_string(), domain.to_string());
+        match &self.store {
+            Store::Memory(m) => {
+                let m = m.lock().expect("cache lock");
+                if let Some((result, _)) = m.results.get(&address).filter(|(_, exp)| *exp > now) {
+                    return Some(CacheHit::Result(result.clone()));
+                }
+                m.accept_all.get(&domain).filter(|(_, exp)| *exp > now).map(|(ev, _)| CacheHit::AcceptAll(ev.clone()))
+            }
+            Store::Sqlite(conn) => {
+                let result = self
+                    .blocking(conn, move |c| {
+                        let now = secs_i64(now);
+                        let row: Option<(String, String)> = c
+                            .prepare_cached(
+                                "SELECT verdict, evidence FROM callback_results WHERE address = ?1 AND expires_at > ?2",
+                            )?
+                            .query_row(params![address, now], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()?;
+                        if let Some((verdict, evidence)) = row {
+                            return Ok(from_row(&verdict, evidence).map(CacheHit::Result));
+                        }
+                        let flag: Option<String> = c
+                            .prepare_cached(
+                                "SELECT evidence FROM callback_accept_all WHERE domain = ?1 AND expires_at > ?2",
+                            )?
+                            .query_row(params![domain, now], |r| r.get(0))
+                            .optional()?;
+                        Ok(flag.map(CacheHit::AcceptAll))
+                    })
+                    .await;
+                result.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "callback cache read failed");
+                    None
+                })
+            }
+        }
+    }
+
+    /// Stores the result of a probe of `address` at `now`, kept for the TTL of its kind.
+    pub async fn store(&self, address: &str, result: &Verification, now: u64) {
+        let ttl = match result {
+            Verification::Valid { .. } => self.ttls.positive,
+            Verification::Invalid { .. } => self.ttls.negative,
+            Verification::Unknown { .. } => self.ttls.unknown,
+        };
+        let expires = now.saturating_add(ttl.as_secs());
+        let purge = self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1;
+        let max = self.max_entries;
+        match &self.store {
+            Store::Memory(m) => {
+                let mut m = m.lock().expect("cache lock");
+                m.results.insert(address.to_string(), (result.clone(), expires));
+                if m.results.len() > max {
+                    m.results.retain(|_, (_, exp)| *exp > now);
+                    m.accept_all.retain(|_, (_, exp)| *exp > now);
+                }
+                while m.results.len() > max {
+                    // Still full of live entries: drop the one that expires first.
+                    let first =
+                        m.results.iter().min_by_key(|(k, (_, exp))| (*exp, (*k).clone())).map(|(k, _)| k.clone());
+                    match first {
+                        Some(k) => m.results.remove(&k),
+                        None => break,
+                    };
+                }
+            }
+            Store::Sqlite(conn) => {
+                let (address, (verdict, evidence)) = (address.to_string(), to_row(result));
+                let r = self
+                    .blocking(conn, move |c| {
+                        c.prepare_cached(
+                            "INSERT INTO callback_results (address, verdict, evidence, checked_at, expires_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT (address) DO UPDATE SET verdict = excluded.verdict,
+                                 evidence = excluded.evidence, checked_at = excluded.checked_at,
+                                 expires_at = excluded.expires_at",
+                        )?
+                        .execute(params![
+                            address,
+                            verdict,
+                            evidence,
+                            secs_i64(now),
+                            secs_i64(expires)
+                        ])?;
+                        if purge {
+                            purge_sqlite(c, now, max)?;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "callback cache write failed");
+                }
+            }
+        }
+    }
+
+    /// Flags `domain` as accepting any address, with the evidence, at `now`.
+    pub async fn set_accept_all(&self, domain: &str, evidence: &str, now: u64) {
+        let expires = now.saturating_add(self.ttls.accept_all.as_secs());
+        match &self.store {
+            Store::Memory(m) => {
+                let mut m = m.lock().expect("cache lock");
+                m.accept_all.insert(domain.to_string(), (evidence.to_string(), expires));
+                if m.accept_all.len() > self.max_entries {
+                    m.accept_all.retain(|_, (_, exp)| *exp > now);
+                }
+            }
+            Store::Sqlite(conn) => {
+                let (domain, evidence) = (domain.to_string(), evidence.to_string());
+                let r = self
+                    .blocking(conn, move |c| {
+                        c.prepare_cached(
+                            "INSERT INTO callback_accept_all (domain, evidence, checked_at, expires_at)
+                             VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (domain) DO UPDATE SET evidence = excluded.evidence,
+                                 checked_at = excluded.checked_at, expires_at = excluded.expires_at",
+                        )?
+                        .execute(params![
+                            domain,
+                            evidence,
+                            secs_i64(now),
+                            secs_i64(expires)
+                        ])?;
+                        Ok(())
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "callback cache write failed");
+                }
+            }
+        }
+    }
+
+    /// Addresses with a live entry at `now` (for tests and status output).
+    pub async fn len(&self, now: u64) -> usize {
+        match &self.store {
+            Store::Memory(m) => m.lock().expect("cache lock").results.values().filter(|(_, exp)| *exp > now).count(),
+            Store::Sqlite(conn) => self
+                .blocking(conn, move |c| {
+                    c.query_row(
+                        "SELECT COUNT(*) FROM callback_results WHERE expires_at > ?1",
+                        params![secs_i64(now)],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .await
+                .map_or(0, |n| usize::try_from(n).unwrap_or(0)),
+        }
+    }
+
+    /// `true` if no address has a live entry at `now`.
+    pub async fn is_empty(&self, now: u64) -> bool {
+        self.len(now).await == 0
+    }
+
+    async fn blocking<T, F>(&self, conn: &Arc<Mutex<Connection>>, f: F) -> rusqlite::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = conn.clone();
+        let run = move || f(&conn.lock().expect("cache lock"));
+        if self.offload {
+            tokio::task::spawn_blocking(run).await.unwrap_or_else(|e| {
+                Err(rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::other(format!(
+                    "cache task failed: {e}"
+                )))))
+            })
+        } else {
+            run()
+        }
+    }
+}
+
+/// Deletes expired rows; then, if still over `max` addresses, those that expire first.
+fn purge_sqlite(c: &Connection, now: u64, max: usize) -> rusqlite::Result<()> {
+    let now = secs_i64(now);
+    c.execute("DELETE FROM callback_results WHERE expires_at <= ?1", params![now])?;
+    c.execute("DELETE FROM callback_accept_all WHERE expires_at <= ?1", params![now])?;
+    let count: i64 = c.query_row("SELECT COUNT(*) FROM callback_results", [], |r| r.get(0))?;
+    let max = i64::try_from(max).unwrap_or(i64::MAX);
+    if count > max {
+        c.execute(
+            "DELETE FROM callback_results WHERE address IN
+                 (SELECT address FROM callback_results ORDER BY expires_at, address LIMIT ?1)",
+            params![count - max],
+        )?;
+    }
+    Ok(())
+}
+
+fn secs_i64(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+fn to_row(v: &Verification) -> (&'static str, String) {
+    match v {
+        Verification::Valid { evidence } => ("valid", evidence.clone()),
+        Verification::Invalid { evidence } => ("invalid", evidence.clone()),
+        Verification::Unknown { evidence } => ("unknown", evidence.clone()),
+    }
+}
+
+fn from_row(verdict: &str, evidence: String) -> Option<Verification> {
+    match verdict {
+        "valid" => Some(Verification::Valid { evidence }),
+        "invalid" => Some(Verification::Invalid { evidence }),
+        "unknown" => Some(Verification::Unknown { evidence }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid(e: &str) -> Verification {
+        Verification::Valid { evidence: e.into() }
+    }
+
+    async fn exercise(cache: &VerifyCache) {
+        let t0 = 1_800_000_000;
+        assert_eq!(cache.lookup("a@x.test", "x.test", t0).await, None);
+        cache.store("a@x.test", &valid("250 ok"), t0).await;
+        cache.store("b@x.test", &Verification::Invalid { evidence: "550 no".into() }, t0).await;
+        cache.store("c@x.test", &Verification::Unknown { evidence: "451".into() }, t0).await;
+        assert_eq!(cache.lookup("a@x.test", "x.test", t0 + 1).await, Some(CacheHit::Result(valid("250 ok"))));
+        assert_eq!(cache.len(t0 + 1).await, 3);
+        // Unknown expires after 5 minutes, invalid after a day, valid after a week.
+        assert!(cache.lookup("c@x.test", "x.test", t0 + 299).await.is_some());
+        assert_eq!(cache.lookup("c@x.test", "x.test", t0 + 300).await, None);
+        assert!(cache.lookup("b@x.test", "x.test", t0 + 86_399).await.is_some());
+        assert_eq!(cache.lookup("b@x.test", "x.test", t0 + 86_400).await, None);
+        assert!(cache.lookup("a@x.test", "x.test", t0 + 7 * 86_400 - 1).await.is_some());
+        assert_eq!(cache.lookup("a@x.test", "x.test", t0 + 7 * 86_400).await, None);
+        // Accept-all flags are per domain; an address result wins.
+        cache.set_accept_all("y.test", "RCPT TO:<random@y.test>: 250", t0).await;
+        assert_eq!(
+            cache.lookup("new@y.test", "y.test", t0 + 10).await,
+            Some(CacheHit::AcceptAll("RCPT TO:<random@y.test>: 250".into()))
+        );
+        assert_eq!(cache.lookup("new@y.test", "y.test", t0 + 86_400).await, None);
+        // Overwrite.
+        cache.store("a@x.test", &Verification::Invalid { evidence: "now gone".into() }, t0 + 5).await;
+        assert!(matches!(
+            cache.lookup("a@x.test", "x.test", t0 + 6).await,
+            Some(CacheHit::Result(Verification::Invalid { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn memory_cache_expires_by_kind() {
+        exercise(&VerifyCache::memory(CacheTtls::default(), 1000)).await;
+    }
+
+    #[tokio::test]
+    async fn sqlite_cache_expires_by_kind_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.sqlite");
+        let cache = VerifyCache::open_sqlite(&path, CacheTtls::default(), 1000, true).unwrap();
+        exercise(&cache).await;
+        drop(cache);
+        let again = VerifyCache::open_sqlite(&path, CacheTtls::default(), 1000, false).unwrap();
+        assert!(matches!(
+            again.lookup("a@x.test", "x.test", 1_800_000_010).await,
+            Some(CacheHit::Result(Verification::Invalid { .. }))
+        ));
+    }
+
+    #[tokio::test]
+    async fn caches_are_bounded() {
+        let t0 = 1_800_000_000;
+        let memory = VerifyCache::memory(CacheTtls::default(), 10);
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite = VerifyCache::open_sqlite(&dir.path().join("s.sqlite"), CacheTtls::default(), 10, false).unwrap();
+        for cache in [&memory, &sqlite] {
+            for i in 0..(2 * PURGE_EVERY) {
+                cache.store(&format!("u{i}@x.test"), &valid("250"), t0 + i).await;
+            }
+            assert!(cache.len(t0).await <= 10, "{}", cache.len(t0).await);
+            // The newest survive.
+            let last = format!("u{}@x.test", 2 * PURGE_EVERY - 1);
+            assert!(cache.lookup(&last, "x.test", t0 + 1000).await.is_some());
+        }
+    }
+}
