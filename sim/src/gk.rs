@@ -1,0 +1,330 @@
+//! The gatekeeper host: the real `gatekeeper::server::Server` wired exactly as the binary wires
+//! it (ban manager with its SQLite store, callback verifier with its cache, built-in scanner),
+//! except that its edges are the simulation's:
+//!
+//! - the ban backend is the kernel firewall model ([`KernelBackend`]), and the ban sink is
+//!   wrapped (`LedgerSink`) so every ban decision reaches the world's ledger first;
+//! - the downstream is the world's spool (`Spool`);
+//! - an [`Observer`] (`Watch`) counts every verdict and checks it as it happens;
+//! - DNS and TCP for callbacks go over turmoil ([`crate::dns`], [`SimConnector`]).
+//!
+//! One deliberate difference from the binary: hickory's resolver is built per lookup
+//! ([`crate::dns::FreshResolver`], for determinism). The callback cache has its own SQLite file
+//! as in production (`callbacks.sqlite`), so the ban manager's change detection is not woken by
+//! cache writes.
+//!
+//! The host is restartable: its state directory (bans, callback cache) and the spool outlive
+//! the process, as a disk would, and the ban manager restores the bans on start.
+
+use std::collections::BTreeSet;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, BanMirror, BanStore, Net};
+use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Clock, Downstream, Observer, Scanner, Verifier};
+use gatekeeper::gate::{GateBackend, GateKind};
+use gatekeeper::policy::{BanReason, Rule};
+use gatekeeper::server::{Limits, Server};
+use gatekeeper::session::{DeliveryError, Envelope, Event};
+use gatekeeper::verify::{BoxStream, CacheMode, CallbackVerifier, Connector, VerifierEdges, VerifyCache};
+
+use crate::dns::FreshResolver;
+use crate::metrics::{Class, Invariant, rule_index};
+use crate::net::{SimClock, SimListener};
+use crate::world::{Sabotage, World};
+
+/// Runs the gatekeeper until the host is crashed or the simulation ends.
+pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
+    let cfg = &world.cfg;
+    let c = &cfg.settings.config;
+    let clock: Arc<dyn Clock> = Arc::new(SimClock::new(cfg.epoch));
+    let store = BanStore::open(&state_dir.join(gatekeeper::ban::STATE_DB))?;
+    let backend = KernelBackend { world: world.clone() };
+    let manager = BanManager::new(&c.bans, &c.gate, store, Box::new(backend), clock.clone(), false);
+    let traffic: Vec<IpAddr> = ["spam", "bounce", "honest"].iter().map(|h| turmoil::lookup(*h)).collect();
+    let limits = Limits {
+        max_sessions: c.server.max_sessions,
+        max_sessions_per_ip: c.server.max_sessions_per_ip,
+        shutdown_grace: c.server.shutdown_grace,
+        in_process_rate: !c.bans.backend.is_kernel(),
+        proxy_trusted: traffic,
+    };
+    let sink = Arc::new(LedgerSink { world: world.clone(), manager: manager.clone() });
+    let watch = Arc::new(Watch { world: world.clone(), manager: manager.clone() });
+    let mut builder = Server::builder(
+        cfg.settings.session.clone(),
+        cfg.settings.directory.clone(),
+        Arc::new(Spool { world: world.clone() }),
+    )
+    .clock(clock.clone())
+    .gate(c.gate.clone())
+    .limits(limits)
+    .ban_sink(sink)
+    .observer(watch);
+    if c.rules.scan {
+        let scanner = c.scan.builtin(clock.clone()).map_err(io::Error::other)?.offload(false);
+        builder = builder.scanner(Arc::new(scanner) as Arc<dyn Scanner>);
+    }
+    if c.rules.verify_senders {
+        let mut dns = c.callbacks.dns();
+        dns.nameservers = vec![SocketAddr::new(turmoil::lookup("dns"), 53)];
+        dns.os_port_selection = true;
+        let seed = world.cfg.run.seed;
+        let resolver = FreshResolver::new(dns, seed);
+        let cache = match c.callbacks.cache {
+            // Its own file: the ban manager re-reads every ban whenever another connection
+            // writes to its database (PRAGMA data_version), and the cache writes per probe.
+            CacheMode::Sqlite => VerifyCache::open_sqlite(
+                &state_dir.join(gatekeeper::verify::CACHE_DB),
+                c.callbacks.ttls(),
+                c.callbacks.cache_entries_max,
+                false,
+            )
+            .map_err(io::Error::other)?,
+            CacheMode::Memory => VerifyCache::memory(c.callbacks.ttls(), c.callbacks.cache_entries_max),
+        };
+        let edges = VerifierEdges {
+            resolver: Arc::new(resolver),
+            connector: Arc::new(SimConnector),
+            cache: Arc::new(cache),
+            clock: clock.clone(),
+        };
+        let verifier = CallbackVerifier::new(&c.callbacks, &c.server.hostname, seed, edges)
+            .with_directory(cfg.settings.directory.clone());
+        builder = builder.verifier(Arc::new(verifier) as Arc<dyn Verifier>);
+    }
+    let server = builder.build();
+    manager.attach_mirror(Arc::new(ServerMirror(server.clone())));
+    let restored = manager.restore().await.map_err(io::Error::other)?;
+    {
+        let mut st = world.state();
+        st.c.reapplied += restored.restored as u64;
+        st.kernel_lost = false;
+    }
+    tokio::spawn(manager.clone().run(std::future::pending()));
+    let listener = SimListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 25)).await?;
+    server.run(listener, std::future::pending()).await?;
+    Ok(())
+}
+
+/// The kernel firewall model as the ban manager's backend (xt_recent or nftables per the
+/// gate's kind).
+#[derive(Debug)]
+pub struct KernelBackend {
+    world: Arc<World>,
+}
+
+impl BanBackend for KernelBackend {
+    fn kind(&self) -> BackendKind {
+        match self.world.cfg.settings.config.gate.kind {
+            GateKind::XtRecent { .. } => BackendKind::XtRecent,
+            GateKind::Nft { .. } => BackendKind::Nftables,
+        }
+    }
+
+    fn apply(&self, net: Net, remaining: Duration, _total: Duration) -> Result<(), BackendError> {
+        let now = self.world.now();
+        self.world.kernel().ban(now, net.addr(), remaining);
+        Ok(())
+    }
+
+    fn remove(&self, net: Net) -> Result<(), BackendError> {
+        self.world.kernel().unban(net.addr());
+        Ok(())
+    }
+
+    fn expires_itself(&self) -> bool {
+        self.kind() == BackendKind::Nftables
+    }
+
+    fn list(&self) -> Result<Option<std::collections::BTreeSet<Net>>, BackendError> {
+        let now = self.world.now();
+        let kernel = self.world.kernel();
+        let mut out = BTreeSet::new();
+        match kernel.backend() {
+            GateBackend::XtRecent { ban4, ban6, .. } => {
+                for e in ban4.iter().chain(ban6.iter()) {
+                    out.insert(Net::ban_key(e.addr(), self.world.cfg.settings.config.gate.ipv6_prefix));
+                }
+            }
+            GateBackend::Nft { ban4, ban6, .. } => {
+                let j = kernel.jiffies(now);
+                for e in ban4.iter(j).chain(ban6.iter(j)) {
+                    out.insert(Net::ban_key(e.addr, self.world.cfg.settings.config.gate.ipv6_prefix));
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn capacity(&self) -> Option<usize> {
+        match self.world.cfg.settings.config.gate.kind {
+            GateKind::XtRecent { ip_list_tot, .. } => Some(ip_list_tot as usize),
+            GateKind::Nft { .. } => None,
+        }
+    }
+}
+
+/// The server's in-process gate as the ban manager's mirror (as the binary does it).
+#[derive(Debug)]
+struct ServerMirror(Server);
+
+impl BanMirror for ServerMirror {
+    fn ban(&self, addr: IpAddr, remaining: Duration) {
+        self.0.ban(addr, remaining);
+    }
+    fn unban(&self, addr: IpAddr) {
+        self.0.unban(addr);
+    }
+}
+
+/// Records every ban decision in the world's ledger, then hands it to the ban manager.
+#[derive(Debug)]
+struct LedgerSink {
+    world: Arc<World>,
+    manager: BanManager,
+}
+
+impl BanSink for LedgerSink {
+    fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if self.manager.is_allowlisted(order.addr) {
+                return BanSink::ban(&self.manager, order).await;
+            }
+            self.world.record_ban(order.addr, order.request.reason, order.duration);
+            if self.world.cfg.sabotage == Sabotage::LoseForgedBans
+                && order.request.reason == BanReason::ForgedLocalSender
+            {
+                return;
+            }
+            BanSink::ban(&self.manager, order).await;
+        })
+    }
+}
+
+/// The world's spool: records message ids; a duplicate is a 250 lost in a restart.
+#[derive(Debug)]
+struct Spool {
+    world: Arc<World>,
+}
+
+impl Downstream for Spool {
+    fn deliver<'a>(&'a self, _envelope: &'a Envelope, message: Bytes) -> BoxFuture<'a, Result<String, DeliveryError>> {
+        Box::pin(async move {
+            let Some(id) = header(&message, "X-Sim-Id: ").and_then(|v| v.parse::<u64>().ok()) else {
+                return Ok("spam".to_string());
+            };
+            let now = self.world.now();
+            let class = match header(&message, "X-Sim-Class: ") {
+                Some("bounce") => Class::Bounce,
+                _ => Class::Honest,
+            };
+            let mut st = self.world.state();
+            match st.spool.get_mut(&id) {
+                Some(s) => {
+                    s.copies += 1;
+                    st.c.of(class).duplicates += 1;
+                }
+                None => {
+                    st.spool.insert(id, crate::world::Spooled { at: now, copies: 1 });
+                }
+            }
+            Ok(format!("S{id}"))
+        })
+    }
+}
+
+fn header<'a>(message: &'a [u8], name: &str) -> Option<&'a str> {
+    let head_end = message.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(message.len());
+    let head = std::str::from_utf8(&message[..head_end]).ok()?;
+    head.split("\r\n").find_map(|l| l.strip_prefix(name)).map(str::trim)
+}
+
+/// Sees every verdict: counts it, checks it, and (sabotage) breaks a rule on purpose.
+#[derive(Debug)]
+struct Watch {
+    world: Arc<World>,
+    manager: BanManager,
+}
+
+/// Reply codes RFC 5321 §4.3.2 allows per command (421 anywhere, §3.8).
+fn allowed(command: &str) -> &'static [u16] {
+    match command {
+        "connect" => &[220, 421, 554],
+        "MAIL" => &[250, 421, 451, 452, 455, 503, 550, 552, 553, 555],
+        "RCPT" => &[250, 251, 421, 450, 451, 452, 455, 503, 550, 551, 552, 553, 554, 555],
+        "DATA" => &[250, 354, 421, 450, 451, 452, 503, 550, 552, 554],
+        _ => &[],
+    }
+}
+
+impl Observer for Watch {
+    fn on_event(&self, client: IpAddr, session: u64, event: &Event) {
+        let now = self.world.now();
+        let mut st = self.world.state();
+        let i = rule_index(event.rule);
+        match event.code {
+            400..=499 => {
+                st.c.tempfails[i] += 1;
+                st.hour(now).tempfails += 1;
+            }
+            500.. => {
+                st.c.rejects[i] += 1;
+                st.hour(now).rejects += 1;
+            }
+            _ => {}
+        }
+        if event.rule == Rule::C1 {
+            st.c.c1[match event.code {
+                200..=299 => 0,
+                500.. => 1,
+                _ => 2,
+            }] += 1;
+        }
+        let codes = allowed(event.command);
+        if !codes.is_empty() && !codes.contains(&event.code) {
+            let detail = format!("{} answered {} ({})", event.command, event.code, event.rule);
+            st.violate(now, Invariant::BadReply, client, detail);
+        }
+        if event.rule == Rule::G2 && event.code == 554 && !self.world.ban_live(&st, client, now) {
+            let detail = match st.bans.get(&client) {
+                Some(b) => format!("refused as banned {:.3} s after the ban expired", (now - b.expires).as_secs_f64()),
+                None => "refused as banned; no ban was decided".to_string(),
+            };
+            st.violate(now, Invariant::BanOutlived, client, detail);
+        }
+        drop(st);
+        if self.world.cfg.sabotage == Sabotage::BanNullSenders
+            && event.rule == Rule::E2
+            && event.code == 550
+            && event.ban.is_none()
+        {
+            let ban_time = self.world.cfg.settings.config.gate.ban_time;
+            self.world.record_ban(client, BanReason::UnknownRecipient, ban_time);
+            let _ = self.manager.ban_blocking(
+                client,
+                BanReason::UnknownRecipient,
+                session,
+                "sabotage: unknown recipient, any sender".into(),
+                Some(ban_time),
+            );
+        }
+    }
+}
+
+/// TCP to remote MX hosts over turmoil.
+#[derive(Debug, Clone, Copy)]
+pub struct SimConnector;
+
+impl Connector for SimConnector {
+    fn connect(&self, addr: SocketAddr) -> BoxFuture<'_, io::Result<BoxStream>> {
+        Box::pin(async move {
+            let stream = turmoil::net::TcpStream::connect(addr).await?;
+            Ok(Box::new(stream) as BoxStream)
+        })
+    }
+}

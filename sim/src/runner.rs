@@ -1,0 +1,310 @@
+//! Runs one scenario (variant): resolves its configuration, builds the turmoil world (six
+//! hosts), steps it tick by tick while applying faults, and turns the world's ledgers into a
+//! [`Report`].
+//!
+//! The run is a pure function of the scenario, the seed and the code: everything random is
+//! drawn from the seed, and the only wall-clock readings (for progress and the
+//! simulated/wall ratio) never reach the report.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use gatekeeper::ban::BackendKind;
+use gatekeeper::config::Config;
+use gatekeeper::gate::GateKind;
+
+use crate::metrics::{Class, Delays, Final, flatten};
+use crate::report::{ExpectResult, Report, Timing};
+use crate::scenario::{FaultSpec, Run};
+use crate::world::{HOSTS, Resolved, Sabotage, World, host_of};
+
+/// The simulation's wall-clock start (any fixed instant: the report must not depend on now).
+pub const EPOCH_SECS: u64 = 1_795_000_000;
+
+/// Progress callbacks: fraction done and simulated time.
+pub trait Progress {
+    /// Called every few hundred ticks.
+    fn tick(&mut self, done: f64, simulated: Duration);
+}
+
+impl Progress for () {
+    fn tick(&mut self, _: f64, _: Duration) {}
+}
+
+/// Builds the gatekeeper configuration and the world's parameters from a run.
+pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
+    let s = &run.scenario;
+    let mut config: Config = toml::Value::Table(s.gatekeeper.clone())
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("[gatekeeper]: {}", e.to_string().trim_end()))?;
+    // What the world decides: where it listens, and that the kernel model in front of it is
+    // the ban backend (the server then leaves G1 to the kernel, as in production).
+    config.server.listen = "0.0.0.0:25".into();
+    config.bans.backend = match config.gate.kind {
+        GateKind::XtRecent { ip_list_tot, .. } => {
+            config.bans.xt_recent.capacity = ip_list_tot;
+            BackendKind::XtRecent
+        }
+        GateKind::Nft { .. } => BackendKind::Nftables,
+    };
+    if config.rules.scan && !matches!(config.scan.engine, gatekeeper::scan::Engine::Builtin) {
+        return Err("[gatekeeper.scan]: the simulation runs the builtin engine only".into());
+    }
+    let domain = config.domains.local.first().cloned().ok_or("[gatekeeper.domains]: no local domain")?;
+    config.domains.users.extend((0..s.local_users).map(|i| format!("user{i}@{domain}")));
+    let base = run.path.parent().map(Path::to_path_buf);
+    let settings = config.clone().validate(base.as_deref()).map_err(|e| format!("[gatekeeper]: {e}"))?;
+    let suffix = format!("@{domain}");
+    let users: Vec<String> =
+        config.domains.users.iter().filter_map(|u| u.strip_suffix(&suffix)).map(str::to_string).collect();
+    if users.is_empty() {
+        return Err(format!("no users in {domain}: set local_users or [gatekeeper.domains] users"));
+    }
+    let mut next = [0u32; 8];
+    let ranges = s
+        .actors
+        .iter()
+        .map(|a| {
+            let start = next[a.kind.index()];
+            next[a.kind.index()] += a.addresses;
+            (a.kind, start, start + a.addresses)
+        })
+        .collect();
+    Ok(Resolved {
+        run: run.clone(),
+        settings,
+        config,
+        domain,
+        users,
+        remotes: s.remotes.clone(),
+        actors: s.actors.clone(),
+        faults: s.faults.clone(),
+        client_kernel: s.client_kernel,
+        duration: s.duration,
+        horizon: s.duration + s.drain,
+        tick: s.tick,
+        honest_bans: s.invariants.honest_bans,
+        sabotage,
+        epoch: UNIX_EPOCH + Duration::from_secs(EPOCH_SECS),
+        ranges,
+        actor_names: s.actor_names(),
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Partition(usize, usize),
+    Repair(usize, usize),
+    Slow(usize, usize, Duration),
+    Fast(usize, usize),
+    Crash { reboot: bool },
+    Start,
+}
+
+fn schedule(faults: &[FaultSpec]) -> Vec<(Duration, Action)> {
+    let host = |h: &str| HOSTS.iter().position(|x| *x == h).expect("validated host");
+    let mut out = Vec::new();
+    for f in faults {
+        match f {
+            FaultSpec::Partition { a, b, from, until } => {
+                out.push((*from, Action::Partition(host(a), host(b))));
+                out.push((*until, Action::Repair(host(a), host(b))));
+            }
+            FaultSpec::Restart { at, downtime, reboot } => {
+                out.push((*at, Action::Crash { reboot: *reboot }));
+                out.push((*at + *downtime, Action::Start));
+            }
+            FaultSpec::Latency { a, b, latency, from, until } => {
+                out.push((*from, Action::Slow(host(a), host(b), *latency)));
+                out.push((*until, Action::Fast(host(a), host(b))));
+            }
+            FaultSpec::DnsOutage { .. } | FaultSpec::MxTimeout { .. } => {}
+        }
+    }
+    out.sort_by_key(|(t, _)| *t);
+    out
+}
+
+/// Runs one resolved scenario to its end and reports.
+pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report> {
+    let wall = Instant::now();
+    let state_dir = state_dir()?;
+    let seed = cfg.run.seed;
+    let tick = cfg.tick;
+    let horizon = cfg.horizon;
+    // The kernel model's Instants only need a common base; differences are what count.
+    let world = World::new(cfg, wall);
+    let mut sim = turmoil::Builder::new()
+        .simulation_duration(horizon + Duration::from_secs(3600))
+        .tick_duration(tick)
+        .epoch(world.cfg.epoch)
+        .rng_seed(seed)
+        .tcp_capacity(1 << 16)
+        .udp_capacity(1 << 12)
+        .build();
+    {
+        let (w, dir) = (world.clone(), state_dir.path().to_path_buf());
+        sim.host(HOSTS[0], move || crate::gk::run(w.clone(), dir.clone()));
+    }
+    {
+        let w = world.clone();
+        sim.host(HOSTS[1], move || {
+            let w = w.clone();
+            async move {
+                let std::net::IpAddr::V4(mx) = turmoil::lookup("mx") else { unreachable!("turmoil hosts are IPv4") };
+                crate::dns::serve(w, mx).await
+            }
+        });
+    }
+    {
+        let w = world.clone();
+        sim.host(HOSTS[2], move || crate::remote::serve(w.clone()));
+    }
+    for host in &HOSTS[3..] {
+        let w = world.clone();
+        sim.host(*host, move || traffic(w.clone(), host));
+    }
+    let steps = horizon.as_nanos().div_ceil(tick.as_nanos()) as u64;
+    let every = (steps / 200).max(1);
+    let mut actions = schedule(&world.cfg.faults).into_iter().peekable();
+    for step in 0..steps {
+        let now = sim.elapsed();
+        while let Some((_, action)) = actions.next_if(|(t, _)| *t <= now) {
+            match action {
+                Action::Partition(a, b) => sim.partition(HOSTS[a], HOSTS[b]),
+                Action::Repair(a, b) => sim.repair(HOSTS[a], HOSTS[b]),
+                Action::Slow(a, b, latency) => sim.set_link_latency(HOSTS[a], HOSTS[b], latency),
+                Action::Fast(a, b) => {
+                    // Back to turmoil's default: 0–100 ms.
+                    sim.set_link_latency(HOSTS[a], HOSTS[b], Duration::ZERO);
+                    sim.set_link_max_message_latency(HOSTS[a], HOSTS[b], Duration::from_millis(100));
+                }
+                Action::Crash { reboot } => {
+                    sim.crash(HOSTS[0]);
+                    let mut st = world.state();
+                    st.c.restarts += 1;
+                    if reboot {
+                        world.kernel().reboot();
+                        st.kernel_lost = true;
+                    }
+                }
+                Action::Start => sim.bounce(HOSTS[0]),
+            }
+        }
+        sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+        if step % every == 0 {
+            progress.tick(step as f64 / steps as f64, sim.elapsed());
+        }
+    }
+    progress.tick(1.0, sim.elapsed());
+    drop(sim);
+    let wall = wall.elapsed();
+    Ok(report(&world, wall))
+}
+
+/// A traffic host: the generators of the actors that run on it.
+async fn traffic(world: Arc<World>, host: &'static str) -> turmoil::Result {
+    for (i, a) in world.cfg.actors.iter().enumerate() {
+        if host_of(a.kind) != host {
+            continue;
+        }
+        let w = world.clone();
+        if a.kind.is_mta() {
+            tokio::spawn(crate::mta::generator(w, i));
+        } else {
+            tokio::spawn(crate::actors::generator(w, i));
+        }
+    }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The state directory of the gatekeeper (bans, callback cache): on tmpfs when there is one,
+/// so that SQLite's fsyncs cost what they cost on a server's disk cache, not a laptop's SSD.
+fn state_dir() -> std::io::Result<tempfile::TempDir> {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir()
+        && let Ok(d) = tempfile::Builder::new().prefix("gatekeeper-sim-").tempdir_in(shm)
+    {
+        return Ok(d);
+    }
+    tempfile::Builder::new().prefix("gatekeeper-sim-").tempdir()
+}
+
+fn report(world: &World, wall: Duration) -> Report {
+    let cfg = &world.cfg;
+    let st = world.state();
+    let fin = Final {
+        pending: st.pending,
+        delays: Delays::from_ms(st.delays_ms.clone()),
+        banned_mtas: st.banned_ever.iter().filter(|a| Class::of(**a) == Some(Class::Honest)).count() as u64,
+        banned_distinct: st.banned_ever.len() as u64,
+        sim_hours: cfg.horizon.as_secs_f64() / 3600.0,
+        addresses: st.seen.len() as u64,
+    };
+    let actors: Vec<(String, crate::metrics::ClassCounters)> =
+        cfg.actor_names.iter().cloned().zip(st.actors.iter().copied()).collect();
+    let metrics = flatten(&st.c, &fin, &actors);
+    let mut expect = cfg.run.expect.clone();
+    // The invariants always hold, whatever the file says.
+    let zero = crate::scenario::Expectation { op: crate::scenario::Op::Eq, value: 0.0 };
+    expect.entry("violations".into()).or_insert(crate::scenario::Checks(vec![zero]));
+    let expectations: Vec<ExpectResult> = expect
+        .iter()
+        .flat_map(|(metric, checks)| checks.0.iter().map(move |e| (metric, e)))
+        .map(|(metric, e)| {
+            let actual = metrics.get(metric).copied().unwrap_or(f64::NAN);
+            ExpectResult { metric: metric.clone(), expect: e.to_string(), actual, pass: e.holds(actual) }
+        })
+        .collect();
+    let c = &cfg.settings.config;
+    Report {
+        scenario: cfg.run.name.clone(),
+        file: cfg.run.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+        description: cfg.run.scenario.description.trim().to_string(),
+        seed: cfg.run.seed,
+        setup: crate::report::Setup {
+            duration_h: cfg.duration.as_secs_f64() / 3600.0,
+            drain_h: (cfg.horizon - cfg.duration).as_secs_f64() / 3600.0,
+            tick_ms: cfg.tick.as_secs_f64() * 1000.0,
+            client_kernel: cfg.client_kernel.as_str().to_string(),
+            gate: match c.gate.kind {
+                GateKind::XtRecent { ip_list_tot, .. } => format!("xt_recent ip_list_tot={ip_list_tot}"),
+                GateKind::Nft { size, .. } => format!("nft size={size}"),
+            },
+            window_s: c.gate.window.as_secs_f64(),
+            ban_time_h: c.gate.ban_time.as_secs_f64() / 3600.0,
+            b4_threshold: c.rules.b4_threshold,
+            verify_senders: c.rules.verify_senders,
+            scan: c.rules.scan,
+            sabotage: format!("{:?}", cfg.sabotage),
+        },
+        passed: expectations.iter().all(|e| e.pass),
+        expectations,
+        metrics,
+        violations: st.violations.clone(),
+        hourly: st.hours.clone(),
+        timing: Timing::measure(cfg.horizon, wall),
+    }
+}
+
+/// Loads every scenario under `paths` and expands them into runs.
+pub fn load(paths: &[PathBuf], seed: Option<u64>) -> anyhow::Result<Vec<Run>> {
+    let files = crate::scenario::collect(paths)?;
+    if files.is_empty() {
+        anyhow::bail!("no scenario files in {paths:?}");
+    }
+    let mut runs = Vec::new();
+    let mut problems = Vec::new();
+    for f in &files {
+        match crate::scenario::Scenario::load(f) {
+            Ok(s) => runs.extend(s.runs(f, seed)),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}", problems.join("\n"));
+    }
+    Ok(runs)
+}

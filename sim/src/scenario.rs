@@ -1,0 +1,687 @@
+//! Scenario files (`scenarios/*.toml`): what a run simulates and what it must show.
+//!
+//! This module owns the file format (every table refuses unknown keys), its validation, and
+//! its resolution into a [`Run`]: one concrete configuration per variant, with the seed and the
+//! gatekeeper's own validated settings. It does no IO beyond reading the file and never runs
+//! anything. The format is documented in `scenarios/README.md`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::metrics::Class;
+
+/// A scenario file as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// Name in reports; defaults to the file stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// One paragraph: the situation and what it proves.
+    #[serde(default)]
+    pub description: String,
+    /// Decides everything random; `--seed` overrides it.
+    pub seed: u64,
+    /// Simulated time during which actors start new work and faults happen.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Liveness phase after `duration`: no new arrivals, no faults; queues must converge.
+    #[serde(default, with = "humantime_serde")]
+    pub drain: Duration,
+    /// turmoil tick: network delivery is rounded up to it; timers inside a host are exact.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+    /// The clients' SYN retransmission schedule (KERNEL.md §3).
+    #[serde(default)]
+    pub client_kernel: ClientKernel,
+    /// Users `user0@ … user{n-1}@` the first local domain, added to the configured ones.
+    #[serde(default)]
+    pub local_users: u32,
+    /// The gatekeeper's configuration, in its own file format (`examples/gatekeeper.toml`).
+    /// `server.listen`, `server.proxy_trusted` and `callbacks.nameservers` are set by the world.
+    #[serde(default)]
+    pub gatekeeper: toml::Table,
+    /// Sender domains served by the simulated DNS and remote MX.
+    #[serde(default, rename = "remote")]
+    pub remotes: Vec<RemotePool>,
+    /// Traffic.
+    #[serde(default, rename = "actor")]
+    pub actors: Vec<ActorSpec>,
+    /// Faults during `duration`.
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<FaultSpec>,
+    /// How the always-on invariants apply.
+    #[serde(default)]
+    pub invariants: Invariants,
+    /// Expectations checked at the end: metric name → `"OP NUMBER"` (or a list of them).
+    #[serde(default)]
+    pub expect: BTreeMap<String, Checks>,
+    /// Variants run with the same seed: each overrides part of `[gatekeeper]` and adds
+    /// expectations. No variants: one run.
+    #[serde(default, rename = "variant")]
+    pub variants: Vec<Variant>,
+}
+
+/// The SYN retransmission schedule of the simulated clients' kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum ClientKernel {
+    /// Linux ≥ 6.5 (`tcp_syn_linear_timeouts = 4`): SYNs at 0, 1, 2, 3, 4, 5, 7, 11, 19, 35,
+    /// 67 s, ETIMEDOUT at 131 s.
+    #[default]
+    #[serde(rename = "linux-6.5")]
+    Linux65,
+    /// Older kernels: SYNs at 0, 1, 3, 7, 15, 31, 63 s, ETIMEDOUT at 127 s.
+    #[serde(rename = "linux-legacy")]
+    Legacy,
+}
+
+impl ClientKernel {
+    /// The name in scenario files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientKernel::Linux65 => "linux-6.5",
+            ClientKernel::Legacy => "linux-legacy",
+        }
+    }
+
+    /// Offsets of the SYNs from the first one, in seconds, and the ETIMEDOUT time.
+    pub fn schedule(self) -> (&'static [u64], u64) {
+        match self {
+            ClientKernel::Linux65 => (&[0, 1, 2, 3, 4, 5, 7, 11, 19, 35, 67], 131),
+            ClientKernel::Legacy => (&[0, 1, 3, 7, 15, 31, 63], 127),
+        }
+    }
+}
+
+/// A pool of sender domains with one remote-MX behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemotePool {
+    /// Pool name (`[a-z0-9-]`); its domains are `d<i>.<pool>.remote.test`.
+    pub pool: String,
+    /// How many domains.
+    pub domains: u32,
+    /// What their MX does with our callbacks.
+    pub behaviour: Behaviour,
+}
+
+/// How a remote domain answers a callback probe (and where its DNS points).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Behaviour {
+    /// 250 for its users (`u<digits>`), 550 5.1.1 for anyone else.
+    Normal,
+    /// 250 for every address (the probe's random local part too).
+    AcceptAll,
+    /// 550 for every recipient.
+    Reject,
+    /// 451 for every recipient.
+    Tempfail,
+    /// Greets and answers MAIL, then never answers RCPT.
+    Timeout,
+    /// 550 to `MAIL FROM:<>` (a broken MX: says nothing about the sender).
+    RefuseNull,
+    /// The MX address has no host: connection refused.
+    Refused,
+    /// A null MX (RFC 7505).
+    NullMx,
+    /// NXDOMAIN.
+    NoDomain,
+}
+
+impl Behaviour {
+    /// The stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Behaviour::Normal => "normal",
+            Behaviour::AcceptAll => "accept_all",
+            Behaviour::Reject => "reject",
+            Behaviour::Tempfail => "tempfail",
+            Behaviour::Timeout => "timeout",
+            Behaviour::RefuseNull => "refuse_null",
+            Behaviour::Refused => "refused",
+            Behaviour::NullMx => "null_mx",
+            Behaviour::NoDomain => "no_domain",
+        }
+    }
+}
+
+/// One kind of traffic.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorSpec {
+    /// What it is.
+    pub kind: Class,
+    /// Its name in metrics (`actor.<name>.*`); defaults to the kind. Needed when two actors
+    /// share a kind.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Distinct client addresses (for `honest` and `bounce`: MTAs, each with its own queue).
+    pub addresses: u32,
+    /// Piecewise-linear rate: `[[time, per_hour], …]`, sessions (or, for MTAs, messages) per
+    /// hour at each point, linear in between, the last value held.
+    pub rate: Vec<(Dur, f64)>,
+    /// Each point's rate is multiplied by a factor drawn uniformly from `1 ± jitter`.
+    #[serde(default)]
+    pub jitter: f64,
+    /// Skew of the address choice: 0 uniform; `s > 0` Zipf-like (a few big senders).
+    #[serde(default)]
+    pub skew: f64,
+    /// Remote pool of the sender domains (`honest`, `fake_sender`, `virus`, `dictionary`).
+    #[serde(default)]
+    pub senders: Option<String>,
+    /// `honest`: fraction of messages to a mistyped (unknown) local recipient.
+    #[serde(default)]
+    pub typo_rate: f64,
+    /// `prober`: fraction of probes for addresses that do not exist.
+    #[serde(default)]
+    pub unknown_ratio: f64,
+    /// Recipients per session (`backscatter`, `dictionary`).
+    #[serde(default)]
+    pub rcpts: Option<u32>,
+}
+
+/// A fault during the safety phase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FaultSpec {
+    /// No packets between two hosts (`gatekeeper`, `dns`, `mx`, `spam`, `bounce`, `honest`).
+    Partition {
+        /// One host.
+        a: String,
+        /// The other.
+        b: String,
+        /// Start.
+        #[serde(with = "humantime_serde")]
+        from: Duration,
+        /// End.
+        #[serde(with = "humantime_serde")]
+        until: Duration,
+    },
+    /// Every message between two hosts takes `latency` (instead of 0–100 ms).
+    Latency {
+        /// One host.
+        a: String,
+        /// The other.
+        b: String,
+        /// One-way delay.
+        #[serde(with = "humantime_serde")]
+        latency: Duration,
+        /// Start.
+        #[serde(with = "humantime_serde")]
+        from: Duration,
+        /// End.
+        #[serde(with = "humantime_serde")]
+        until: Duration,
+    },
+    /// The DNS server stops answering.
+    DnsOutage {
+        /// Start.
+        #[serde(with = "humantime_serde")]
+        from: Duration,
+        /// End.
+        #[serde(with = "humantime_serde")]
+        until: Duration,
+    },
+    /// The remote MX stops answering after the greeting (every domain).
+    MxTimeout {
+        /// Start.
+        #[serde(with = "humantime_serde")]
+        from: Duration,
+        /// End.
+        #[serde(with = "humantime_serde")]
+        until: Duration,
+    },
+    /// The gatekeeper process stops at `at` and starts again after `downtime`; with `reboot`
+    /// the kernel tables are lost too and the gatekeeper must re-apply its bans.
+    Restart {
+        /// When.
+        #[serde(with = "humantime_serde")]
+        at: Duration,
+        /// How long it is down.
+        #[serde(with = "humantime_serde")]
+        downtime: Duration,
+        /// The whole machine: kernel tables are empty afterwards.
+        #[serde(default)]
+        reboot: bool,
+    },
+}
+
+/// How the always-on invariants apply.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Invariants {
+    /// `measure`: bans of honest MTAs (B4 after typos) are counted, not violations.
+    #[serde(default)]
+    pub honest_bans: HonestBans,
+}
+
+/// Whether a ban of an honest MTA is a violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HonestBans {
+    /// A violation (the default).
+    #[default]
+    Forbid,
+    /// Counted in `honest.banned_mtas`: what `honest_typos` sets out to measure.
+    Measure,
+}
+
+/// A variant of the scenario.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Variant {
+    /// Shown after the scenario's name: `honest_typos[b4=1]`.
+    pub name: String,
+    /// Merged over `[gatekeeper]` (tables merge key by key).
+    #[serde(default)]
+    pub gatekeeper: toml::Table,
+    /// More expectations (replacing the scenario's for the same metric).
+    #[serde(default)]
+    pub expect: BTreeMap<String, Checks>,
+}
+
+/// A duration written the human way (`"90s"`, `"12h"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime_serde::re::humantime::parse_duration(&s).map(Dur).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Op {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+}
+
+impl Op {
+    fn as_str(self) -> &'static str {
+        match self {
+            Op::Eq => "==",
+            Op::Ne => "!=",
+            Op::Lt => "<",
+            Op::Le => "<=",
+            Op::Gt => ">",
+            Op::Ge => ">=",
+        }
+    }
+}
+
+/// `"OP NUMBER"`, e.g. `">= 54000"`, `"== 0"`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Expectation {
+    /// The comparison.
+    pub op: Op,
+    /// The bound.
+    pub value: f64,
+}
+
+impl Expectation {
+    /// Whether `actual` satisfies it (exact for integers; `==` tolerates 1e-9 for ratios).
+    pub fn holds(&self, actual: f64) -> bool {
+        let eps = 1e-9;
+        match self.op {
+            Op::Eq => (actual - self.value).abs() <= eps,
+            Op::Ne => (actual - self.value).abs() > eps,
+            Op::Lt => actual < self.value,
+            Op::Le => actual <= self.value + eps,
+            Op::Gt => actual > self.value,
+            Op::Ge => actual + eps >= self.value,
+        }
+    }
+}
+
+impl fmt::Display for Expectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.op.as_str(), crate::report::num(self.value))
+    }
+}
+
+impl FromStr for Expectation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let (op, rest) = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)]
+            .into_iter()
+            .find_map(|(p, op)| s.strip_prefix(p).map(|r| (op, r)))
+            .ok_or_else(|| format!("{s:?}: expected \"OP NUMBER\" with OP one of == != < <= > >="))?;
+        let value = rest.trim().parse::<f64>().map_err(|e| format!("{s:?}: {e}"))?;
+        Ok(Expectation { op, value })
+    }
+}
+
+impl<'de> Deserialize<'de> for Expectation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One or more expectations on one metric: `">= 1"` or `[">= 1", "<= 5"]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checks(pub Vec<Expectation>);
+
+impl<'de> Deserialize<'de> for Checks {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        if list.is_empty() {
+            return Err(serde::de::Error::custom("an empty list of expectations"));
+        }
+        list.iter().map(|s| s.parse()).collect::<Result<Vec<_>, _>>().map(Checks).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One concrete run: a scenario (and variant) with everything resolved.
+#[derive(Debug, Clone)]
+pub struct Run {
+    /// `name` or `name[variant]`.
+    pub name: String,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The scenario as written (variant merged into `gatekeeper`).
+    pub scenario: Scenario,
+    /// The effective seed.
+    pub seed: u64,
+    /// Expectations: the scenario's, then the variant's.
+    pub expect: BTreeMap<String, Checks>,
+}
+
+/// A scenario file that cannot run: every problem, one a line.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{path}: {}", .problems.join("; "))]
+pub struct ScenarioError {
+    /// The file.
+    pub path: String,
+    /// What is wrong.
+    pub problems: Vec<String>,
+}
+
+impl Scenario {
+    /// Parses and validates a scenario from text.
+    pub fn parse(text: &str, path: &Path) -> Result<Scenario, ScenarioError> {
+        let err = |problems| ScenarioError { path: path.display().to_string(), problems };
+        let mut s: Scenario = toml::from_str(text).map_err(|e| err(vec![e.to_string().trim_end().to_string()]))?;
+        if s.name.is_none() {
+            s.name = path.file_stem().map(|n| n.to_string_lossy().into_owned());
+        }
+        let problems = s.problems();
+        if problems.is_empty() { Ok(s) } else { Err(err(problems)) }
+    }
+
+    /// Reads and validates a file.
+    pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ScenarioError { path: path.display().to_string(), problems: vec![e.to_string()] })?;
+        Scenario::parse(&text, path)
+    }
+
+    /// The scenario's name.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or("scenario")
+    }
+
+    /// Every problem, each naming its field.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.duration.is_zero() {
+            p.push("duration: must be longer than 0s".into());
+        }
+        if self.tick.is_zero() || self.tick > Duration::from_secs(1) {
+            p.push("tick: must be between 1ns and 1s".into());
+        }
+        if self.local_users > 100_000 {
+            p.push("local_users: at most 100000".into());
+        }
+        let mut pools = Vec::new();
+        for (i, r) in self.remotes.iter().enumerate() {
+            if r.pool.is_empty() || !r.pool.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+                p.push(format!("remote[{i}].pool: {:?} must be [a-z0-9-]+", r.pool));
+            }
+            if pools.contains(&r.pool.as_str()) {
+                p.push(format!("remote[{i}].pool: {:?} defined twice", r.pool));
+            }
+            pools.push(&r.pool);
+            if r.domains == 0 || r.domains > 100_000 {
+                p.push(format!("remote[{i}].domains: between 1 and 100000"));
+            }
+        }
+        for (i, a) in self.actors.iter().enumerate() {
+            let at = |f: &str| format!("actor[{i}] ({}).{f}", a.kind.as_str());
+            if a.addresses == 0 || a.addresses > 65_000 {
+                p.push(format!("{}: between 1 and 65000", at("addresses")));
+            }
+            if a.rate.is_empty() {
+                p.push(format!("{}: at least one [time, per_hour] point", at("rate")));
+            }
+            if a.rate.windows(2).any(|w| w[1].0 <= w[0].0) {
+                p.push(format!("{}: times must increase", at("rate")));
+            }
+            if a.rate.iter().any(|(_, r)| !(r.is_finite() && *r >= 0.0 && *r <= 1e6)) {
+                p.push(format!("{}: rates between 0 and 1e6 per hour", at("rate")));
+            }
+            if !(0.0..1.0).contains(&a.jitter) {
+                p.push(format!("{}: between 0 and 1", at("jitter")));
+            }
+            if !(0.0..=4.0).contains(&a.skew) {
+                p.push(format!("{}: between 0 and 4", at("skew")));
+            }
+            let needs_senders = matches!(a.kind, Class::Honest | Class::FakeSender | Class::Virus | Class::Dictionary);
+            match (&a.senders, needs_senders) {
+                (None, true) => p.push(format!("{}: a remote pool is required", at("senders"))),
+                (Some(_), false) => p.push(format!("{}: not used by this kind", at("senders"))),
+                (Some(s), true) if !pools.contains(&s.as_str()) => {
+                    p.push(format!("{}: no remote pool {s:?}", at("senders")));
+                }
+                _ => {}
+            }
+            if a.typo_rate != 0.0 && a.kind != Class::Honest {
+                p.push(format!("{}: only for honest", at("typo_rate")));
+            }
+            if !(0.0..=1.0).contains(&a.typo_rate) {
+                p.push(format!("{}: between 0 and 1", at("typo_rate")));
+            }
+            if a.unknown_ratio != 0.0 && a.kind != Class::Prober {
+                p.push(format!("{}: only for prober", at("unknown_ratio")));
+            }
+            if !(0.0..=1.0).contains(&a.unknown_ratio) {
+                p.push(format!("{}: between 0 and 1", at("unknown_ratio")));
+            }
+            if let Some(n) = a.rcpts {
+                if !matches!(a.kind, Class::Backscatter | Class::Dictionary) {
+                    p.push(format!("{}: only for backscatter and dictionary", at("rcpts")));
+                }
+                if n == 0 || n > 100 {
+                    p.push(format!("{}: between 1 and 100", at("rcpts")));
+                }
+            }
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            match f {
+                FaultSpec::Partition { a, b, from, until } | FaultSpec::Latency { a, b, from, until, .. } => {
+                    for h in [a, b] {
+                        if !crate::world::HOSTS.contains(&h.as_str()) {
+                            p.push(format!("fault[{i}]: unknown host {h:?} (one of {:?})", crate::world::HOSTS));
+                        }
+                    }
+                    if a == b {
+                        p.push(format!("fault[{i}]: a partition needs two hosts"));
+                    }
+                    if from >= until {
+                        p.push(format!("fault[{i}]: from must be before until"));
+                    }
+                }
+                FaultSpec::DnsOutage { from, until } | FaultSpec::MxTimeout { from, until } => {
+                    if from >= until {
+                        p.push(format!("fault[{i}]: from must be before until"));
+                    }
+                }
+                FaultSpec::Restart { at, downtime, .. } => {
+                    if *at >= self.duration {
+                        p.push(format!("fault[{i}].at: within duration"));
+                    }
+                    if downtime.is_zero() {
+                        p.push(format!("fault[{i}].downtime: longer than 0s"));
+                    }
+                }
+            }
+        }
+        let mut per_class = [0u32; 8];
+        for a in &self.actors {
+            per_class[a.kind.index()] += a.addresses;
+        }
+        for (c, n) in Class::ALL.iter().zip(per_class) {
+            if n > 65_000 {
+                p.push(format!("actor: the {} actors use {n} addresses together; at most 65000", c.as_str()));
+            }
+        }
+        let actor_names = self.actor_names();
+        for (i, n) in actor_names.iter().enumerate() {
+            if actor_names[..i].contains(n) {
+                p.push(format!("actor[{i}].name: {n:?} is used twice (set `name`)"));
+            }
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                p.push(format!("actor[{i}].name: {n:?} must be [A-Za-z0-9_-]+"));
+            }
+        }
+        let names = crate::metrics::metric_names(self);
+        let mut check_expect = |scope: &str, expect: &BTreeMap<String, Checks>| {
+            for k in expect.keys() {
+                if !names.iter().any(|n| n == k) {
+                    p.push(format!("{scope}: unknown metric {k:?}"));
+                }
+            }
+        };
+        check_expect("expect", &self.expect);
+        for v in &self.variants {
+            check_expect(&format!("variant {:?}.expect", v.name), &v.expect);
+        }
+        let mut seen = Vec::new();
+        for v in &self.variants {
+            if seen.contains(&&v.name) {
+                p.push(format!("variant {:?}: defined twice", v.name));
+            }
+            seen.push(&v.name);
+        }
+        p
+    }
+
+    /// Each actor's name in metrics.
+    pub fn actor_names(&self) -> Vec<String> {
+        self.actors.iter().map(|a| a.name.clone().unwrap_or_else(|| a.kind.as_str().to_string())).collect()
+    }
+
+    /// The concrete runs: one per variant (or one), with `seed` overriding the file's.
+    pub fn runs(&self, path: &Path, seed: Option<u64>) -> Vec<Run> {
+        let seed = seed.unwrap_or(self.seed);
+        if self.variants.is_empty() {
+            return vec![Run {
+                name: self.name().to_string(),
+                path: path.to_path_buf(),
+                scenario: self.clone(),
+                seed,
+                expect: self.expect.clone(),
+            }];
+        }
+        self.variants
+            .iter()
+            .map(|v| {
+                let mut s = self.clone();
+                merge(&mut s.gatekeeper, &v.gatekeeper);
+                s.variants.clear();
+                let mut expect = self.expect.clone();
+                expect.extend(v.expect.iter().map(|(k, e)| (k.clone(), e.clone())));
+                Run {
+                    name: format!("{}[{}]", self.name(), v.name),
+                    path: path.to_path_buf(),
+                    scenario: s,
+                    seed,
+                    expect,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Merges `over` into `base`: tables key by key, anything else replaced.
+pub fn merge(base: &mut toml::Table, over: &toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            _ => {
+                base.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// Every `*.toml` under the given paths (files as given, directories sorted by name).
+pub fn collect(paths: &[PathBuf]) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations_parse() {
+        let e: Expectation = ">= 54000".parse().unwrap();
+        assert_eq!((e.op, e.value), (Op::Ge, 54000.0));
+        assert!(e.holds(54000.0) && !e.holds(53999.0));
+        let e: Expectation = "== 0".parse().unwrap();
+        assert!(e.holds(0.0) && !e.holds(1.0));
+        assert!("about 3".parse::<Expectation>().is_err());
+        assert!("< x".parse::<Expectation>().is_err());
+    }
+
+    #[test]
+    fn merge_is_deep() {
+        let mut a: toml::Table = toml::from_str("[rules]\nb4_threshold = 1\nb4_window = \"1h\"\n").unwrap();
+        let b: toml::Table = toml::from_str("[rules]\nb4_threshold = 3\n").unwrap();
+        merge(&mut a, &b);
+        assert_eq!(a["rules"]["b4_threshold"].as_integer(), Some(3));
+        assert_eq!(a["rules"]["b4_window"].as_str(), Some("1h"));
+    }
+}

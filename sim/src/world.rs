@@ -1,0 +1,361 @@
+//! The shared world of one run: simulated time, the kernel firewall model in front of the
+//! gatekeeper host, the ground-truth ledgers (bans as decided, messages spooled) and the
+//! invariant checkers that read them as events happen. The gatekeeper's own ban database
+//! lives in its state directory, like on a real disk (see [`crate::gk`]).
+//!
+//! Everything here is shared by all hosts through one `Arc<World>`. turmoil runs every host on
+//! one thread, so the mutexes are never contended; no lock is held across an `await`.
+//! Maps are `BTreeMap`s: nothing observable depends on hash order.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use gatekeeper::config::{Config, Settings};
+use gatekeeper::gate::{Gate, GateConfig, GateDecision};
+use gatekeeper::policy::BanReason;
+
+use crate::metrics::{Class, ClassCounters, Counters, Hour, Invariant};
+use crate::scenario::{ActorSpec, Behaviour, ClientKernel, FaultSpec, HonestBans, RemotePool, Run};
+
+/// The turmoil hosts, by name.
+pub const HOSTS: [&str; 6] = ["gatekeeper", "dns", "mx", "spam", "bounce", "honest"];
+
+/// The host each class runs on.
+pub fn host_of(class: Class) -> &'static str {
+    match class {
+        Class::Honest => "honest",
+        Class::Bounce | Class::Backscatter | Class::Prober => "bounce",
+        _ => "spam",
+    }
+}
+
+/// A rule broken on purpose, to prove the suite notices (tests and `--sabotage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Sabotage {
+    /// Nothing broken.
+    #[default]
+    None,
+    /// Ban every client refused at RCPT, `<>` senders included (B4 without its `<>` exception).
+    BanNullSenders,
+    /// The ban backend drops B1 bans (forged local senders stay free to come back).
+    LoseForgedBans,
+}
+
+/// The run, resolved: the gatekeeper's validated settings and the world's parameters.
+#[derive(Debug)]
+pub struct Resolved {
+    /// Name, seed and expectations.
+    pub run: Run,
+    /// The gatekeeper's settings (built from `[gatekeeper]` plus what the world sets).
+    pub settings: Settings,
+    /// The configuration text the gatekeeper was built from (for the report).
+    pub config: Config,
+    /// The first local domain.
+    pub domain: String,
+    /// Local parts that exist in `domain` (configured users plus `local_users`).
+    pub users: Vec<String>,
+    /// Remote pools.
+    pub remotes: Vec<RemotePool>,
+    /// Actors.
+    pub actors: Vec<ActorSpec>,
+    /// Faults.
+    pub faults: Vec<FaultSpec>,
+    /// Clients' SYN schedule.
+    pub client_kernel: ClientKernel,
+    /// New work stops here.
+    pub duration: Duration,
+    /// Total simulated time (duration + drain).
+    pub horizon: Duration,
+    /// turmoil tick.
+    pub tick: Duration,
+    /// Whether honest bans are violations.
+    pub honest_bans: HonestBans,
+    /// The rule broken on purpose.
+    pub sabotage: Sabotage,
+    /// Wall-clock time at the start of the simulation.
+    pub epoch: std::time::SystemTime,
+    /// Each actor's addresses: its class and the range `start..end` of address numbers.
+    pub ranges: Vec<(Class, u32, u32)>,
+    /// Each actor's name in metrics (`actor.<name>.*`).
+    pub actor_names: Vec<String>,
+}
+
+impl Resolved {
+    /// The pool named `name`.
+    pub fn pool(&self, name: &str) -> Option<&RemotePool> {
+        self.remotes.iter().find(|p| p.pool == name)
+    }
+
+    /// The behaviour of a remote domain `d<i>.<pool>.remote.test`.
+    pub fn behaviour_of(&self, domain: &str) -> Option<Behaviour> {
+        let rest = domain.strip_suffix(".remote.test")?;
+        let (_, pool) = rest.split_once('.')?;
+        self.pool(pool).map(|p| p.behaviour)
+    }
+
+    /// Whether a fault of this kind is active at `now`.
+    pub fn dns_down(&self, now: Duration) -> bool {
+        self.faults.iter().any(|f| matches!(f, FaultSpec::DnsOutage { from, until } if *from <= now && now < *until))
+    }
+
+    /// Whether the remote MX is hanging at `now`.
+    pub fn mx_hanging(&self, now: Duration) -> bool {
+        self.faults.iter().any(|f| matches!(f, FaultSpec::MxTimeout { from, until } if *from <= now && now < *until))
+    }
+}
+
+/// One ban as decided (the ground truth the checkers compare the firewall against).
+#[derive(Debug, Clone, Copy)]
+pub struct BanEntry {
+    /// Why.
+    pub reason: BanReason,
+    /// When it was decided (simulated time).
+    pub at: Duration,
+    /// When it ends.
+    pub expires: Duration,
+}
+
+/// The kernel firewall model: the gatekeeper's own `recent` table code, configured like the
+/// kernel (`[gatekeeper.gate]`), consulted with each client's PROXY address for every SYN.
+#[derive(Debug)]
+pub struct Kernel {
+    gate: Gate,
+    cfg: GateConfig,
+    origin: Instant,
+}
+
+impl Kernel {
+    fn new(cfg: GateConfig, origin: Instant) -> Kernel {
+        Kernel { gate: Gate::new(cfg.clone(), origin), cfg, origin }
+    }
+
+    /// One SYN.
+    pub fn syn(&mut self, now: Duration, addr: IpAddr) -> GateDecision {
+        self.gate.check(self.origin + now, addr)
+    }
+
+    /// A ban pushed by the gatekeeper (`+addr` / `add element`).
+    pub fn ban(&mut self, now: Duration, addr: IpAddr, for_: Duration) {
+        self.gate.ban(self.origin + now, addr, for_);
+    }
+
+    /// A ban lifted by the gatekeeper at its expiry.
+    pub fn unban(&mut self, addr: IpAddr) {
+        self.gate.unban(addr);
+    }
+
+    /// A reboot: the tables are empty again.
+    pub fn reboot(&mut self) {
+        self.gate = Gate::new(self.cfg.clone(), self.origin);
+    }
+
+    /// Occupancy of the ban tables.
+    pub fn banned_len(&self) -> usize {
+        self.gate.banned_len()
+    }
+
+    /// The tables, for listings.
+    pub fn backend(&self) -> &gatekeeper::gate::GateBackend {
+        self.gate.backend()
+    }
+
+    /// `now` in the model's jiffies.
+    pub fn jiffies(&self, now: Duration) -> gatekeeper::gate::Jiffies {
+        self.gate.jiffies(self.origin + now)
+    }
+
+    /// Whether a full table explains a ban missing from it: xt_recent evicts its least
+    /// recently stamped entry once `ip_list_tot` entries (per family) are held (KERNEL.md §4.1).
+    pub fn may_have_evicted(&self) -> bool {
+        match self.cfg.kind {
+            gatekeeper::gate::GateKind::XtRecent { ip_list_tot, .. } => self.gate.banned_len() >= ip_list_tot as usize,
+            gatekeeper::gate::GateKind::Nft { .. } => false,
+        }
+    }
+}
+
+/// The actor an address belongs to.
+pub fn actor_of(ranges: &[(Class, u32, u32)], class: Class, addr: IpAddr) -> Option<usize> {
+    let IpAddr::V4(v4) = addr.to_canonical() else { return None };
+    let n = (u32::from(v4) & 0xffff).checked_sub(1)?;
+    ranges.iter().position(|&(c, start, end)| c == class && start <= n && n < end)
+}
+
+/// A violation, as first seen.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Violation {
+    /// Simulated seconds.
+    pub at_secs: f64,
+    /// Which invariant.
+    pub invariant: Invariant,
+    /// The client.
+    pub client: String,
+    /// What happened.
+    pub detail: String,
+}
+
+/// A message in the spool (the gatekeeper's downstream; survives restarts like a disk).
+#[derive(Debug, Clone, Copy)]
+pub struct Spooled {
+    /// First spooled at.
+    pub at: Duration,
+    /// Times spooled.
+    pub copies: u32,
+}
+
+/// Mutable world state.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Counters.
+    pub c: Counters,
+    /// Hourly buckets.
+    pub hours: Vec<Hour>,
+    /// The latest ban of each address, as decided.
+    pub bans: BTreeMap<IpAddr, BanEntry>,
+    /// Addresses banned at least once.
+    pub banned_ever: BTreeSet<IpAddr>,
+    /// When each address was banned (only with `bans.escalation`, to mirror its lengths).
+    pub ban_times: BTreeMap<IpAddr, Vec<Duration>>,
+    /// Spooled messages by id.
+    pub spool: BTreeMap<u64, Spooled>,
+    /// The first violations (all are counted).
+    pub violations: Vec<Violation>,
+    /// Delivery delays of honest and bounce messages, ms.
+    pub delays_ms: Vec<u64>,
+    /// Honest and bounce messages queued now.
+    pub pending: u64,
+    /// Set by a reboot: the gatekeeper must re-apply its bans to the kernel when it starts.
+    pub kernel_lost: bool,
+    /// Distinct client addresses that tried to connect.
+    pub seen: BTreeSet<IpAddr>,
+    /// Per actor, the same counters as per class.
+    pub actors: Vec<ClassCounters>,
+    ranges: Vec<(Class, u32, u32)>,
+}
+
+/// Violations kept with their details.
+const VIOLATIONS_KEPT: usize = 50;
+
+impl State {
+    /// Records a violation.
+    pub fn violate(&mut self, now: Duration, invariant: Invariant, client: impl ToString, detail: String) {
+        self.c.violations[invariant as usize] += 1;
+        if self.violations.len() < VIOLATIONS_KEPT {
+            self.violations.push(Violation {
+                at_secs: now.as_secs_f64(),
+                invariant,
+                client: client.to_string(),
+                detail,
+            });
+        }
+    }
+
+    /// Counts for the class and the actor of `addr`.
+    pub fn bump(&mut self, addr: IpAddr, f: impl Fn(&mut ClassCounters)) {
+        let Some(class) = Class::of(addr) else { return };
+        f(self.c.of(class));
+        if let Some(i) = actor_of(&self.ranges, class, addr) {
+            f(&mut self.actors[i]);
+        }
+    }
+
+    /// The hourly bucket of `now`.
+    pub fn hour(&mut self, now: Duration) -> &mut Hour {
+        let i = (now.as_secs() / 3600) as usize;
+        if self.hours.len() <= i {
+            self.hours.resize(i + 1, Hour::default());
+        }
+        &mut self.hours[i]
+    }
+}
+
+/// Everything shared by the hosts of one run.
+#[derive(Debug)]
+pub struct World {
+    /// The resolved scenario.
+    pub cfg: Resolved,
+    /// The kernel firewall model in front of the gatekeeper.
+    pub kernel: Mutex<Kernel>,
+    state: Mutex<State>,
+    /// Tolerance when comparing a ban's expiry with the firewall: the ban manager lifts due
+    /// bans on its next maintenance pass (`bans.sync_interval`), plus two jiffies.
+    pub expiry_slack: Duration,
+}
+
+impl World {
+    /// A new world. `origin` is an arbitrary base for the kernel model's `Instant`s: only
+    /// differences from it matter.
+    pub fn new(cfg: Resolved, origin: Instant) -> Arc<World> {
+        let gate = cfg.settings.config.gate.clone();
+        let hz = gate.kind.hz().max(1);
+        let expiry_slack = cfg.settings.config.bans.sync_interval
+            + Duration::from_nanos(2 * 1_000_000_000 / u64::from(hz) + 1_000_000);
+        let hours = cfg.horizon.as_secs().div_ceil(3600) as usize;
+        let state = State {
+            hours: vec![Hour::default(); hours.max(1)],
+            actors: vec![ClassCounters::default(); cfg.ranges.len()],
+            ranges: cfg.ranges.clone(),
+            ..State::default()
+        };
+        Arc::new(World { kernel: Mutex::new(Kernel::new(gate, origin)), state: Mutex::new(state), cfg, expiry_slack })
+    }
+
+    /// Simulated time since the start (exact inside a host, between ticks too).
+    pub fn now(&self) -> Duration {
+        turmoil::sim_elapsed().unwrap_or_default()
+    }
+
+    /// The mutable state.
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("world state")
+    }
+
+    /// The kernel model.
+    pub fn kernel(&self) -> MutexGuard<'_, Kernel> {
+        self.kernel.lock().expect("kernel model")
+    }
+
+    /// Whether `addr` has a ban running at `now` (per the ledger).
+    pub fn ban_live(&self, st: &State, addr: IpAddr, now: Duration) -> bool {
+        st.bans.get(&addr).is_some_and(|b| now < b.expires + self.expiry_slack)
+    }
+
+    /// A ban decided by the gatekeeper, as its ban sink reports it: ledger, checkers, kernel.
+    pub fn record_ban(&self, addr: IpAddr, reason: BanReason, duration: Duration) {
+        let now = self.now();
+        let class = Class::of(addr);
+        let mut st = self.state();
+        // The ban manager lengthens repeat offenders' bans when escalation is on: mirror it.
+        let escalation = &self.cfg.settings.config.bans.escalation;
+        let duration = if escalation.enabled {
+            let since = now.saturating_sub(escalation.lookback);
+            let times = st.ban_times.entry(addr).or_default();
+            let earlier = times.iter().filter(|t| **t >= since).count() as u32;
+            times.push(now);
+            escalation.duration(duration, earlier)
+        } else {
+            duration
+        };
+        st.c.bans[crate::metrics::reason_index(reason)] += 1;
+        st.hour(now).bans += 1;
+        st.bans.insert(addr, BanEntry { reason, at: now, expires: now + duration });
+        let first = st.banned_ever.insert(addr);
+        if let Some(class) = class {
+            st.bump(addr, |c| c.bans += 1);
+            if first {
+                st.bump(addr, |c| c.banned_addrs += 1);
+            }
+            let measured = class == Class::Honest && self.cfg.honest_bans == HonestBans::Measure;
+            if class.is_protected() && !measured {
+                st.violate(
+                    now,
+                    Invariant::ProtectedBanned,
+                    addr,
+                    format!("{} client banned ({})", class.as_str(), reason.as_str()),
+                );
+            }
+        }
+    }
+}
