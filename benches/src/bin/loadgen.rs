@@ -1,0 +1,298 @@
+//! `loadgen`: the load benchmark's command line (issue [load bench]).
+//!
+//! ```text
+//! loadgen run       --target 127.0.0.1:2525 --workload early-reject -n 20000 -c 100 --server-pid PID
+//! loadgen spike     --target 127.0.0.1:2525 --workload mix --rate 1250 --duration 60 --server-pid PID
+//! loadgen hold      --target 127.0.0.1:2525 -n 10000 --server-pid PID
+//! loadgen external  --server postfix --server-pid PID --workload early-reject -n 20000 --client smtp-source -- smtp-source ...
+//! loadgen responder --listen 127.0.0.1:2527
+//! loadgen table     results.jsonl
+//! ```
+//!
+//! Each run prints a summary on stdout and, with `--json FILE`, appends one JSON line to FILE;
+//! `table` turns such a file into the side-by-side table. `ci/bench-peers.sh` drives it all.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use gatekeeper_benches::client::{ClientConfig, Workload};
+use gatekeeper_benches::load::{self, Run};
+use gatekeeper_benches::null_smtpd::{self, Responder};
+use gatekeeper_benches::report::{self, RunReport};
+use gatekeeper_benches::sources::SourceCursor;
+
+/// SMTP load generator, do-nothing responder and report table for the gatekeeper's load
+/// benchmark.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Closed loop: N sessions at concurrency C; sessions/s, latency, server CPU and RSS.
+    Run {
+        #[command(flatten)]
+        common: Common,
+        /// What the sessions are.
+        #[arg(long, short, value_enum)]
+        workload: Workload,
+        /// Measured sessions.
+        #[arg(long, short = 'n', default_value_t = 20_000)]
+        sessions: u64,
+        /// Sessions at once.
+        #[arg(long, short, default_value_t = 100)]
+        concurrency: usize,
+        /// Unmeasured sessions first (connection set-up, server warm-up).
+        #[arg(long, default_value_t = 1000)]
+        warmup: u64,
+    },
+    /// Open loop: sessions started at a fixed rate for a duration, whatever the server does.
+    Spike {
+        #[command(flatten)]
+        common: Common,
+        /// What the sessions are.
+        #[arg(long, short, value_enum, default_value_t = Workload::Mix)]
+        workload: Workload,
+        /// Sessions started per second (1,250/s is 1,000 × the seed's 4,500/h spike).
+        #[arg(long, default_value_t = 1250.0)]
+        rate: f64,
+        /// Seconds.
+        #[arg(long, default_value_t = 60.0)]
+        duration: f64,
+        /// Sessions in flight at most; beyond, skipped and counted as client overload.
+        #[arg(long, default_value_t = 15_000)]
+        max_inflight: usize,
+    },
+    /// Opens N sessions and keeps them all open at once; the server's memory then.
+    Hold {
+        #[command(flatten)]
+        common: Common,
+        /// Sessions held open at once.
+        #[arg(long, short = 'n', default_value_t = 10_000)]
+        sessions: u64,
+        /// Sessions connecting at once while opening (100: below the 128-connection listen
+        /// backlog tokio's `bind` gives, so the figure is memory, not SYN retransmits).
+        #[arg(long, default_value_t = 100)]
+        connect_concurrency: usize,
+        /// Seconds to wait once all are open, before reading the server's memory.
+        #[arg(long, default_value_t = 1.0)]
+        settle: f64,
+    },
+    /// Times another client program against a server, with the same server measurements.
+    External {
+        /// The server's name in the table.
+        #[arg(long)]
+        server: String,
+        /// The server's process (its children are counted too).
+        #[arg(long)]
+        server_pid: Option<u32>,
+        /// The workload the program plays.
+        #[arg(long, short, value_enum)]
+        workload: Workload,
+        /// Sessions the program plays.
+        #[arg(long, short = 'n')]
+        sessions: u64,
+        /// The client's name in the table.
+        #[arg(long, default_value = "smtp-source")]
+        client: String,
+        /// One line of the program's stderr containing this per correct session (`smtp-source
+        /// -A` warns "recipient rejected: 550" once per rejected recipient); other lines are
+        /// errors. Without it, only the exit status is checked.
+        #[arg(long)]
+        expect_stderr: Option<String>,
+        /// Append the result as one JSON line to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Exit 2 if any session failed.
+        #[arg(long)]
+        fail_on_errors: bool,
+        /// The program and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// The do-nothing SMTP responder (the ceiling): same replies, no logic, no storage.
+    Responder {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:2527")]
+        listen: SocketAddr,
+        /// The local domain.
+        #[arg(long, default_value = "example.test")]
+        domain: String,
+        /// Existing local parts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
+        users: Vec<String>,
+    },
+    /// Prints the side-by-side table from files of JSON lines written with `--json`.
+    Table {
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Options every load run shares.
+#[derive(Debug, Args)]
+struct Common {
+    /// The server.
+    #[arg(long, short, default_value = "127.0.0.1:2525")]
+    target: SocketAddr,
+    /// The server's name in the report and table.
+    #[arg(long, default_value = "server")]
+    server: String,
+    /// The server's process, for its CPU and memory (its children are counted too).
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Append the result as one JSON line to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Continue the source addresses from this file and save where they stopped, so runs
+    /// against the same server never reuse an address (G1 would refuse it for a minute).
+    #[arg(long)]
+    sources: Option<PathBuf>,
+    /// The first source address's index, without `--sources` (127.1.0.1 is index 0).
+    #[arg(long, default_value_t = 0)]
+    source_start: u64,
+    /// The server's local domain.
+    #[arg(long, default_value = "example.test")]
+    domain: String,
+    /// Existing local parts there, comma-separated (honest mail goes to them).
+    #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
+    users: Vec<String>,
+    /// Seconds a whole session may take.
+    #[arg(long, default_value_t = 60.0)]
+    timeout: f64,
+    /// Seed of the random local parts and of the mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Size of the honest message, octets.
+    #[arg(long, default_value_t = 1024)]
+    message_bytes: usize,
+    /// Exit 2 if any session failed (for CI smoke runs; figures are never judged).
+    #[arg(long)]
+    fail_on_errors: bool,
+}
+
+impl Common {
+    fn run(&self, workload: Workload) -> anyhow::Result<Run> {
+        let sources = match &self.sources {
+            Some(path) => SourceCursor::load(path).with_context(|| format!("reading {}", path.display()))?,
+            None => SourceCursor::new(self.source_start),
+        };
+        let cfg = ClientConfig::new(
+            self.target,
+            &self.domain,
+            self.users.clone(),
+            Duration::from_secs_f64(self.timeout),
+            self.seed,
+            self.message_bytes,
+        );
+        Ok(Run {
+            cfg: Arc::new(cfg),
+            sources: Arc::new(sources),
+            workload,
+            server: self.server.clone(),
+            server_pid: self.server_pid,
+        })
+    }
+
+    /// Saves the source cursor, prints and records the report; the exit code.
+    fn finish(&self, run: &Run, report: &RunReport) -> anyhow::Result<ExitCode> {
+        if let Some(path) = &self.sources {
+            run.sources.save(path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        emit(report, self.json.as_ref())?;
+        Ok(if self.fail_on_errors && report.errors > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+    }
+}
+
+fn emit(report: &RunReport, json: Option<&PathBuf>) -> anyhow::Result<()> {
+    print!("{}", report.summary());
+    if let Some(path) = json {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(report)?)?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Command::Run { common, workload, sessions, concurrency, warmup } => {
+            let run = common.run(workload)?;
+            let report = runtime()?.block_on(load::closed_loop(&run, sessions, concurrency, warmup))?;
+            common.finish(&run, &report)
+        }
+        Command::Spike { common, workload, rate, duration, max_inflight } => {
+            let run = common.run(workload)?;
+            let duration = Duration::from_secs_f64(duration);
+            let report = runtime()?.block_on(load::open_loop(&run, rate, duration, max_inflight))?;
+            common.finish(&run, &report)
+        }
+        Command::Hold { common, sessions, connect_concurrency, settle } => {
+            let run = common.run(Workload::EarlyReject)?;
+            let settle = Duration::from_secs_f64(settle);
+            let report = runtime()?.block_on(load::hold(&run, sessions, connect_concurrency, settle))?;
+            common.finish(&run, &report)
+        }
+        Command::External {
+            server,
+            server_pid,
+            workload,
+            sessions,
+            client,
+            expect_stderr,
+            json,
+            fail_on_errors,
+            command,
+        } => {
+            let expect = expect_stderr.as_deref();
+            let report = load::external(&server, server_pid, workload, sessions, &client, expect, &command)?;
+            emit(&report, json.as_ref())?;
+            Ok(if fail_on_errors && report.errors > 0 { ExitCode::from(2) } else { ExitCode::SUCCESS })
+        }
+        Command::Responder { listen, domain, users } => {
+            let responder = Responder { domain: domain.to_ascii_lowercase(), users };
+            runtime()?.block_on(null_smtpd::run(listen, responder)).with_context(|| format!("serving {listen}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Table { files } => {
+            let mut reports = Vec::new();
+            for path in files {
+                let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+                for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                    let r: RunReport =
+                        serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+                    reports.push(r);
+                }
+            }
+            print!("{}", report::table(&reports));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
