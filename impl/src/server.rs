@@ -263,6 +263,17 @@ impl Server {
     }
 }
 
+/// The ban manager keeps the in-process gate in step with the ban store (bans restored on
+/// start, added or lifted by `gatekeeper bans`, expired).
+impl crate::ban::BanMirror for Server {
+    fn ban(&self, addr: IpAddr, remaining: Duration) {
+        Server::ban(self, addr, remaining);
+    }
+    fn unban(&self, addr: IpAddr) {
+        Server::unban(self, addr);
+    }
+}
+
 /// Releases a session slot when the connection ends.
 struct Slot<'a> {
     shared: &'a Shared,

@@ -2,13 +2,13 @@
 //! persisted in SQLite, a restarted server that still refuses the client, and the `gatekeeper
 //! bans` / `firewall` / `model-replay` commands (run as the real binary) while it serves.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatekeeper::ban::{BanManager, BanMirror};
+use gatekeeper::ban::BanManager;
 use gatekeeper::config::{Config, Settings};
 use gatekeeper::edges::{MaildirSpool, SystemClock};
 use gatekeeper::policy::BanReason;
@@ -17,18 +17,6 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 
 const BIN: &str = env!("CARGO_BIN_EXE_gatekeeper");
-
-#[derive(Debug)]
-struct ServerGate(Server);
-
-impl BanMirror for ServerGate {
-    fn ban(&self, addr: IpAddr, remaining: Duration) {
-        self.0.ban(addr, remaining);
-    }
-    fn unban(&self, addr: IpAddr) {
-        self.0.unban(addr);
-    }
-}
 
 struct Running {
     addr: SocketAddr,
@@ -49,7 +37,7 @@ async fn serve(settings: &Settings) -> (Running, BanManager) {
         .limits(Limits { shutdown_grace: Duration::from_millis(100), ..Limits::default() })
         .ban_sink(Arc::new(manager.clone()))
         .build();
-    manager.attach_mirror(Arc::new(ServerGate(server.clone())));
+    manager.attach_mirror(Arc::new(server.clone()));
     manager.restore().await.unwrap();
     let maintenance = tokio::spawn(manager.clone().run(std::future::pending()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

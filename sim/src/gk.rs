@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, BanMirror, BanStore, Net};
+use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, BanStore, Net};
 use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Clock, Downstream, Observer, Scanner, Verifier};
 use gatekeeper::gate::{GateBackend, GateKind};
 use gatekeeper::policy::{BanReason, Rule};
@@ -98,7 +98,7 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
         builder = builder.verifier(Arc::new(verifier) as Arc<dyn Verifier>);
     }
     let server = builder.build();
-    manager.attach_mirror(Arc::new(ServerMirror(server.clone())));
+    manager.attach_mirror(Arc::new(server.clone()));
     let restored = manager.restore().await.map_err(io::Error::other)?;
     {
         let mut st = world.state();
@@ -166,19 +166,6 @@ impl BanBackend for KernelBackend {
             GateKind::XtRecent { ip_list_tot, .. } => Some(ip_list_tot as usize),
             GateKind::Nft { .. } => None,
         }
-    }
-}
-
-/// The server's in-process gate as the ban manager's mirror (as the binary does it).
-#[derive(Debug)]
-struct ServerMirror(Server);
-
-impl BanMirror for ServerMirror {
-    fn ban(&self, addr: IpAddr, remaining: Duration) {
-        self.0.ban(addr, remaining);
-    }
-    fn unban(&self, addr: IpAddr) {
-        self.0.unban(addr);
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Subcommand, ValueEnum};
 use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
-use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanMirror, BanOutcome, Net};
+use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
 use gatekeeper::config::{Config, Settings};
 use gatekeeper::edges::{Clock, SystemClock, rfc5322_date};
 use gatekeeper::gate::{
@@ -273,19 +273,6 @@ fn short(d: Duration) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-/// The server's in-process gate, as the ban manager's mirror.
-#[derive(Debug)]
-struct ServerGate(Server);
-
-impl BanMirror for ServerGate {
-    fn ban(&self, addr: IpAddr, remaining: Duration) {
-        self.0.ban(addr, remaining);
-    }
-    fn unban(&self, addr: IpAddr) {
-        self.0.unban(addr);
-    }
-}
-
 /// For `serve`: the ban manager of the configuration (SQLite offloaded to the blocking pool).
 pub fn open_manager(s: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<BanManager> {
     let c = &s.config;
@@ -295,7 +282,7 @@ pub fn open_manager(s: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<BanMa
 /// For `serve`, once the server is built: connects its gate, re-applies the stored bans and
 /// starts the maintenance task (sync with `gatekeeper bans`, expiry, retries).
 pub async fn start(m: &BanManager, server: &Server) -> anyhow::Result<()> {
-    m.attach_mirror(Arc::new(ServerGate(server.clone())));
+    m.attach_mirror(Arc::new(server.clone()));
     m.restore().await.context("cannot restore the bans")?;
     tokio::spawn(m.clone().run(std::future::pending()));
     Ok(())
