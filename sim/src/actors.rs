@@ -17,6 +17,7 @@ use rand::rngs::SmallRng;
 use crate::client::{Cmd, Smtp, connect};
 use crate::metrics::{Class, Invariant};
 use crate::profile::{Chooser, Profile, random_local, rng};
+use crate::scenario::ActorSpec;
 use crate::world::World;
 
 /// The EICAR test file (the built-in scanner's signature).
@@ -35,14 +36,28 @@ struct Script {
     rcpts: Vec<(String, bool)>,
 }
 
+/// What drives actor `index`'s arrivals: its spec, its seeded RNG, its rate profile (drawn
+/// from that RNG first) and its address chooser. Shared by spammers and MTA actors so that
+/// every kind consumes its seed the same way.
+pub(crate) struct Arrivals {
+    pub spec: ActorSpec,
+    pub rng: SmallRng,
+    pub profile: Profile,
+    pub chooser: Chooser,
+}
+
+pub(crate) fn arrivals(world: &World, index: usize) -> Arrivals {
+    let spec = world.cfg.actors[index].clone();
+    let mut rng = rng(world.cfg.run.seed, "actor", index as u64);
+    let points: Vec<(Duration, f64)> = spec.rate.iter().map(|(t, v)| (t.0, *v)).collect();
+    let profile = Profile::new(&points, spec.jitter, &mut rng);
+    let chooser = Chooser::new(spec.addresses, spec.skew);
+    Arrivals { spec, rng, profile, chooser }
+}
+
 /// Runs actor `index` of the scenario until the end of the safety phase.
 pub async fn generator(world: Arc<World>, index: usize) {
-    let spec = world.cfg.actors[index].clone();
-    let seed = world.cfg.run.seed;
-    let mut r = rng(seed, "actor", index as u64);
-    let points: Vec<(Duration, f64)> = spec.rate.iter().map(|(t, v)| (t.0, *v)).collect();
-    let profile = Profile::new(&points, spec.jitter, &mut r);
-    let chooser = Chooser::new(spec.addresses, spec.skew);
+    let Arrivals { spec, rng: mut r, profile, chooser } = arrivals(&world, index);
     let first = world.cfg.ranges[index].1;
     let end = world.cfg.duration.as_secs_f64();
     let start = tokio::time::Instant::now();
@@ -60,7 +75,7 @@ pub async fn generator(world: Arc<World>, index: usize) {
     }
 }
 
-fn draw(world: &World, spec: &crate::scenario::ActorSpec, addr: IpAddr, n: u64, r: &mut SmallRng) -> Script {
+fn draw(world: &World, spec: &ActorSpec, addr: IpAddr, n: u64, r: &mut SmallRng) -> Script {
     let cfg = &world.cfg;
     let domain = &cfg.domain;
     let user = |r: &mut SmallRng| format!("{}@{domain}", cfg.users[r.random_range(0..cfg.users.len())]);

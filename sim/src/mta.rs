@@ -20,9 +20,10 @@ use rand::rngs::SmallRng;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
+use crate::actors::{Arrivals, arrivals};
 use crate::client::connect;
 use crate::metrics::{Class, Invariant};
-use crate::profile::{Chooser, Profile, random_local, rng};
+use crate::profile::{random_local, rng};
 use crate::world::World;
 
 /// How long a message may stay queued before it is given up (Postfix's
@@ -76,12 +77,8 @@ impl AsyncTokioStream for LettreStream {
 
 /// Starts the MTAs of actor `index` and feeds them messages until the end of the safety phase.
 pub async fn generator(world: Arc<World>, index: usize) {
-    let spec = world.cfg.actors[index].clone();
+    let Arrivals { spec, rng: mut r, profile, chooser } = arrivals(&world, index);
     let seed = world.cfg.run.seed;
-    let mut r = rng(seed, "actor", index as u64);
-    let points: Vec<(Duration, f64)> = spec.rate.iter().map(|(t, v)| (t.0, *v)).collect();
-    let profile = Profile::new(&points, spec.jitter, &mut r);
-    let chooser = Chooser::new(spec.addresses, spec.skew);
     let home = |i: u32| match spec.senders.as_deref().and_then(|p| world.cfg.pool(p)) {
         Some(pool) => format!("d{}.{}.remote.test", i % pool.domains, pool.pool),
         None => format!("mta{i}.bounce.sim.test"),

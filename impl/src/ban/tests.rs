@@ -64,6 +64,22 @@ fn gate() -> GateConfig {
     GateConfig::default()
 }
 
+/// A stand-in for `/proc/net/xt_recent` under `dir` with empty SMTPBAN/SMTPBAN6 tables, as
+/// loading the rules creates them; returns its path.
+fn fake_xt_proc(dir: &Path) -> std::path::PathBuf {
+    let proc_dir = dir.join("xt_recent");
+    install_xt_tables(&proc_dir);
+    proc_dir
+}
+
+/// Creates the empty ban tables in `proc_dir` (the rules were loaded).
+fn install_xt_tables(proc_dir: &Path) {
+    std::fs::create_dir_all(proc_dir).unwrap();
+    for t in ["SMTPBAN", "SMTPBAN6"] {
+        std::fs::write(proc_dir.join(t), "").unwrap();
+    }
+}
+
 fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
     BanManager::open(cfg, &gate(), dir, clock.clone(), false).unwrap()
 }
@@ -204,10 +220,7 @@ async fn xt_backend_failure_is_retried_until_the_table_appears() {
     assert_eq!(m.pending_len(), 1);
     assert_eq!(m.stats().backend_failures.load(Ordering::Relaxed), 2);
     // The rules get installed: the next retry applies it.
-    std::fs::create_dir_all(&proc_dir).unwrap();
-    for t in ["SMTPBAN", "SMTPBAN6"] {
-        std::fs::write(proc_dir.join(t), "").unwrap();
-    }
+    install_xt_tables(&proc_dir);
     clock.advance(Duration::from_secs(1));
     m.tick().await;
     assert_eq!(m.pending_len(), 1, "not before retry_interval");
@@ -230,11 +243,7 @@ async fn xt_backend_failure_is_retried_until_the_table_appears() {
 #[tokio::test]
 async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_bans() {
     let dir = tempfile::tempdir().unwrap();
-    let proc_dir = dir.path().join("xt_recent");
-    std::fs::create_dir_all(&proc_dir).unwrap();
-    for t in ["SMTPBAN", "SMTPBAN6"] {
-        std::fs::write(proc_dir.join(t), "").unwrap();
-    }
+    let proc_dir = fake_xt_proc(dir.path());
     let clock = TestClock::new();
     let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
     cfg.xt_recent.proc_dir = proc_dir.clone();
@@ -261,11 +270,7 @@ async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_ban
 #[tokio::test]
 async fn capacity_warnings_before_the_kernel_evicts() {
     let dir = tempfile::tempdir().unwrap();
-    let proc_dir = dir.path().join("xt_recent");
-    std::fs::create_dir_all(&proc_dir).unwrap();
-    for t in ["SMTPBAN", "SMTPBAN6"] {
-        std::fs::write(proc_dir.join(t), "").unwrap();
-    }
+    let proc_dir = fake_xt_proc(dir.path());
     let clock = TestClock::new();
     let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
     cfg.xt_recent.proc_dir = proc_dir;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
 use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
 use gatekeeper::config::{Config, Settings};
@@ -32,35 +32,29 @@ pub enum KernelBackend {
     Nftables,
 }
 
+/// Which ruleset, for which configuration and port (`firewall rules` and `firewall apply`).
+#[derive(Debug, Args)]
+pub struct RulesetArgs {
+    /// Which ruleset; default: `bans.backend`.
+    #[arg(long, value_enum)]
+    backend: Option<KernelBackend>,
+    /// The TOML configuration.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The port to protect; default: the port of `server.listen`.
+    #[arg(long)]
+    port: Option<u16>,
+}
+
 /// `gatekeeper firewall ...`.
 #[derive(Debug, Subcommand)]
 pub enum FirewallCommand {
     /// Print the kernel ruleset (iptables + ip6tables commands, or an nft script) for the
     /// configured window, ban time and port.
-    Rules {
-        /// Which ruleset; default: `bans.backend`.
-        #[arg(long, value_enum)]
-        backend: Option<KernelBackend>,
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The port to protect; default: the port of `server.listen`.
-        #[arg(long)]
-        port: Option<u16>,
-    },
+    Rules(RulesetArgs),
     /// Install the ruleset in the kernel (nft: one atomic `nft -f`; iptables: each rule not yet
     /// present is appended). Keeps existing bans.
-    Apply {
-        /// Which ruleset; default: `bans.backend`.
-        #[arg(long, value_enum)]
-        backend: Option<KernelBackend>,
-        /// The TOML configuration.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The port to protect; default: the port of `server.listen`.
-        #[arg(long)]
-        port: Option<u16>,
-    },
+    Apply(RulesetArgs),
 }
 
 /// `gatekeeper bans ...`: the ban database in the state dir, usable while the server runs (it
@@ -139,7 +133,7 @@ fn which(backend: Option<KernelBackend>, cfg: &BanConfig) -> anyhow::Result<Kern
 /// `gatekeeper firewall ...`.
 pub fn firewall(cmd: FirewallCommand) -> ExitCode {
     report(match cmd {
-        FirewallCommand::Rules { backend, config, port } => (|| {
+        FirewallCommand::Rules(RulesetArgs { backend, config, port }) => (|| {
             let s = load(&config, None)?;
             let b = &s.config.bans;
             let text = match which(backend, b)? {
@@ -149,7 +143,7 @@ pub fn firewall(cmd: FirewallCommand) -> ExitCode {
             print!("{text}");
             Ok(())
         })(),
-        FirewallCommand::Apply { backend, config, port } => (|| {
+        FirewallCommand::Apply(RulesetArgs { backend, config, port }) => (|| {
             let s = load(&config, None)?;
             let b = &s.config.bans;
             match which(backend, b)? {
