@@ -100,6 +100,17 @@ def schedule(seed, srcs4, srcs6):
         while t < 9.0 and len([1 for _, s in out if s == src]) < 28:
             out.append((round(t, 3), src))
             t += rnd.choice([rnd.uniform(0.05, 0.6), rnd.uniform(0.6, 2.4)])
+    # The v6 sources share one /64, so they share one model entry. Two of their SYNs in the same
+    # jiffy would leave the order the kernel saw them in unknowable from the stamps (and a CPU
+    # migration between two sends can reorder them on the veth): keep them 30 ms apart.
+    out.sort()
+    last6 = None
+    for i, (t, src) in enumerate(out):
+        if ":" in src:
+            if last6 is not None and t < last6 + 0.03:
+                t = round(last6 + 0.03, 3)
+                out[i] = (t, src)
+            last6 = t
     for t, src in sorted(out):
         print(t, src)
 
