@@ -104,6 +104,8 @@ pub trait BanMirror: Send + Sync + std::fmt::Debug {
 pub struct BanStats {
     /// Bans recorded (new or extended).
     pub recorded: AtomicU64,
+    /// Group commits of ban orders: database transactions, each holding one or more bans.
+    pub commits: AtomicU64,
     /// Bans refused because the network is allowlisted.
     pub allowlisted: AtomicU64,
     /// Backend operations that failed (each retry that fails counts again).
@@ -209,8 +211,22 @@ struct Inner {
     clock: Arc<dyn Clock>,
     backend: Box<dyn BanBackend>,
     core: Mutex<Core>,
+    /// Ban orders waiting for the next group commit (see [`Inner::record`]).
+    queue: Mutex<Vec<Queued>>,
     mirror: Mutex<Option<Arc<dyn BanMirror>>>,
     stats: BanStats,
+}
+
+/// A ban order waiting to be committed, and where its answer goes.
+#[derive(Debug)]
+struct Queued {
+    net: Net,
+    reason: BanReason,
+    session: u64,
+    evidence: String,
+    at: Option<SystemTime>,
+    duration: Option<Duration>,
+    answer: Arc<Mutex<Option<Result<BanOutcome, BanError>>>>,
 }
 
 /// The ban manager. Cheap to clone; clones share state.
@@ -273,6 +289,7 @@ impl BanManager {
                     last_reconcile: None,
                     last_prune: None,
                 }),
+                queue: Mutex::new(Vec::new()),
                 mirror: Mutex::new(None),
                 stats: BanStats::default(),
             }),
@@ -530,6 +547,10 @@ impl Inner {
         }
     }
 
+    /// Records one ban order, by group commit: the order joins the queue, and whoever holds
+    /// the core lock next commits every queued order in one transaction (one fsync), then
+    /// answers each. Concurrent bans (a flood of forged senders) thus share their fsyncs; a
+    /// lone ban commits alone, as before. Each answer is given only after its commit.
     fn record(
         &self,
         addr: IpAddr,
@@ -547,47 +568,93 @@ impl Inner {
             self.mirror(vec![MirrorOp::Unban(net.addr())]);
             return Ok(BanOutcome::Allowlisted(net));
         }
-        let now = self.clock.wall();
-        let at = at.unwrap_or(now);
-        let base = duration.unwrap_or(self.ban_time);
+        let answer = Arc::new(Mutex::new(None));
+        let order = Queued { net, reason, session, evidence, at, duration, answer: answer.clone() };
+        self.queue.lock().expect("queue lock").push(order);
         let mut core = self.core.lock().expect("core lock");
+        if let Some(done) = answer.lock().expect("answer lock").take() {
+            // An earlier lock holder committed it with its own.
+            return done;
+        }
+        let orders = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
+        let ops = self.commit_orders(&mut core, orders);
+        drop(core);
+        self.mirror(ops);
+        answer.lock().expect("answer lock").take().expect("a queued order is answered by its commit")
+    }
+
+    /// Commits `orders` in one transaction, then applies each to the backend and answers it.
+    /// Returns the in-process gate operations to carry out once the lock is released.
+    fn commit_orders(&self, core: &mut Core, orders: Vec<Queued>) -> Vec<MirrorOp> {
+        let now = self.clock.wall();
+        bump(&self.stats.commits);
+        let results = match core.store.batch(|store| orders.iter().map(|o| self.stage(store, o, now)).collect()) {
+            Ok(results) => results,
+            Err(e) if orders.len() == 1 => vec![Err(e.into())],
+            Err(e) => {
+                tracing::error!(orders = orders.len(), error = %e, "group commit of bans failed");
+                orders.iter().map(|_| Err(StoreError::GroupCommit(e.to_string()).into())).collect::<Vec<_>>()
+            }
+        };
+        let mut ops = Vec::new();
+        for (order, result) in orders.into_iter().zip(results) {
+            let result = result.map(|(ban, outcome)| {
+                bump(&self.stats.recorded);
+                tracing::info!(
+                    net = %ban.net,
+                    ban = ban.reason.as_str(),
+                    session = ban.session,
+                    evidence = %ban.evidence,
+                    offence = ban.offence,
+                    secs = ban.total().as_secs(),
+                    extended = matches!(outcome, BanOutcome::Extended(_)),
+                    "ban recorded"
+                );
+                core.active.insert(ban.net, ban.clone());
+                self.apply(core, &ban, now);
+                ops.push(MirrorOp::Ban(ban.net.addr(), ban.remaining(now)));
+                outcome
+            });
+            *order.answer.lock().expect("answer lock") = Some(result);
+        }
+        self.warn_capacity(core);
+        ops
+    }
+
+    /// The database part of one order, inside the group's transaction: the ban as it now
+    /// stands, and what happened to it.
+    fn stage(&self, store: &mut BanStore, order: &Queued, now: SystemTime) -> Result<(Ban, BanOutcome), BanError> {
+        let net = order.net;
+        let at = order.at.unwrap_or(now);
+        let base = order.duration.unwrap_or(self.ban_time);
         let earlier = if self.cfg.escalation.enabled {
             let since = at.checked_sub(self.cfg.escalation.lookback).unwrap_or(std::time::UNIX_EPOCH);
-            core.store.bans_since(net, since)?
+            store.bans_since(net, since)?
         } else {
             0
         };
         let length = self.cfg.escalation.duration(base, earlier);
-        let existing = core.store.get(net)?.filter(|b| !b.is_expired(now));
-        let candidate = Ban { net, reason, session, evidence, start: at, expires: at + length, offence: earlier + 1 };
-        let (ban, outcome) = match existing {
+        let existing = store.get(net)?.filter(|b| !b.is_expired(now));
+        let candidate = Ban {
+            net,
+            reason: order.reason,
+            session: order.session,
+            evidence: order.evidence.clone(),
+            start: at,
+            expires: at + length,
+            offence: earlier + 1,
+        };
+        Ok(match existing {
             Some(old) if old.expires >= candidate.expires => (old.clone(), BanOutcome::Extended(old)),
             Some(_) => {
-                core.store.put(&candidate, HistoryEvent::Extend, now)?;
+                store.put(&candidate, HistoryEvent::Extend, now)?;
                 (candidate.clone(), BanOutcome::Extended(candidate))
             }
             None => {
-                core.store.put(&candidate, HistoryEvent::Ban, now)?;
+                store.put(&candidate, HistoryEvent::Ban, now)?;
                 (candidate.clone(), BanOutcome::Banned(candidate))
             }
-        };
-        bump(&self.stats.recorded);
-        tracing::info!(
-            net = %net,
-            ban = ban.reason.as_str(),
-            session = ban.session,
-            evidence = %ban.evidence,
-            offence = ban.offence,
-            secs = ban.total().as_secs(),
-            extended = matches!(outcome, BanOutcome::Extended(_)),
-            "ban recorded"
-        );
-        core.active.insert(net, ban.clone());
-        self.apply(&mut core, &ban, now);
-        self.warn_capacity(&core);
-        drop(core);
-        self.mirror(vec![MirrorOp::Ban(net.addr(), ban.remaining(now))]);
-        Ok(outcome)
+        })
     }
 
     fn lift(&self, net: Net, event: HistoryEvent) -> Result<Option<Ban>, BanError> {

@@ -31,6 +31,10 @@ pub enum StoreError {
     /// A row that does not parse (written by a newer version, or edited by hand).
     #[error("ban database: bad row: {0}")]
     BadRow(String),
+    /// The group commit this write belonged to failed (the message is SQLite's), so none of
+    /// the group's writes were kept.
+    #[error("ban database: group commit failed: {0}")]
+    GroupCommit(String),
 }
 
 /// What happened to a ban, as logged in `ban_history`.
@@ -195,24 +199,35 @@ impl BanStore {
         row.transpose().map_err(StoreError::BadRow)
     }
 
-    /// Records `ban` (replacing the row of its network) and logs `event`, in one transaction.
+    /// Runs `f` inside one write transaction and commits once: one fsync for all the writes
+    /// `f` makes (group commit). Inside, [`BanStore::put`] writes under a savepoint, so a
+    /// failed put undoes only itself. If the commit fails, nothing `f` wrote is kept.
+    pub fn batch<T>(&mut self, f: impl FnOnce(&mut BanStore) -> T) -> Result<T, StoreError> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        let out = f(self);
+        match self.conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(out),
+            Err(e) => {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Records `ban` (replacing the row of its network) and logs `event`, in one transaction
+    /// (a savepoint inside [`BanStore::batch`]).
     pub fn put(&mut self, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR REPLACE INTO bans (net, reason, session, evidence, start_ms, expires_ms, offence)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![
-                ban.net.to_string(),
-                ban.reason.as_str(),
-                ban.session as i64,
-                ban.evidence,
-                to_ms(ban.start),
-                to_ms(ban.expires),
-                i64::from(ban.offence)
-            ],
-        )?;
-        log(&tx, ban, event, at)?;
-        tx.commit()?;
+        if self.conn.is_autocommit() {
+            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            write_ban(&tx, ban, event, at)?;
+            tx.commit()?;
+        } else {
+            let sp = self.conn.savepoint()?;
+            write_ban(&sp, ban, event, at)?;
+            sp.commit()?;
+        }
         Ok(())
     }
 
@@ -255,11 +270,10 @@ impl BanStore {
 
     /// How many bans of `net` started at or after `since` (for escalation).
     pub fn bans_since(&self, net: Net, since: SystemTime) -> Result<u32, StoreError> {
-        let n: i64 = self.conn.query_row(
-            "SELECT count(*) FROM ban_history WHERE net = ?1 AND event = 'ban' AND start_ms >= ?2",
-            params![net.to_string(), to_ms(since)],
-            |r| r.get(0),
-        )?;
+        let n: i64 = self
+            .conn
+            .prepare_cached("SELECT count(*) FROM ban_history WHERE net = ?1 AND event = 'ban' AND start_ms >= ?2")?
+            .query_row(params![net.to_string(), to_ms(since)], |r| r.get(0))?;
         Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 
@@ -295,22 +309,39 @@ impl BanStore {
     }
 }
 
-fn log(tx: &rusqlite::Transaction<'_>, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
-    tx.execute(
+fn write_ban(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO bans (net, reason, session, evidence, start_ms, expires_ms, offence)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        ban.net.to_string(),
+        ban.reason.as_str(),
+        ban.session as i64,
+        ban.evidence,
+        to_ms(ban.start),
+        to_ms(ban.expires),
+        i64::from(ban.offence)
+    ])?;
+    log(conn, ban, event, at)
+}
+
+fn log(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+    conn.prepare_cached(
         "INSERT INTO ban_history (at_ms, event, net, reason, session, evidence, start_ms, expires_ms, offence)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            to_ms(at),
-            event.as_str(),
-            ban.net.to_string(),
-            ban.reason.as_str(),
-            ban.session as i64,
-            ban.evidence,
-            to_ms(ban.start),
-            to_ms(ban.expires),
-            i64::from(ban.offence)
-        ],
-    )?;
+    )?
+    .execute(params![
+        to_ms(at),
+        event.as_str(),
+        ban.net.to_string(),
+        ban.reason.as_str(),
+        ban.session as i64,
+        ban.evidence,
+        to_ms(ban.start),
+        to_ms(ban.expires),
+        i64::from(ban.offence)
+    ])?;
     Ok(())
 }
 

@@ -390,3 +390,66 @@ async fn offloaded_manager_works_on_the_blocking_pool() {
     let _ = tx.send(());
     task.await.unwrap();
 }
+
+#[test]
+fn concurrent_bans_share_one_group_commit_and_each_gets_its_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let m = open(dir.path(), &cfg, &clock);
+    // Hold the lock a committing thread needs, so that every order queues up behind it.
+    let held = m.inner.core.lock().unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let m = m.clone();
+            // Two threads ban the same address: one bans, the other finds the ban.
+            let addr = ip(&format!("192.0.2.{}", i.min(6)));
+            std::thread::spawn(move || {
+                m.ban_blocking(addr, BanReason::ForgedLocalSender, i, format!("order {i}"), None)
+            })
+        })
+        .collect();
+    while m.inner.queue.lock().unwrap().len() < 8 {
+        std::thread::yield_now();
+    }
+    drop(held);
+    let outcomes: Vec<_> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    assert_eq!(m.stats().commits.load(Ordering::Relaxed), 1, "one transaction for the eight orders");
+    let banned = outcomes.iter().filter(|o| matches!(o, BanOutcome::Banned(_))).count();
+    let extended = outcomes.iter().filter(|o| matches!(o, BanOutcome::Extended(_))).count();
+    assert_eq!((banned, extended), (7, 1));
+    // kill -9, reopen: all seven are in the database.
+    drop(m);
+    let m = open(dir.path(), &cfg, &clock);
+    let nets: Vec<String> = m.list_blocking().unwrap().iter().map(|b| b.net.to_string()).collect();
+    assert_eq!(nets, (0..7).map(|i| format!("192.0.2.{i}")).collect::<Vec<_>>());
+    assert_eq!(m.history_blocking(None, 100).unwrap().len(), 7);
+}
+
+#[test]
+fn many_threads_banning_at_once_lose_no_ban() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let m = open(dir.path(), &cfg, &clock);
+    let threads: Vec<_> = (0..8u8)
+        .map(|t| {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for i in 0..25u8 {
+                    let addr = IpAddr::from([198, 51, t, i]);
+                    let out = m.ban_blocking(addr, BanReason::UnknownRecipient, 1, "RCPT".into(), None).unwrap();
+                    assert!(matches!(out, BanOutcome::Banned(_)), "{out:?}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(m.stats().recorded.load(Ordering::Relaxed), 200);
+    assert_eq!(m.active().len(), 200);
+    drop(m);
+    let m = open(dir.path(), &cfg, &clock);
+    assert_eq!(m.list_blocking().unwrap().len(), 200);
+}
