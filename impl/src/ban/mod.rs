@@ -597,6 +597,7 @@ impl Inner {
             }
         };
         let mut ops = Vec::new();
+        let mut items = BTreeMap::new();
         for (order, result) in orders.into_iter().zip(results) {
             let result = result.map(|(ban, outcome)| {
                 bump(&self.stats.recorded);
@@ -610,12 +611,21 @@ impl Inner {
                     extended = matches!(outcome, BanOutcome::Extended(_)),
                     "ban recorded"
                 );
-                core.active.insert(ban.net, ban.clone());
-                self.apply(core, &ban, now);
+                items.insert(ban.net, (ban.remaining(now), ban.total()));
                 ops.push(MirrorOp::Ban(ban.net.addr(), ban.remaining(now)));
+                core.active.insert(ban.net, ban);
                 outcome
             });
+            // Answered once committed: the kernel is best effort from here (failures retry).
             *order.answer.lock().expect("answer lock") = Some(result);
+        }
+        // The group goes to the kernel together too (nft: one `nft -f` for all), each network
+        // once, as it now stands.
+        let items: Vec<_> = items.into_iter().map(|(n, (r, t))| (n, r, t)).collect();
+        let results = self.backend.apply_many(&items);
+        for (&(net, ..), result) in items.iter().zip(results) {
+            self.settle(core, net, Pending::Apply, result);
+            core.applied.insert(net, now);
         }
         self.warn_capacity(core);
         ops

@@ -391,12 +391,44 @@ async fn offloaded_manager_works_on_the_blocking_pool() {
     task.await.unwrap();
 }
 
+/// A backend that records the size of every call it gets.
+#[derive(Debug, Default)]
+struct CallLog {
+    calls: Arc<Mutex<Vec<usize>>>,
+}
+
+impl BanBackend for CallLog {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Memory
+    }
+    fn apply(&self, _: Net, _: Duration, _: Duration) -> Result<(), BackendError> {
+        self.calls.lock().unwrap().push(1);
+        Ok(())
+    }
+    fn apply_many(&self, items: &[(Net, Duration, Duration)]) -> Vec<Result<(), BackendError>> {
+        self.calls.lock().unwrap().push(items.len());
+        items.iter().map(|_| Ok(())).collect()
+    }
+    fn remove(&self, _: Net) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn expires_itself(&self) -> bool {
+        false
+    }
+    fn list(&self) -> Result<Option<std::collections::BTreeSet<Net>>, BackendError> {
+        Ok(None)
+    }
+}
+
 #[test]
 fn concurrent_bans_share_one_group_commit_and_each_gets_its_answer() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();
     let cfg = BanConfig::default();
-    let m = open(dir.path(), &cfg, &clock);
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let store = BanStore::open(&dir.path().join(STATE_DB)).unwrap();
+    let backend = Box::new(CallLog { calls: calls.clone() });
+    let m = BanManager::new(&cfg, &gate(), store, backend, clock.clone(), false);
     // Hold the lock a committing thread needs, so that every order queues up behind it.
     let held = m.inner.core.lock().unwrap();
     let threads: Vec<_> = (0..8)
@@ -418,6 +450,7 @@ fn concurrent_bans_share_one_group_commit_and_each_gets_its_answer() {
     let banned = outcomes.iter().filter(|o| matches!(o, BanOutcome::Banned(_))).count();
     let extended = outcomes.iter().filter(|o| matches!(o, BanOutcome::Extended(_))).count();
     assert_eq!((banned, extended), (7, 1));
+    assert_eq!(*calls.lock().unwrap(), [7], "the group goes to the kernel in one call, each network once");
     // kill -9, reopen: all seven are in the database.
     drop(m);
     let m = open(dir.path(), &cfg, &clock);
