@@ -8,7 +8,8 @@
 //!
 //! - **Durable first.** [`BanManager`] implements [`BanSink`]: the ban is committed to SQLite
 //!   (`<state_dir>/state.sqlite`, [`store`]) before the server replies to the client, so a
-//!   kill -9 loses nothing.
+//!   kill -9 loses nothing. Concurrent bans are group-committed: one transaction, one fsync,
+//!   for every order queued while the previous commit ran (a flood of forged senders).
 //! - **Then the kernel.** The ban goes to one [`BanBackend`] (`memory`, `xt_recent`,
 //!   `nftables`, [`backend`]). A backend failure (table missing, permission denied, set full)
 //!   is logged and counted, never fatal: the ban stays recorded and is retried every
