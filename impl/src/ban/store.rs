@@ -16,7 +16,8 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
 
 use super::Ban;
 use super::net::Net;
@@ -309,39 +310,36 @@ impl BanStore {
     }
 }
 
+/// A ban's columns in table order: net, reason, session, evidence, start_ms, expires_ms,
+/// offence (the tail of a `ban_history` row too).
+fn ban_values(ban: &Ban) -> [Value; 7] {
+    [
+        Value::Text(ban.net.to_string()),
+        Value::Text(ban.reason.as_str().into()),
+        Value::Integer(ban.session as i64),
+        Value::Text(ban.evidence.clone()),
+        Value::Integer(to_ms(ban.start)),
+        Value::Integer(to_ms(ban.expires)),
+        Value::Integer(i64::from(ban.offence)),
+    ]
+}
+
 fn write_ban(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO bans (net, reason, session, evidence, start_ms, expires_ms, offence)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
-    .execute(params![
-        ban.net.to_string(),
-        ban.reason.as_str(),
-        ban.session as i64,
-        ban.evidence,
-        to_ms(ban.start),
-        to_ms(ban.expires),
-        i64::from(ban.offence)
-    ])?;
+    .execute(params_from_iter(ban_values(ban)))?;
     log(conn, ban, event, at)
 }
 
 fn log(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+    let head = [Value::Integer(to_ms(at)), Value::Text(event.as_str().into())];
     conn.prepare_cached(
         "INSERT INTO ban_history (at_ms, event, net, reason, session, evidence, start_ms, expires_ms, offence)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
-    .execute(params![
-        to_ms(at),
-        event.as_str(),
-        ban.net.to_string(),
-        ban.reason.as_str(),
-        ban.session as i64,
-        ban.evidence,
-        to_ms(ban.start),
-        to_ms(ban.expires),
-        i64::from(ban.offence)
-    ])?;
+    .execute(params_from_iter(head.into_iter().chain(ban_values(ban))))?;
     Ok(())
 }
 
