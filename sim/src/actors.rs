@@ -67,7 +67,7 @@ pub async fn generator(world: Arc<World>, index: usize) {
     while let Some(next) = profile.next_arrival(t, end, &mut r) {
         t = next;
         tokio::time::sleep_until(base + Duration::from_secs_f64(t)).await;
-        let addr = spec.kind.addr(first + chooser.pick(&mut r));
+        let addr = spec.addr(first, chooser.pick(&mut r));
         let script = draw(&world, &spec, addr, n, &mut r);
         n += 1;
         let w = world.clone();
@@ -84,7 +84,8 @@ fn draw(world: &World, spec: &ActorSpec, addr: IpAddr, n: u64, r: &mut SmallRng)
         format!("d{}.{}.remote.test", r.random_range(0..pool.domains), pool.pool)
     };
     let port = 1024 + (n % 60_000) as u16;
-    let helo = format!("h{}.{}.sim.test", addr.to_string().replace('.', "-"), spec.kind.as_str().replace('_', "-"));
+    let host = addr.to_string().replace(['.', ':'], "-");
+    let helo = format!("h{host}.{}.sim.test", spec.kind.as_str().replace('_', "-"));
     let rcpts_n = spec.rcpts.unwrap_or(1);
     let (from, rcpts) = match spec.kind {
         Class::Backscatter => {
@@ -266,7 +267,7 @@ fn check_banned(world: &World, s: &Script, start: Duration) {
     let now = world.now();
     let mut st = world.state();
     st.bump(s.addr, |c| c.offending += 1);
-    let banned = st.bans.get(&s.addr).is_some_and(|b| b.at >= start && b.reason == want);
+    let banned = world.ban_of(&st, s.addr).is_some_and(|b| b.at >= start && b.reason == want);
     if banned {
         st.bump(s.addr, |c| c.banned_in_session += 1);
     } else {

@@ -85,7 +85,7 @@ fn syn(world: &World, src: IpAddr) -> GateDecision {
             st.bump(src, |c| c.drop_banned += 1);
             st.hour(now).kernel_drops += 1;
             if !world.ban_live(&st, src, now) {
-                let detail = match st.bans.get(&src) {
+                let detail = match world.ban_of(&st, src) {
                     Some(b) => format!(
                         "kernel dropped a SYN as banned {:.3} s after the ban expired",
                         (now - b.expires).as_secs_f64()

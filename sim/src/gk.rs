@@ -278,7 +278,7 @@ impl Observer for Watch {
             st.violate(now, Invariant::BadReply, client, detail);
         }
         if event.rule == Rule::G2 && event.code == 554 && !self.world.ban_live(&st, client, now) {
-            let detail = match st.bans.get(&client) {
+            let detail = match self.world.ban_of(&st, client) {
                 Some(b) => format!("refused as banned {:.3} s after the ban expired", (now - b.expires).as_secs_f64()),
                 None => "refused as banned; no ban was decided".to_string(),
             };

@@ -5,7 +5,7 @@
 //! they become a sorted `name → value` map only when the report is built.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use gatekeeper::policy::{BanReason, Rule};
 use serde::Deserialize;
@@ -85,14 +85,35 @@ impl Class {
         IpAddr::V4(Ipv4Addr::from(base + 1 + n))
     }
 
+    /// The `n`-th IPv6 address of this class (`n < 65000`), in /64 number `prefix`
+    /// (`< 65536`): `fd10:<16 + class>:0:<prefix>::<n + 1>`.
+    pub fn addr6(self, n: u32, prefix: u32) -> IpAddr {
+        let [class, prefix, n] = [16 + self as u32, prefix, n + 1].map(|v| u16::try_from(v).expect("< 65536"));
+        IpAddr::V6(Ipv6Addr::new(0xfd10, class, 0, prefix, 0, 0, 0, n))
+    }
+
     /// The class an address belongs to.
     pub fn of(addr: IpAddr) -> Option<Class> {
-        let IpAddr::V4(v4) = addr.to_canonical() else { return None };
-        let o = v4.octets();
-        if o[0] != 10 || o[1] < 16 {
-            return None;
-        }
-        Class::ALL.get(usize::from(o[1] - 16)).copied()
+        let class = match addr.to_canonical() {
+            IpAddr::V4(v4) => match v4.octets() {
+                [10, c, ..] => c,
+                _ => return None,
+            },
+            IpAddr::V6(v6) => match v6.segments() {
+                [0xfd10, c, ..] => u8::try_from(c).ok()?,
+                _ => return None,
+            },
+        };
+        Class::ALL.get(usize::from(class.checked_sub(16)?)).copied()
+    }
+
+    /// The ordinal `n` of an address of [`Class::addr`] or [`Class::addr6`].
+    pub fn ordinal(addr: IpAddr) -> Option<u32> {
+        let low = match addr.to_canonical() {
+            IpAddr::V4(v4) => u32::from(v4) & 0xffff,
+            IpAddr::V6(v6) => u32::from(v6.segments()[7]),
+        };
+        low.checked_sub(1)
     }
 }
 
@@ -456,11 +477,15 @@ mod tests {
     fn addresses_map_back_to_their_class() {
         for class in Class::ALL {
             for n in [0, 1, 255, 256, 64_999] {
-                assert_eq!(Class::of(class.addr(n)), Some(class), "{class:?} {n}");
+                for a in [class.addr(n), class.addr6(n, n / 7)] {
+                    assert_eq!((Class::of(a), Class::ordinal(a)), (Some(class), Some(n)), "{class:?} {a}");
+                }
             }
         }
         assert_eq!(Class::of("192.168.0.1".parse().unwrap()), None);
+        assert_eq!(Class::of("2001:db8::1".parse().unwrap()), None);
         assert_ne!(Class::Backscatter.addr(0), Class::Backscatter.addr(1));
+        assert_eq!(Class::ForgedLocal.addr6(4, 3).to_string(), "fd10:12:0:3::5");
     }
 
     #[test]

@@ -90,7 +90,7 @@ pub async fn generator(world: Arc<World>, index: usize) {
         let mta = Mta {
             world: world.clone(),
             class: spec.kind,
-            addr: spec.kind.addr(start + i),
+            addr: spec.addr(start, i),
             domain: home(i),
             rng: rng(seed, &format!("mta-{index}"), u64::from(i)),
             port: 0,
@@ -121,13 +121,13 @@ pub async fn generator(world: Arc<World>, index: usize) {
         let msg = Msg { id, from, to: format!("{local}@{}", world.cfg.domain), typo, submitted: now, next_try: now };
         {
             let mut st = world.state();
-            st.bump(spec.kind.addr(start + i), |c| c.messages += 1);
+            st.bump(spec.addr(start, i), |c| c.messages += 1);
             st.pending += 1;
         }
         if queues[i as usize].try_send(msg).is_err() {
             let mut st = world.state();
             st.pending -= 1;
-            st.violate(now, Invariant::HonestLost, spec.kind.addr(start + i), "MTA queue full".into());
+            st.violate(now, Invariant::HonestLost, spec.addr(start, i), "MTA queue full".into());
         }
     }
 }

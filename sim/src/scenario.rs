@@ -184,6 +184,39 @@ pub struct ActorSpec {
     /// Recipients per session (`backscatter`, `dictionary`).
     #[serde(default)]
     pub rcpts: Option<u32>,
+    /// The address family of its clients.
+    #[serde(default)]
+    pub family: Family,
+    /// `ipv6`: how many of its addresses share one /64 (a host rotating through its prefix,
+    /// as IPv6 hosts may). 1: each address in a /64 of its own.
+    #[serde(default = "one")]
+    pub per_prefix: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// An actor's address family.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `10.<16 + class>.x.y`.
+    #[default]
+    Ipv4,
+    /// `fd10:<16 + class>:0:<prefix>::<n + 1>`.
+    Ipv6,
+}
+
+impl ActorSpec {
+    /// The actor's `i`-th address, `start` being the first ordinal of its range in its class.
+    /// IPv6: the prefix number is `start + i / per_prefix`, so actors never share a /64.
+    pub fn addr(&self, start: u32, i: u32) -> std::net::IpAddr {
+        match self.family {
+            Family::Ipv4 => self.kind.addr(start + i),
+            Family::Ipv6 => self.kind.addr6(start + i, start + i / self.per_prefix.max(1)),
+        }
+    }
 }
 
 /// A fault during the safety phase.
@@ -478,6 +511,12 @@ impl Scenario {
             let at = |f: &str| format!("actor[{i}] ({}).{f}", a.kind.as_str());
             if a.addresses == 0 || a.addresses > 65_000 {
                 p.push(format!("{}: between 1 and 65000", at("addresses")));
+            }
+            if a.per_prefix == 0 || a.per_prefix > a.addresses.max(1) {
+                p.push(format!("{}: between 1 and addresses ({})", at("per_prefix"), a.addresses));
+            }
+            if a.per_prefix > 1 && a.family != Family::Ipv6 {
+                p.push(format!("{}: only for family = \"ipv6\"", at("per_prefix")));
             }
             if a.rate.is_empty() {
                 p.push(format!("{}: at least one [time, per_hour] point", at("rate")));

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use gatekeeper::ban::Net;
 use gatekeeper::config::{Config, Settings};
 use gatekeeper::gate::{Gate, GateConfig, GateDecision};
 use gatekeeper::policy::BanReason;
@@ -178,8 +179,7 @@ impl Kernel {
 
 /// The actor an address belongs to.
 pub fn actor_of(ranges: &[(Class, u32, u32)], class: Class, addr: IpAddr) -> Option<usize> {
-    let IpAddr::V4(v4) = addr.to_canonical() else { return None };
-    let n = (u32::from(v4) & 0xffff).checked_sub(1)?;
+    let n = Class::ordinal(addr)?;
     ranges.iter().position(|&(c, start, end)| c == class && start <= n && n < end)
 }
 
@@ -212,11 +212,12 @@ pub struct State {
     pub c: Counters,
     /// Hourly buckets.
     pub hours: Vec<Hour>,
-    /// The latest ban of each address, as decided.
+    /// The latest ban of each ban key ([`World::ban_key`]: an IPv4 address or an IPv6
+    /// network), as decided.
     pub bans: BTreeMap<IpAddr, BanEntry>,
     /// Addresses banned at least once.
     pub banned_ever: BTreeSet<IpAddr>,
-    /// When each address was banned (only with `bans.escalation`, to mirror its lengths).
+    /// When each ban key was banned (only with `bans.escalation`, to mirror its lengths).
     pub ban_times: BTreeMap<IpAddr, Vec<Duration>>,
     /// Spooled messages by id.
     pub spool: BTreeMap<u64, Spooled>,
@@ -317,9 +318,20 @@ impl World {
         self.kernel.lock().expect("kernel model")
     }
 
+    /// What a ban of `addr` covers, as the gatekeeper keys it: the address (IPv4) or its
+    /// network (IPv6, `[gate] ipv6_prefix`), given by its first address.
+    pub fn ban_key(&self, addr: IpAddr) -> IpAddr {
+        Net::ban_key(addr, self.cfg.settings.config.gate.ipv6_prefix).addr()
+    }
+
+    /// The ledger's ban covering `addr`, if one was decided.
+    pub fn ban_of<'s>(&self, st: &'s State, addr: IpAddr) -> Option<&'s BanEntry> {
+        st.bans.get(&self.ban_key(addr))
+    }
+
     /// Whether `addr` has a ban running at `now` (per the ledger).
     pub fn ban_live(&self, st: &State, addr: IpAddr, now: Duration) -> bool {
-        st.bans.get(&addr).is_some_and(|b| now < b.expires + self.expiry_slack)
+        self.ban_of(st, addr).is_some_and(|b| now < b.expires + self.expiry_slack)
     }
 
     /// A ban decided by the gatekeeper, as its ban sink reports it: ledger, checkers, kernel.
@@ -331,7 +343,7 @@ impl World {
         let escalation = &self.cfg.settings.config.bans.escalation;
         let duration = if escalation.enabled {
             let since = now.saturating_sub(escalation.lookback);
-            let times = st.ban_times.entry(addr).or_default();
+            let times = st.ban_times.entry(self.ban_key(addr)).or_default();
             let earlier = times.iter().filter(|t| **t >= since).count() as u32;
             times.push(now);
             escalation.duration(duration, earlier)
@@ -340,7 +352,7 @@ impl World {
         };
         st.c.bans[crate::metrics::reason_index(reason)] += 1;
         st.hour(now).bans += 1;
-        st.bans.insert(addr, BanEntry { reason, at: now, expires: now + duration });
+        st.bans.insert(self.ban_key(addr), BanEntry { reason, at: now, expires: now + duration });
         let first = st.banned_ever.insert(addr);
         if let Some(class) = class {
             st.bump(addr, |c| c.bans += 1);
