@@ -70,7 +70,7 @@ fn syn(world: &World, src: IpAddr) -> GateDecision {
     st.bump(src, |c| c.syns += 1);
     match decision {
         GateDecision::Accept => {
-            if world.ban_live(&st, src, now) {
+            if world.ban_certain(&st, src, now) {
                 st.c.accepted_while_banned += 1;
                 if !st.kernel_lost && !world.kernel().may_have_evicted() {
                     st.violate(now, Invariant::BanNotEnforced, src, "kernel accepted a SYN of a banned client".into());

@@ -283,6 +283,9 @@ pub struct World {
     /// Tolerance when comparing a ban's expiry with the firewall: the ban manager lifts due
     /// bans on its next maintenance pass (`bans.sync_interval`), plus two jiffies.
     pub expiry_slack: Duration,
+    /// Tolerance the other way: the kernel may forget a ban up to two jiffies before its exact
+    /// end (xt_recent's `--seconds` window runs from the jiffy the ban was stamped in).
+    pub jiffy_slack: Duration,
 }
 
 impl World {
@@ -291,8 +294,8 @@ impl World {
     pub fn new(cfg: Resolved, origin: Instant) -> Arc<World> {
         let gate = cfg.settings.config.gate.clone();
         let hz = gate.kind.hz().max(1);
-        let expiry_slack = cfg.settings.config.bans.sync_interval
-            + Duration::from_nanos(2 * 1_000_000_000 / u64::from(hz) + 1_000_000);
+        let jiffy_slack = Duration::from_nanos(2 * 1_000_000_000 / u64::from(hz) + 1_000_000);
+        let expiry_slack = cfg.settings.config.bans.sync_interval + jiffy_slack;
         let hours = cfg.horizon.as_secs().div_ceil(3600) as usize;
         let state = State {
             hours: vec![Hour::default(); hours.max(1)],
@@ -300,7 +303,13 @@ impl World {
             ranges: cfg.ranges.clone(),
             ..State::default()
         };
-        Arc::new(World { kernel: Mutex::new(Kernel::new(gate, origin)), state: Mutex::new(state), cfg, expiry_slack })
+        Arc::new(World {
+            kernel: Mutex::new(Kernel::new(gate, origin)),
+            state: Mutex::new(state),
+            cfg,
+            expiry_slack,
+            jiffy_slack,
+        })
     }
 
     /// Simulated time since the start (exact inside a host, between ticks too).
@@ -329,9 +338,17 @@ impl World {
         st.bans.get(&self.ban_key(addr))
     }
 
-    /// Whether `addr` has a ban running at `now` (per the ledger).
+    /// Whether `addr` may still be banned at `now` (per the ledger): the ban has not ended,
+    /// or ended so recently that the firewall may not have lifted it yet. A drop or a 554
+    /// outside this is a ban outliving its expiry.
     pub fn ban_live(&self, st: &State, addr: IpAddr, now: Duration) -> bool {
         self.ban_of(st, addr).is_some_and(|b| now < b.expires + self.expiry_slack)
+    }
+
+    /// Whether `addr` must be banned at `now` (per the ledger): the ban runs for longer than
+    /// the firewall's rounding. A SYN accepted inside this is a ban not enforced.
+    pub fn ban_certain(&self, st: &State, addr: IpAddr, now: Duration) -> bool {
+        self.ban_of(st, addr).is_some_and(|b| now + self.jiffy_slack < b.expires)
     }
 
     /// A ban decided by the gatekeeper, as its ban sink reports it: ledger, checkers, kernel.
