@@ -10,6 +10,9 @@ pub const PROXY_HEADER_MAX: usize = 536;
 
 const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 
+/// Longest v1 line including its CRLF.
+const V1_MAX: usize = 107;
+
 /// A header that is not valid PROXY protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -42,8 +45,10 @@ pub fn parse_proxy_header(buf: &[u8]) -> Result<Option<(usize, Option<SocketAddr
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(usize, Option<SocketAddr>)>, ProxyError> {
-    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-        return if buf.len() >= 107 { Err(ProxyError::BadV1("longer than 107 octets")) } else { Ok(None) };
+    // The CRLF must be within the first 107 octets: searching further would accept, from a
+    // buffer, a line that a reader getting the bytes one at a time has already refused.
+    let Some(end) = buf[..buf.len().min(V1_MAX)].windows(2).position(|w| w == b"\r\n") else {
+        return if buf.len() >= V1_MAX { Err(ProxyError::BadV1("longer than 107 octets")) } else { Ok(None) };
     };
     let line = std::str::from_utf8(&buf[..end]).map_err(|_| ProxyError::BadV1("not text"))?;
     let parts: Vec<&str> = line.split(' ').collect();
@@ -142,6 +147,23 @@ mod tests {
         assert!(parse_proxy_header(b"PROXY TCP4 2001:db8::1 1.2.3.4 1 2\r\n").is_err());
         assert_eq!(parse_proxy_header(b"EHLO x\r\n"), Err(ProxyError::NotProxy));
         assert!(parse_proxy_header(&[b'P'; 200]).is_err());
+    }
+
+    #[test]
+    fn v1_line_is_at_most_107_octets() {
+        let line = |len: usize| {
+            let mut h = b"PROXY UNKNOWN ".to_vec();
+            h.resize(len - 2, b'x');
+            h.extend_from_slice(b"\r\nEHLO x\r\n");
+            h
+        };
+        assert_eq!(parse_proxy_header(&line(V1_MAX)), Ok(Some((V1_MAX, None))));
+        // One octet over: refused whether the CRLF is in the buffer already or not, as the
+        // server (reading byte by byte) refuses it at octet 107.
+        let long = line(V1_MAX + 1);
+        let too_long = Err(ProxyError::BadV1("longer than 107 octets"));
+        assert_eq!(parse_proxy_header(&long[..V1_MAX]), too_long);
+        assert_eq!(parse_proxy_header(&long), too_long);
     }
 
     #[test]
