@@ -225,8 +225,6 @@ struct Row<'a> {
     run: &'a RunReport,
     /// Every run of the group, in the order they ran.
     all: Vec<&'a RunReport>,
-    runs: usize,
-    errors: u64,
 }
 
 impl Row<'_> {
@@ -262,7 +260,7 @@ fn medians<'a>(runs: &[&'a RunReport]) -> Vec<Row<'a>> {
         .map(|all| {
             let mut g = all.clone();
             g.sort_by(|a, b| a.sessions_per_s.total_cmp(&b.sessions_per_s));
-            Row { run: g[(g.len() - 1) / 2], runs: g.len(), errors: g.iter().map(|r| r.errors).sum(), all }
+            Row { run: g[(g.len() - 1) / 2], all }
         })
         .collect()
 }
@@ -274,7 +272,7 @@ pub fn table(reports: &[RunReport]) -> String {
     let side: Vec<&RunReport> = reports.iter().filter(|r| r.mode == "closed" || r.mode == "external").collect();
     let rows = medians(&side);
     if !rows.is_empty() {
-        let repeated = rows.iter().any(|r| r.runs > 1);
+        let repeated = rows.iter().any(|r| r.all.len() > 1);
         let (runs_head, runs_rule) = if repeated { (" runs |", " ---: |") } else { ("", "") };
         let _ = writeln!(
             s,
@@ -289,7 +287,7 @@ pub fn table(reports: &[RunReport]) -> String {
                     .and_then(|o| row.ratio_to(o))
             };
             let all = r.latency.get("all");
-            let runs = if repeated { format!(" {} |", row.runs) } else { String::new() };
+            let runs = if repeated { format!(" {} |", row.all.len()) } else { String::new() };
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |{runs}",
@@ -303,7 +301,7 @@ pub fn table(reports: &[RunReport]) -> String {
                 cell(all.map(|l| ms(l.p99_us)), |v| format!("{v:.2}")),
                 cell(r.server_use.as_ref().map(|u| u.cpu_us_per_session), |v| format!("{v:.0}")),
                 cell(r.server_use.as_ref().map(|u| mib(u.rss_peak_kib)), |v| format!("{v:.1}")),
-                row.errors,
+                row.all.iter().map(|r| r.errors).sum::<u64>(),
             );
         }
         if repeated {

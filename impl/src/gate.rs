@@ -156,11 +156,6 @@ impl XtMask {
         XtMask((u128::from(v4) << 96) | (u128::MAX >> 32))
     }
 
-    /// The raw 16 bytes, network order.
-    pub fn to_bytes(self) -> [u8; 16] {
-        self.0.to_be_bytes()
-    }
-
     #[inline]
     fn apply(self, k: Key) -> Key {
         if k.v6 { Key::v6(k.bits128() & self.0) } else { Key::v4((k.lo as u32) & ((self.0 >> 96) as u32)) }
@@ -1710,11 +1705,6 @@ impl GateDecision {
             GateDecision::DropRate => "drop_rate",
             GateDecision::DropBanned => "drop_banned",
         }
-    }
-
-    /// True for the two drop decisions.
-    pub fn is_drop(self) -> bool {
-        self != GateDecision::Accept
     }
 }
 

@@ -69,11 +69,6 @@ impl Class {
         matches!(self, Class::Backscatter | Class::Bounce | Class::Prober | Class::Honest)
     }
 
-    /// Clients that must be banned in their first offending session.
-    pub fn is_offender(self) -> bool {
-        matches!(self, Class::ForgedLocal | Class::FakeSender | Class::Virus | Class::Dictionary)
-    }
-
     /// MTAs with queues (messages, delivery delays).
     pub fn is_mta(self) -> bool {
         matches!(self, Class::Honest | Class::Bounce)

@@ -405,22 +405,12 @@ impl BanManager {
         self.blocking(Inner::restore).await?
     }
 
-    /// [`BanManager::restore`] for synchronous callers.
-    pub fn restore_blocking(&self) -> Result<RestoreReport, BanError> {
-        self.inner.restore()
-    }
-
     /// One maintenance pass: pick up other processes' changes, expire due bans, retry failed
     /// backend operations, reconcile with the kernel table, refresh long bans, prune history.
     pub async fn tick(&self) {
         if let Err(e) = self.blocking(Inner::tick).await {
             tracing::error!(error = %e, "ban maintenance failed");
         }
-    }
-
-    /// [`BanManager::tick`] for synchronous callers.
-    pub fn tick_blocking(&self) {
-        self.inner.tick();
     }
 
     /// Runs [`BanManager::tick`] every `sync_interval` until `shutdown` completes.

@@ -84,6 +84,11 @@ fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
     BanManager::open(cfg, &gate(), dir, clock.clone(), false).unwrap()
 }
 
+/// A manager with an in-memory store and the memory backend (no restart to survive).
+fn in_memory(cfg: &BanConfig, gate: &GateConfig, clock: &Arc<TestClock>) -> BanManager {
+    BanManager::new(cfg, gate, BanStore::in_memory().unwrap(), Box::new(MemoryBackend::new()), clock.clone(), false)
+}
+
 fn order(addr: &str, clock: &TestClock) -> BanOrder {
     BanOrder {
         addr: ip(addr),
@@ -190,14 +195,7 @@ async fn ipv6_bans_cover_the_64_and_ipv4_mapped_is_ipv4() {
     assert!(m.key_of("2001:db8::/48".parse().unwrap()).is_err());
     // A /48 prefix configured: keys follow it.
     let g = GateConfig { ipv6_prefix: 48, ..gate() };
-    let m48 = BanManager::new(
-        &BanConfig::default(),
-        &g,
-        BanStore::in_memory().unwrap(),
-        Box::new(MemoryBackend::new()),
-        clock.clone(),
-        false,
-    );
+    let m48 = in_memory(&BanConfig::default(), &g, &clock);
     assert_eq!(m48.key(ip("2001:db8:1:2::1")).to_string(), "2001:db8:1::/48");
 }
 
@@ -319,14 +317,7 @@ async fn escalation_lengthens_repeat_offences_only_when_enabled() {
         escalation: Escalation { enabled: true, factor: 2, max: 10 * DAY, lookback: 30 * DAY },
         ..BanConfig::default()
     };
-    let m = BanManager::new(
-        &cfg,
-        &gate(),
-        BanStore::in_memory().unwrap(),
-        Box::new(MemoryBackend::new()),
-        clock.clone(),
-        false,
-    );
+    let m = in_memory(&cfg, &gate(), &clock);
     let mut lengths = Vec::new();
     for _ in 0..3 {
         BanSink::ban(&m, order("192.0.2.1", &clock)).await;
@@ -336,14 +327,7 @@ async fn escalation_lengthens_repeat_offences_only_when_enabled() {
         m.tick().await;
     }
     assert_eq!(lengths, [(4, 1), (8, 2), (10, 3)]);
-    let plain = BanManager::new(
-        &BanConfig::default(),
-        &gate(),
-        BanStore::in_memory().unwrap(),
-        Box::new(MemoryBackend::new()),
-        clock.clone(),
-        false,
-    );
+    let plain = in_memory(&BanConfig::default(), &gate(), &clock);
     for _ in 0..2 {
         BanSink::ban(&plain, order("192.0.2.1", &clock)).await;
         let b = plain.list_blocking().unwrap().remove(0);
@@ -356,14 +340,7 @@ async fn escalation_lengthens_repeat_offences_only_when_enabled() {
 #[tokio::test]
 async fn a_longer_ban_extends_and_a_shorter_one_keeps_the_later_expiry() {
     let clock = TestClock::new();
-    let m = BanManager::new(
-        &BanConfig::default(),
-        &gate(),
-        BanStore::in_memory().unwrap(),
-        Box::new(MemoryBackend::new()),
-        clock.clone(),
-        false,
-    );
+    let m = in_memory(&BanConfig::default(), &gate(), &clock);
     m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "a".into(), Some(DAY)).await.unwrap();
     let r = m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "b".into(), Some(Duration::from_secs(60))).await.unwrap();
     let BanOutcome::Extended(b) = r else { panic!("{r:?}") };
