@@ -5,8 +5,9 @@
 #
 #  (a) differential: the same SYN sequences (window 2 s) go through the real xt_recent rules and
 #      through the model (`gatekeeper model-replay`), accept/drop compared SYN by SYN; then the
-#      same for the nft ruleset. Exact jiffies per SYN come from KERNEL.md's trick: a raw-table
-#      `ALLSYN --set` stamps every SYN, a security-table `ACCSYN --set` every accepted one.
+#      same for the nft ruleset. Exact jiffies per SYN come from the trick of docs/kernel.md
+#      §4.4: a raw-table `ALLSYN --set` stamps every SYN, a security-table `ACCSYN --set` every
+#      accepted one.
 #  (b) end to end, per backend: the release gatekeeper serves in the server namespace; a client
 #      triggers a B1 ban with swaks; its next SYN is dropped by the kernel (connect times out);
 #      `gatekeeper bans remove` lets it in again.

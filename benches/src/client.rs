@@ -71,7 +71,7 @@ pub enum Workload {
 }
 
 /// The seed's mix, in sessions per thousand: mostly backscatter, some forged and fake
-/// senders, a few honest messages (DESIGN.md §1; the actors of the simulation).
+/// senders, a few honest messages (docs/design.md §1; the actors of the simulation).
 pub const MIX_PERMILLE: [(Class, u32); 4] =
     [(Class::Backscatter, 880), (Class::Forged, 40), (Class::Fake, 40), (Class::Honest, 40)];
 
