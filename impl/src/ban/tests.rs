@@ -1,10 +1,13 @@
 //! Ban manager tests: persistence across a simulated kill -9, expiry, allowlist, IPv6
 //! masking, escalation, backend failure and recovery, sync between processes, reconcile.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
 
 use super::*;
+use crate::edges::{BanOrder, BanSink};
+use crate::gate::GateConfig;
 use crate::policy::BanRequest;
 
 /// A clock that moves only when told to.
