@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::policy::{BanRequest, ScanOutcome, Verification};
+use crate::policy::{BanReason, BanRequest, ScanOutcome, Verification};
 use crate::proto::{ForwardPath, Mailbox, ReversePath};
 use crate::session::{DeliveryError, Envelope, Event};
 
@@ -108,22 +108,51 @@ pub trait Scanner: Send + Sync + std::fmt::Debug {
     fn scan(&self, message: Bytes) -> BoxFuture<'_, ScanOutcome>;
 }
 
-/// One ban decided by the rules, as handed to the ban sink.
-#[derive(Debug, Clone)]
+/// One ban order: which client, why, proven by what, decided when, for how long. The one shape
+/// of a ban request, whoever gives it: the server for a rule's ban (through [`BanSink`]), an
+/// administrator (`gatekeeper bans add`, [`BanOrder::manual`]), the ban manager's own API.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BanOrder {
-    /// The client.
+    /// The client; the ban covers its network (the address, or its IPv6 /64 by default).
     pub addr: IpAddr,
-    /// The session that proved it.
+    /// B1–B4, or manual.
+    pub reason: BanReason,
+    /// The session that proved it (0 for a manual ban).
     pub session: u64,
-    /// Reason and evidence.
-    pub request: BanRequest,
-    /// When it was decided (wall clock).
-    pub at: SystemTime,
-    /// How long it lasts.
-    pub duration: Duration,
+    /// The command or finding that proves it; for a manual ban, the administrator's text.
+    pub evidence: String,
+    /// When it was decided (wall clock); `None`: when it is recorded.
+    pub at: Option<SystemTime>,
+    /// How long it lasts, before any escalation; `None`: the configured `gate.ban_time`.
+    pub duration: Option<Duration>,
 }
 
-/// Where bans go beyond the in-process gate: persistence and the kernel (issue gate+bans).
+impl BanOrder {
+    /// The ban the rules asked for in session `session` (`request`: reason and evidence); say
+    /// when and for how long with [`Self::decided_at`] and [`Self::lasting`].
+    pub fn from_request(addr: IpAddr, session: u64, request: BanRequest) -> Self {
+        let BanRequest { reason, evidence } = request;
+        BanOrder { addr, reason, session, evidence, at: None, duration: None }
+    }
+
+    /// A manual ban of `addr` by an administrator, who says why in `evidence`: decided when
+    /// recorded, for the configured ban time.
+    pub fn manual(addr: IpAddr, evidence: impl Into<String>) -> Self {
+        BanOrder { addr, reason: BanReason::Manual, session: 0, evidence: evidence.into(), at: None, duration: None }
+    }
+
+    /// The same order, decided at `at`.
+    pub fn decided_at(self, at: SystemTime) -> Self {
+        BanOrder { at: Some(at), ..self }
+    }
+
+    /// The same order, lasting `duration` (before any escalation).
+    pub fn lasting(self, duration: Duration) -> Self {
+        BanOrder { duration: Some(duration), ..self }
+    }
+}
+
+/// Where bans go beyond the in-process gate: persistence and the kernel (the ban manager).
 pub trait BanSink: Send + Sync + std::fmt::Debug {
     /// Records the ban durably; the client's reply waits for this.
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()>;

@@ -412,7 +412,8 @@ impl Shared {
                     self.stats.bans.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(reason = request.reason.as_str(), evidence = %request.evidence, ?duration, "ban");
                     if let Some(sink) = &self.ban_sink {
-                        let order = BanOrder { addr, session: sid, request, at: self.clock.wall(), duration };
+                        let order =
+                            BanOrder::from_request(addr, sid, request).decided_at(self.clock.wall()).lasting(duration);
                         sink.ban(order).await;
                     }
                 }

@@ -182,10 +182,10 @@ impl BanSink for LedgerSink {
             if self.manager.is_allowlisted(order.addr) {
                 return BanSink::ban(&self.manager, order).await;
             }
-            self.world.record_ban(order.addr, order.request.reason, order.duration);
-            if self.world.cfg.sabotage == Sabotage::LoseForgedBans
-                && order.request.reason == BanReason::ForgedLocalSender
-            {
+            // The server always says how long; the manager's default stands in otherwise.
+            let duration = order.duration.unwrap_or(self.world.cfg.settings.config.gate.ban_time);
+            self.world.record_ban(order.addr, order.reason, duration);
+            if self.world.cfg.sabotage == Sabotage::LoseForgedBans && order.reason == BanReason::ForgedLocalSender {
                 return;
             }
             BanSink::ban(&self.manager, order).await;
@@ -292,13 +292,14 @@ impl Observer for Watch {
         {
             let ban_time = self.world.cfg.settings.config.gate.ban_time;
             self.world.record_ban(client, BanReason::UnknownRecipient, ban_time);
-            let _ = self.manager.ban_blocking(
-                client,
-                BanReason::UnknownRecipient,
+            let _ = self.manager.ban_blocking(BanOrder {
+                addr: client,
+                reason: BanReason::UnknownRecipient,
                 session,
-                "sabotage: unknown recipient, any sender".into(),
-                Some(ban_time),
-            );
+                evidence: "sabotage: unknown recipient, any sender".into(),
+                at: None,
+                duration: Some(ban_time),
+            });
         }
     }
 }

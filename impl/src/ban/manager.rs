@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use super::{
     Ban, BanBackend, BanConfig, BanError, BanMirror, BanOutcome, BanStats, BanStore, Core, HistoryEvent, HistoryRow,
@@ -17,7 +17,6 @@ use super::{
 };
 use crate::edges::{BanOrder, BanSink, BoxFuture, Clock};
 use crate::gate::GateConfig;
-use crate::policy::BanReason;
 
 /// The ban manager. Cheap to clone; clones share state.
 #[derive(Debug, Clone)]
@@ -125,29 +124,15 @@ impl BanManager {
         }
     }
 
-    /// Bans `addr` for `duration` (escalated for a repeat offender): committed to the database,
-    /// then pushed to the backend and the in-process gate.
-    pub async fn ban(
-        &self,
-        addr: IpAddr,
-        reason: BanReason,
-        session: u64,
-        evidence: String,
-        duration: Option<Duration>,
-    ) -> Result<BanOutcome, BanError> {
-        self.blocking(move |i| i.record(addr, reason, session, evidence, None, duration)).await?
+    /// Carries out `order` (its `duration` escalated for a repeat offender): committed to the
+    /// database, then pushed to the backend and the in-process gate.
+    pub async fn ban(&self, order: BanOrder) -> Result<BanOutcome, BanError> {
+        self.blocking(move |i| i.record(order)).await?
     }
 
     /// [`BanManager::ban`] for synchronous callers.
-    pub fn ban_blocking(
-        &self,
-        addr: IpAddr,
-        reason: BanReason,
-        session: u64,
-        evidence: String,
-        duration: Option<Duration>,
-    ) -> Result<BanOutcome, BanError> {
-        self.inner.record(addr, reason, session, evidence, None, duration)
+    pub fn ban_blocking(&self, order: BanOrder) -> Result<BanOutcome, BanError> {
+        self.inner.record(order)
     }
 
     /// Lifts the ban of `net` (a ban key, see [`BanManager::key_of`]); returns it if there was
@@ -193,12 +178,8 @@ impl BanManager {
 impl BanSink for BanManager {
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            let BanOrder { addr, session, request, at, duration } = order;
-            let reason = request.reason;
-            let result = self
-                .blocking(move |i| i.record(addr, reason, session, request.evidence, Some(at), Some(duration)))
-                .await
-                .and_then(|r| r);
+            let (addr, reason) = (order.addr, order.reason);
+            let result = self.blocking(move |i| i.record(order)).await.and_then(|r| r);
             if let Err(e) = result {
                 // The in-process gate holds the ban; only its persistence failed.
                 tracing::error!(client = %addr, ban = reason.as_str(), error = %e, "ban not recorded");
@@ -212,26 +193,17 @@ impl Inner {
     /// the core lock next commits every queued order in one transaction (one fsync), then
     /// answers each. Concurrent bans (a flood of forged senders) thus share their fsyncs; a
     /// lone ban commits alone, as before. Each answer is given only after its commit.
-    fn record(
-        &self,
-        addr: IpAddr,
-        reason: BanReason,
-        session: u64,
-        evidence: String,
-        at: Option<SystemTime>,
-        duration: Option<Duration>,
-    ) -> Result<BanOutcome, BanError> {
-        let net = Net::ban_key(addr, self.ipv6_prefix);
+    fn record(&self, order: BanOrder) -> Result<BanOutcome, BanError> {
+        let net = Net::ban_key(order.addr, self.ipv6_prefix);
         if self.allowlisted(net) {
             bump(&self.stats.allowlisted);
-            tracing::info!(net = %net, ban = reason.as_str(), evidence = %evidence, "allowlisted: not banned");
+            tracing::info!(net = %net, ban = order.reason.as_str(), evidence = %order.evidence, "allowlisted: not banned");
             // The server bans in process before it asks us; undo that.
             self.mirror(vec![MirrorOp::Unban(net.addr())]);
             return Ok(BanOutcome::Allowlisted(net));
         }
         let answer = Arc::new(Mutex::new(None));
-        let order = Queued { net, reason, session, evidence, at, duration, answer: answer.clone() };
-        self.queue.lock().expect("queue lock").push(order);
+        self.queue.lock().expect("queue lock").push(Queued { net, order, answer: answer.clone() });
         let mut core = self.core.lock().expect("core lock");
         if let Some(done) = answer.lock().expect("answer lock").take() {
             // An earlier lock holder committed it with its own.
@@ -294,8 +266,8 @@ impl Inner {
 
     /// The database part of one order, inside the group's transaction: the ban as it now
     /// stands, and what happened to it.
-    fn stage(&self, store: &mut BanStore, order: &Queued, now: SystemTime) -> Result<(Ban, BanOutcome), BanError> {
-        let net = order.net;
+    fn stage(&self, store: &mut BanStore, queued: &Queued, now: SystemTime) -> Result<(Ban, BanOutcome), BanError> {
+        let (net, order) = (queued.net, &queued.order);
         let at = order.at.unwrap_or(now);
         let base = order.duration.unwrap_or(self.ban_time);
         let earlier = if self.cfg.escalation.enabled {

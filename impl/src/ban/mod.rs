@@ -4,7 +4,7 @@
 //! A ban covers a network ([`Net`]: an IPv4 address, or the client's IPv6 /64 by default) and
 //! carries its reason, its evidence (session id and command), its start and its expiry
 //! ([gate] `ban_time`, 4 days; longer for repeat offenders when [`Escalation`] is on).
-//! Allowlisted networks are never banned. A ban is asked for with one [`BanOrder`](crate::edges::BanOrder).
+//! Allowlisted networks are never banned. A ban is asked for with one [`BanOrder`].
 //!
 //! - **Durable first.** [`BanManager`] implements [`BanSink`](crate::edges::BanSink): the ban is committed to SQLite
 //!   (`<state_dir>/state.sqlite`, [`store`]) before the server replies to the client, so a
@@ -56,7 +56,7 @@ pub use manager::BanManager;
 pub use net::Net;
 pub use store::{BanStore, HistoryEvent, HistoryRow, StoreError};
 
-use crate::edges::Clock;
+use crate::edges::{BanOrder, Clock};
 use crate::policy::BanReason;
 
 /// The file, under the state dir, that holds the `bans` and `ban_history` tables.
@@ -228,12 +228,9 @@ struct Inner {
 /// A ban order waiting to be committed, and where its answer goes.
 #[derive(Debug)]
 struct Queued {
+    /// The network the order's address bans.
     net: Net,
-    reason: BanReason,
-    session: u64,
-    evidence: String,
-    at: Option<SystemTime>,
-    duration: Option<Duration>,
+    order: BanOrder,
     answer: Arc<Mutex<Option<Result<BanOutcome, BanError>>>>,
 }
 

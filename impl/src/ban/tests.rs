@@ -92,17 +92,15 @@ fn in_memory(cfg: &BanConfig, gate: &GateConfig, clock: &Arc<TestClock>) -> BanM
     BanManager::new(cfg, gate, BanStore::in_memory().unwrap(), Box::new(MemoryBackend::new()), clock.clone(), false)
 }
 
+/// What the rules hand over with a ban.
+fn request(reason: BanReason, evidence: String) -> BanRequest {
+    BanRequest { reason, evidence }
+}
+
+/// A B1 ban order as the server gives it (decided now, for 4 days).
 fn order(addr: &str, clock: &TestClock) -> BanOrder {
-    BanOrder {
-        addr: ip(addr),
-        session: 42,
-        request: BanRequest {
-            reason: BanReason::ForgedLocalSender,
-            evidence: "MAIL FROM:<nobody@example.test>".into(),
-        },
-        at: clock.wall(),
-        duration: 4 * DAY,
-    }
+    let b1 = request(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into());
+    BanOrder::from_request(ip(addr), 42, b1).decided_at(clock.wall()).lasting(4 * DAY)
 }
 
 #[tokio::test]
@@ -138,8 +136,8 @@ async fn expired_bans_are_dropped_on_restore_and_by_the_expiry_pass() {
     let clock = TestClock::new();
     let cfg = BanConfig::default();
     let m = open(dir.path(), &cfg, &clock);
-    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "test".into(), Some(Duration::from_secs(10))).await.unwrap();
-    m.ban(ip("192.0.2.2"), BanReason::Manual, 0, "test".into(), Some(Duration::from_secs(100))).await.unwrap();
+    m.ban(BanOrder::manual(ip("192.0.2.1"), "test").lasting(Duration::from_secs(10))).await.unwrap();
+    m.ban(BanOrder::manual(ip("192.0.2.2"), "test").lasting(Duration::from_secs(100))).await.unwrap();
     drop(m);
     clock.advance(Duration::from_secs(50));
     let m = open(dir.path(), &cfg, &clock);
@@ -166,7 +164,7 @@ async fn allowlisted_networks_are_never_banned() {
     let m = open(dir.path(), &cfg, &clock);
     let mirror = Arc::new(Recorder::default());
     m.attach_mirror(mirror.clone());
-    let r = m.ban(ip("192.0.2.200"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("192.0.2.200"), "x")).await.unwrap();
     assert!(matches!(r, BanOutcome::Allowlisted(_)));
     // The /64 of a B1 client holds an allowlisted host: the /64 is not banned either.
     BanSink::ban(&m, order("2001:db8:1:2::5", &clock)).await;
@@ -175,7 +173,7 @@ async fn allowlisted_networks_are_never_banned() {
     // The server banned in process before asking; the manager undoes it.
     assert_eq!(mirror.take(), ["unban 192.0.2.200", "unban 2001:db8:1:2::"]);
     assert!(m.is_allowlisted(ip("::ffff:192.0.2.1")));
-    let r = m.ban(ip("198.51.100.1"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("198.51.100.1"), "x")).await.unwrap();
     assert!(matches!(r, BanOutcome::Banned(_)));
 }
 
@@ -184,14 +182,14 @@ async fn ipv6_bans_cover_the_64_and_ipv4_mapped_is_ipv4() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();
     let m = open(dir.path(), &BanConfig::default(), &clock);
-    let r = m.ban(ip("2001:db8:1:2:aaaa::1"), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("2001:db8:1:2:aaaa::1"), "x")).await.unwrap();
     let BanOutcome::Banned(b) = r else { panic!("{r:?}") };
     assert_eq!(b.net.to_string(), "2001:db8:1:2::/64");
     clock.advance(Duration::from_secs(1));
-    let r = m.ban(ip("2001:db8:1:2:bbbb::2"), BanReason::Manual, 0, "y".into(), None).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("2001:db8:1:2:bbbb::2"), "y")).await.unwrap();
     assert!(matches!(r, BanOutcome::Extended(_)), "{r:?}");
     assert_eq!(m.list_blocking().unwrap().len(), 1);
-    m.ban(ip("::ffff:203.0.113.9"), BanReason::Manual, 0, "z".into(), None).await.unwrap();
+    m.ban(BanOrder::manual(ip("::ffff:203.0.113.9"), "z")).await.unwrap();
     let nets: Vec<String> = m.list_blocking().unwrap().iter().map(|b| b.net.to_string()).collect();
     assert_eq!(nets, ["203.0.113.9", "2001:db8:1:2::/64"]);
     assert_eq!(m.key_of("2001:db8:1:2::/64".parse().unwrap()).unwrap().to_string(), "2001:db8:1:2::/64");
@@ -249,7 +247,7 @@ async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_ban
     let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
     cfg.xt_recent.proc_dir = proc_dir.clone();
     let m = open(dir.path(), &cfg, &clock);
-    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "x".into(), Some(Duration::from_secs(100))).await.unwrap();
+    m.ban(BanOrder::manual(ip("192.0.2.1"), "x").lasting(Duration::from_secs(100))).await.unwrap();
     // The kernel lists it (as /proc does):
     std::fs::write(proc_dir.join("SMTPBAN"), "src=192.0.2.1 ttl: 0 last_seen: 5 oldest_pkt: 1 5\n").unwrap();
     clock.advance(cfg.reconcile_interval);
@@ -279,11 +277,11 @@ async fn capacity_warnings_before_the_kernel_evicts() {
     cfg.xt_recent.warn_percent = 80;
     let m = open(dir.path(), &cfg, &clock);
     for i in 1..=3 {
-        m.ban(ip(&format!("192.0.2.{i}")), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+        m.ban(BanOrder::manual(ip(&format!("192.0.2.{i}")), "x")).await.unwrap();
     }
     assert_eq!(m.stats().capacity_warnings.load(Ordering::Relaxed), 0);
     for i in 4..=6 {
-        m.ban(ip(&format!("192.0.2.{i}")), BanReason::Manual, 0, "x".into(), None).await.unwrap();
+        m.ban(BanOrder::manual(ip(&format!("192.0.2.{i}")), "x")).await.unwrap();
     }
     // 4 of 5 (80 %), 5 of 5, 6 of 5.
     assert_eq!(m.stats().capacity_warnings.load(Ordering::Relaxed), 3);
@@ -299,7 +297,7 @@ async fn changes_by_another_process_reach_the_server_within_a_tick() {
     server.attach_mirror(mirror.clone());
     server.restore().await.unwrap();
     let cli = open(dir.path(), &cfg, &clock);
-    cli.ban_blocking(ip("198.51.100.7"), BanReason::Manual, 0, "by hand".into(), Some(DAY)).unwrap();
+    cli.ban_blocking(BanOrder::manual(ip("198.51.100.7"), "by hand").lasting(DAY)).unwrap();
     server.tick().await;
     assert_eq!(mirror.take(), ["ban 198.51.100.7 86400"]);
     assert_eq!(server.active().len(), 1);
@@ -344,11 +342,11 @@ async fn escalation_lengthens_repeat_offences_only_when_enabled() {
 async fn a_longer_ban_extends_and_a_shorter_one_keeps_the_later_expiry() {
     let clock = TestClock::new();
     let m = in_memory(&BanConfig::default(), &gate(), &clock);
-    m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "a".into(), Some(DAY)).await.unwrap();
-    let r = m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "b".into(), Some(Duration::from_secs(60))).await.unwrap();
+    m.ban(BanOrder::manual(ip("192.0.2.1"), "a").lasting(DAY)).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("192.0.2.1"), "b").lasting(Duration::from_secs(60))).await.unwrap();
     let BanOutcome::Extended(b) = r else { panic!("{r:?}") };
     assert_eq!((b.evidence.as_str(), b.total()), ("a", DAY));
-    let r = m.ban(ip("192.0.2.1"), BanReason::Manual, 0, "c".into(), Some(2 * DAY)).await.unwrap();
+    let r = m.ban(BanOrder::manual(ip("192.0.2.1"), "c").lasting(2 * DAY)).await.unwrap();
     let BanOutcome::Extended(b) = r else { panic!("{r:?}") };
     assert_eq!((b.evidence.as_str(), b.total()), ("c", 2 * DAY));
     let events: Vec<String> = m.history_blocking(None, 10).unwrap().into_iter().map(|h| h.event).collect();
@@ -417,7 +415,11 @@ fn concurrent_bans_share_one_group_commit_and_each_gets_its_answer() {
             // Two threads ban the same address: one bans, the other finds the ban.
             let addr = ip(&format!("192.0.2.{}", i.min(6)));
             std::thread::spawn(move || {
-                m.ban_blocking(addr, BanReason::ForgedLocalSender, i, format!("order {i}"), None)
+                m.ban_blocking(BanOrder::from_request(
+                    addr,
+                    i,
+                    request(BanReason::ForgedLocalSender, format!("order {i}")),
+                ))
             })
         })
         .collect();
@@ -451,7 +453,13 @@ fn many_threads_banning_at_once_lose_no_ban() {
             std::thread::spawn(move || {
                 for i in 0..25u8 {
                     let addr = IpAddr::from([198, 51, t, i]);
-                    let out = m.ban_blocking(addr, BanReason::UnknownRecipient, 1, "RCPT".into(), None).unwrap();
+                    let out = m
+                        .ban_blocking(BanOrder::from_request(
+                            addr,
+                            1,
+                            request(BanReason::UnknownRecipient, "RCPT".into()),
+                        ))
+                        .unwrap();
                     assert!(matches!(out, BanOutcome::Banned(_)), "{out:?}");
                 }
             })

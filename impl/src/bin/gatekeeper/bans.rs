@@ -13,12 +13,11 @@ use clap::{Args, Subcommand, ValueEnum};
 use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
 use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
 use gatekeeper::config::{Config, Settings};
-use gatekeeper::edges::{Clock, SystemClock, rfc5322_date};
+use gatekeeper::edges::{BanOrder, Clock, SystemClock, rfc5322_date};
 use gatekeeper::gate::{
     GateDecision, NFT_DEFAULT_GC_INTERVAL, NftRuleset, NftSet, NftSetConfig, XtMask, XtRecent, XtRecentConfig,
     XtRuleset,
 };
-use gatekeeper::policy::BanReason;
 use gatekeeper::server::Server;
 use humantime_serde::re::humantime;
 
@@ -225,7 +224,7 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
             }
             BansCommand::Add { addr, for_, reason } => {
                 let net = m.key_of(addr)?;
-                match m.ban_blocking(net.addr(), BanReason::Manual, 0, reason, for_)? {
+                match m.ban_blocking(BanOrder { duration: for_, ..BanOrder::manual(net.addr(), reason) })? {
                     BanOutcome::Allowlisted(n) => bail!("{n} is allowlisted (bans.allowlist): not banned"),
                     BanOutcome::Banned(b) | BanOutcome::Extended(b) => {
                         println!(
@@ -285,10 +284,10 @@ pub async fn start(m: &BanManager, server: &Server) -> anyhow::Result<()> {
 /// Which kernel mechanism `model-replay` evaluates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModelKind {
-    /// The xt_recent ruleset of KERNEL.md §2.
+    /// The xt_recent ruleset of docs/kernel.md §2.
     #[value(name = "xt_recent")]
     XtRecent,
-    /// The nftables ruleset of KERNEL.md §2.
+    /// The nftables ruleset of docs/kernel.md §2.
     Nft,
 }
 
