@@ -5,7 +5,7 @@
 //!   remembers what it was told, for inspection.
 //! - [`XtRecentBackend`]: `+addr` / `-addr` written to `/proc/net/xt_recent/NAME`, one
 //!   address per `write()` on a freshly opened file, addresses pre-masked, IPv4-mapped IPv6
-//!   written as IPv4 (KERNEL.md §4.3). xt_recent cannot expire an entry before the rule's
+//!   written as IPv4 (docs/kernel.md §4.3). xt_recent cannot expire an entry before the rule's
 //!   `--seconds`, so the ban manager removes expired bans itself.
 //! - [`NftBackend`]: `add element` / `delete element` in the ban sets of table
 //!   `inet gatekeeper` through `nft -f -`; elements carry their own `timeout` and `expires`,

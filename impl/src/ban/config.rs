@@ -71,7 +71,7 @@ pub struct BanConfig {
     #[serde(with = "humantime_serde")]
     pub retry_interval: Duration,
     /// How often the kernel table is read back and missing bans re-applied (a reloaded
-    /// ruleset or a flushed table loses them silently, KERNEL.md §4.2).
+    /// ruleset or a flushed table loses them silently, docs/kernel.md §4.2).
     #[serde(with = "humantime_serde")]
     pub reconcile_interval: Duration,
     /// Ban history older than this is deleted.
@@ -110,7 +110,7 @@ pub struct XtRecentSection {
     /// IPv6 rate table (G1).
     pub rate_table6: String,
     /// The kernel's `ip_list_tot`: entries one table holds. Beyond it the kernel silently
-    /// evicts the least recently stamped entry, which may be a ban (KERNEL.md §4.1).
+    /// evicts the least recently stamped entry, which may be a ban (docs/kernel.md §4.1).
     pub capacity: u32,
     /// Warn when the active bans of one table reach this percentage of `capacity`.
     pub warn_percent: u32,

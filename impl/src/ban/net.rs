@@ -1,6 +1,6 @@
 //! Networks: what a ban (and an allowlist entry) covers. An IPv4 client is banned as its /32,
 //! an IPv6 client as its /64 by default (one subscriber or server usually holds a whole /64,
-//! so a /128 ban is useless, KERNEL.md §4.5). IPv4-mapped IPv6 addresses are IPv4: the kernel
+//! so a /128 ban is useless, docs/kernel.md §4.5). IPv4-mapped IPv6 addresses are IPv4: the kernel
 //! sees IPv4 packets.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! The kernel rulesets of KERNEL.md §2 for the configured window, ban time and port: rule G2
+//! The kernel rulesets of docs/kernel.md §2 for the configured window, ban time and port: rule G2
 //! (banned sources dropped) before rule G1 (one new connection per window, counted from the
 //! last *accepted* SYN: `--rcheck` then `--set`, or an nft set `add` that never refreshes).
 //!
