@@ -8,7 +8,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::proto::{Domain, Enhanced, ForwardPath, Host, Mailbox, PathError, Reply, ReversePath};
+use crate::proto::{Domain, ForwardPath, Host, Mailbox, PathError, Reply, ReversePath};
 
 /// The rule that decided a verdict (DESIGN.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -234,33 +234,23 @@ impl Default for PolicyConfig {
 
 /// E1 for a MAIL FROM whose path did not parse: 5xx, never a ban.
 pub fn malformed_sender(error: PathError) -> Verdict {
-    let text = match error {
-        PathError::NoDomain => "Sender address must have a domain",
-        PathError::TooLong => "Sender address too long",
-        _ => "Bad sender address syntax",
-    };
-    Verdict::accept(Rule::E1, Reply::new(553, Enhanced(5, 1, 7), text))
+    Verdict::accept(Rule::E1, Reply::bad_sender(error))
 }
 
 /// A recipient path that did not parse (RFC 5321 §4.1.1.3): 5xx, never a ban.
 pub fn malformed_recipient(error: PathError) -> Verdict {
-    let text = match error {
-        PathError::NoDomain => "Recipient address must have a domain",
-        PathError::TooLong => "Recipient address too long",
-        _ => "Bad recipient address syntax",
-    };
-    Verdict::accept(Rule::E2, Reply::new(553, Enhanced(5, 1, 3), text))
+    Verdict::accept(Rule::E2, Reply::bad_recipient(error))
 }
 
 /// E1 at MAIL FROM: `<>` is always accepted (RFC 5321 §4.5.5, §6.1); a forged local sender is
 /// refused and banned (B1); any other sender is accepted here (C1 decides later).
 pub fn mail_from(dir: &Directory, from: &ReversePath) -> Verdict {
-    let ok = || Verdict::accept(Rule::E1, Reply::new(250, Enhanced(2, 1, 0), "Sender OK"));
+    let ok = || Verdict::accept(Rule::E1, Reply::sender_ok());
     match from {
         ReversePath::Null => ok(),
         ReversePath::Mailbox(m) if dir.is_local(m) && !dir.exists(m) => Verdict {
             rule: Rule::E1,
-            reply: Reply::new(550, Enhanced(5, 7, 1), "Sender is not a user of this domain"),
+            reply: Reply::forged_local_sender(),
             ban: Some(BanRequest { reason: BanReason::ForgedLocalSender, evidence: format!("MAIL FROM:{from}") }),
         },
         ReversePath::Mailbox(_) => ok(),
@@ -291,7 +281,7 @@ pub fn rcpt_to(
     to: &ForwardPath,
     unknown_before: u32,
 ) -> Verdict {
-    let ok = || Verdict::accept(Rule::E2, Reply::new(250, Enhanced(2, 1, 5), "Recipient OK"));
+    let ok = || Verdict::accept(Rule::E2, Reply::recipient_ok());
     let mailbox = match to {
         ForwardPath::Postmaster => return ok(),
         ForwardPath::Mailbox(m) => m,
@@ -302,7 +292,7 @@ pub fn rcpt_to(
     };
     if !local {
         // Never an open relay; no ban: misconfigured clients do this too.
-        return Verdict::accept(Rule::E2, Reply::new(554, Enhanced(5, 7, 1), "Relay access denied"));
+        return Verdict::accept(Rule::E2, Reply::relay_denied());
     }
     if dir.exists(mailbox) {
         return ok();
@@ -312,12 +302,12 @@ pub fn rcpt_to(
         reason: BanReason::UnknownRecipient,
         evidence: format!("MAIL FROM:{from} RCPT TO:{to}"),
     });
-    Verdict { rule: Rule::E2, reply: Reply::new(550, Enhanced(5, 1, 1), "No such user here"), ban }
+    Verdict { rule: Rule::E2, reply: Reply::unknown_user(), ban }
 }
 
 /// VRFY: we do not disclose users (RFC 5321 §3.5.3 permits 252).
 pub fn vrfy() -> Reply {
-    Reply::new(252, Enhanced(2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery")
+    Reply::cannot_vrfy()
 }
 
 /// The outcome of a callback probe of a sender (C1), as the verifier reports it.
@@ -356,18 +346,15 @@ pub enum OnUnknown {
 /// is the accepted recipient's verdict, which stands when the sender is valid.
 pub fn verified(result: &Verification, on_unknown: OnUnknown, from: &ReversePath) -> Verdict {
     match result {
-        Verification::Valid { .. } => Verdict::accept(Rule::C1, Reply::new(250, Enhanced(2, 1, 5), "Recipient OK")),
+        Verification::Valid { .. } => Verdict::accept(Rule::C1, Reply::recipient_ok()),
         Verification::Invalid { evidence } => Verdict {
             rule: Rule::C1,
-            reply: Reply::new(550, Enhanced(5, 1, 7), "Sender address rejected: it does not exist at its domain"),
+            reply: Reply::sender_rejected(),
             ban: Some(BanRequest { reason: BanReason::FakeSender, evidence: format!("MAIL FROM:{from}: {evidence}") }),
         },
         Verification::Unknown { .. } => match on_unknown {
-            OnUnknown::Tempfail => Verdict::accept(
-                Rule::C1,
-                Reply::new(451, Enhanced(4, 4, 3), "Sender address could not be verified, try again later"),
-            ),
-            OnUnknown::Accept => Verdict::accept(Rule::C1, Reply::new(250, Enhanced(2, 1, 5), "Recipient OK")),
+            OnUnknown::Tempfail => Verdict::accept(Rule::C1, Reply::sender_unverified()),
+            OnUnknown::Accept => Verdict::accept(Rule::C1, Reply::recipient_ok()),
         },
     }
 }
@@ -406,14 +393,11 @@ pub fn scanned(outcome: &ScanOutcome, on_failure: OnScanFailure) -> Option<Verdi
         ScanOutcome::Clean => None,
         ScanOutcome::Infected { signature } => Some(Verdict {
             rule: Rule::V1,
-            reply: Reply::new(554, Enhanced(5, 7, 1), format!("Message rejected: virus found ({signature})")),
+            reply: Reply::virus(signature),
             ban: Some(BanRequest { reason: BanReason::Virus, evidence: format!("signature {signature}") }),
         }),
         ScanOutcome::Failed { .. } => match on_failure {
-            OnScanFailure::Tempfail => Some(Verdict::accept(
-                Rule::V1,
-                Reply::new(451, Enhanced(4, 7, 0), "Message could not be scanned, try again later"),
-            )),
+            OnScanFailure::Tempfail => Some(Verdict::accept(Rule::V1, Reply::scan_failed())),
             OnScanFailure::Accept => None,
         },
     }

@@ -25,8 +25,8 @@ use crate::policy::{
     Verification,
 };
 use crate::proto::{
-    Command, CommandError, DataEvent, DataReceiver, Enhanced, ForwardPath, LineEvent, LineReceiver, Mailbox, Reply,
-    ReversePath,
+    Command, CommandError, DataEvent, DataReceiver, ForwardPath, LineEvent, LineReceiver, Mailbox, Reply, ReversePath,
+    Verb,
 };
 
 /// Session limits and switches. Defaults follow RFC 5321 §4.5.3.
@@ -174,6 +174,18 @@ pub struct Event {
 }
 
 impl Event {
+    /// The exchange the verdict answered, by its `command` name; `DATA` verdicts answer the
+    /// end of the message, never the DATA command itself (which gets no verdict).
+    pub fn verb(&self) -> Option<Verb> {
+        match self.command {
+            "connect" => Some(Verb::Greeting),
+            "MAIL" => Some(Verb::Mail),
+            "RCPT" => Some(Verb::Rcpt),
+            "DATA" => Some(Verb::EndOfData),
+            _ => None,
+        }
+    }
+
     /// `accept`, `tempfail` or `reject`, from the code.
     pub fn verdict(&self) -> &'static str {
         match self.code {
@@ -214,13 +226,13 @@ enum Pending {
     Deliver,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum SenderCheck {
     NotNeeded,
     NotYet,
     Valid,
     /// The callback said invalid or unknown: every further RCPT gets this reply.
-    Failed(u16, Enhanced, &'static str),
+    Failed(Reply),
 }
 
 #[derive(Debug)]
@@ -257,7 +269,7 @@ pub struct Session {
 impl Session {
     /// A new session that greets the client with 220.
     pub fn new(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo) -> Self {
-        let greeting = Reply::plain(220, vec![format!("{} ESMTP Gatekeeper", cfg.hostname).into()]);
+        let greeting = Reply::greeting(&cfg.hostname);
         let mut s = Session::blank(now, cfg, dir, client, State::Connected);
         s.replies.push_back(greeting);
         s
@@ -276,26 +288,14 @@ impl Session {
         match why {
             Refusal::Banned => {
                 // RFC 5321 §3.1: a 554 greeting, then wait for QUIT.
-                let text = format!("{host} Service unavailable: your address is banned");
-                s.verdict_reply(
-                    "connect",
-                    Verdict { rule: Rule::G2, reply: plain_enhanced(554, (5, 7, 1), text), ban: None },
-                );
+                s.verdict_reply("connect", Verdict { rule: Rule::G2, reply: Reply::banned(&host), ban: None });
             }
             Refusal::RateLimited => {
-                let text = format!("{host} Too many connections from your address, try again later");
-                s.verdict_reply(
-                    "connect",
-                    Verdict { rule: Rule::G1, reply: plain_enhanced(421, (4, 7, 0), text), ban: None },
-                );
+                s.verdict_reply("connect", Verdict { rule: Rule::G1, reply: Reply::rate_limited(&host), ban: None });
                 s.close();
             }
             Refusal::Busy => {
-                let text = format!("{host} Too busy, try again later");
-                s.verdict_reply(
-                    "connect",
-                    Verdict { rule: Rule::G1, reply: plain_enhanced(421, (4, 3, 2), text), ban: None },
-                );
+                s.verdict_reply("connect", Verdict { rule: Rule::G1, reply: Reply::busy(&host), ban: None });
                 s.close();
             }
         }
@@ -363,13 +363,7 @@ impl Session {
             tx.rcpts.push(rcpt);
             SenderCheck::Valid
         } else {
-            let e = verdict.reply.enhanced.unwrap_or(Enhanced(5, 0, 0));
-            let text = if verdict.reply.is_transient() {
-                "Sender address could not be verified, try again later"
-            } else {
-                "Sender address rejected: it does not exist at its domain"
-            };
-            SenderCheck::Failed(verdict.reply.code, e, text)
+            SenderCheck::Failed(verdict.reply.clone())
         };
         self.state = State::Mail(tx);
         self.verdict_reply_with("RCPT", verdict, evidence);
@@ -408,13 +402,9 @@ impl Session {
         }
         self.state = State::Ready;
         let (reply, detail) = match result {
-            Ok(id) => (Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {id}")), id),
-            Err(DeliveryError::Temporary(why)) => {
-                (Reply::new(451, Enhanced(4, 3, 0), "Local error in processing, try again later"), why)
-            }
-            Err(DeliveryError::Permanent(why)) => {
-                (Reply::new(554, Enhanced(5, 3, 0), "Message refused downstream"), why)
-            }
+            Ok(id) => (Reply::queued(&id), id),
+            Err(DeliveryError::Temporary(why)) => (Reply::local_error(), why),
+            Err(DeliveryError::Permanent(why)) => (Reply::refused_downstream(), why),
         };
         self.verdict_reply_with("DATA", Verdict { rule: Rule::Deliver, reply, ban: None }, detail);
         self.last_input = now;
@@ -427,8 +417,7 @@ impl Session {
         if matches!(self.state, State::Closed | State::Waiting(..)) {
             return;
         }
-        let text = format!("{} Service shutting down, closing connection", self.cfg.hostname);
-        self.replies.push_back(Reply::new(421, Enhanced(4, 3, 2), text));
+        self.replies.push_back(Reply::shutting_down(&self.cfg.hostname));
         self.close();
     }
 
@@ -438,12 +427,12 @@ impl Session {
         if now < deadline {
             return;
         }
-        let text = if now >= self.started + self.cfg.session_max {
-            "Session lifetime exceeded, closing connection"
+        let reply = if now >= self.started + self.cfg.session_max {
+            Reply::lifetime_exceeded(&self.cfg.hostname)
         } else {
-            "Timeout waiting for input, closing connection"
+            Reply::idle_timeout(&self.cfg.hostname)
         };
-        self.replies.push_back(Reply::new(421, Enhanced(4, 4, 2), format!("{} {text}", self.cfg.hostname)));
+        self.replies.push_back(reply);
         self.close();
     }
 
@@ -524,7 +513,7 @@ impl Session {
                 _ => match self.lines.next(&mut rest) {
                     Some(LineEvent::Line(line)) => self.command(now, &line),
                     Some(LineEvent::TooLong) => {
-                        self.reply_error(Reply::new(500, Enhanced(5, 5, 2), "Line too long"));
+                        self.reply_error(Reply::line_too_long());
                     }
                     None => break,
                 },
@@ -548,11 +537,7 @@ impl Session {
             // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT, malformed or not.
             return match Command::parse(line) {
                 Ok(Command::Quit) => self.quit(),
-                _ => self.reply_error(Reply::new(
-                    503,
-                    Enhanced(5, 5, 1),
-                    "Bad sequence of commands: service unavailable",
-                )),
+                _ => self.reply_error(Reply::refused_session()),
             };
         }
         let cmd = match Command::parse(line) {
@@ -561,22 +546,13 @@ impl Session {
         };
         match cmd {
             Command::Ehlo(host) => {
-                let r = Reply::plain(
-                    250,
-                    vec![
-                        format!("{} greets {}", self.cfg.hostname, echo(&host)).into(),
-                        "PIPELINING".into(),
-                        format!("SIZE {}", self.cfg.size_max).into(),
-                        "8BITMIME".into(),
-                        "ENHANCEDSTATUSCODES".into(),
-                    ],
-                );
+                let r = Reply::ehlo(&self.cfg.hostname, &host, self.cfg.size_max);
                 self.helo = Some(host);
                 self.state = State::Ready;
                 self.replies.push_back(r);
             }
             Command::Helo(host) => {
-                self.replies.push_back(Reply::plain(250, vec![self.cfg.hostname.clone().into()]));
+                self.replies.push_back(Reply::helo(&self.cfg.hostname));
                 self.helo = Some(host);
                 self.state = State::Ready;
             }
@@ -587,19 +563,13 @@ impl Session {
                 if !matches!(self.state, State::Connected) {
                     self.state = State::Ready;
                 }
-                self.replies.push_back(Reply::new(250, Enhanced(2, 0, 0), "Reset OK"));
+                self.replies.push_back(Reply::reset());
             }
-            Command::Noop => self.replies.push_back(Reply::new(250, Enhanced(2, 0, 0), "OK")),
+            Command::Noop => self.replies.push_back(Reply::noop()),
             Command::Quit => self.quit(),
             Command::Vrfy(_) => self.replies.push_back(policy::vrfy()),
-            Command::Help => self.replies.push_back(Reply::new(
-                214,
-                Enhanced(2, 0, 0),
-                "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP",
-            )),
-            Command::NotImplemented(_) => {
-                self.reply_error(Reply::new(502, Enhanced(5, 5, 1), "Command not implemented"));
-            }
+            Command::Help => self.replies.push_back(Reply::help()),
+            Command::NotImplemented(_) => self.reply_error(Reply::not_implemented()),
         }
     }
 
@@ -607,36 +577,27 @@ impl Session {
         let (verdict, command) = match e {
             CommandError::BadReversePath(p) => (policy::malformed_sender(p), "MAIL"),
             CommandError::BadForwardPath(p) => (policy::malformed_recipient(p), "RCPT"),
-            CommandError::Unrecognized => {
-                return self.reply_error(Reply::new(500, Enhanced(5, 5, 1), "Command unrecognized"));
-            }
-            CommandError::NotText => {
-                return self.reply_error(Reply::new(500, Enhanced(5, 5, 2), "Syntax error: command line is not text"));
-            }
-            CommandError::Syntax(what) => {
-                return self.reply_error(Reply::new(501, Enhanced(5, 5, 4), format!("Syntax error: {what}")));
-            }
-            CommandError::BadParameter(p) => {
-                let text = format!("Parameter not recognized: {}", echo(&p));
-                return self.reply_error(Reply::new(555, Enhanced(5, 5, 4), text));
-            }
+            CommandError::Unrecognized => return self.reply_error(Reply::unrecognized()),
+            CommandError::NotText => return self.reply_error(Reply::not_text()),
+            CommandError::Syntax(what) => return self.reply_error(Reply::syntax(what)),
+            CommandError::BadParameter(p) => return self.reply_error(Reply::bad_parameter(&p)),
         };
         // Sequence errors take precedence over argument errors for MAIL (RFC 5321 §4.1.4).
         if command == "MAIL" && !matches!(self.state, State::Ready) {
             return self.mail_sequence_error();
         }
         if command == "RCPT" && !matches!(self.state, State::Mail(_)) {
-            return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL before RCPT"));
+            return self.reply_error(Reply::need_mail());
         }
         self.verdict_reply(command, verdict);
     }
 
     fn mail_sequence_error(&mut self) {
-        let text = match self.state {
-            State::Connected => "Send EHLO or HELO first",
-            _ => "Nested MAIL command",
+        let reply = match self.state {
+            State::Connected => Reply::need_helo(),
+            _ => Reply::nested_mail(),
         };
-        self.reply_error(Reply::new(503, Enhanced(5, 5, 1), text));
+        self.reply_error(reply);
     }
 
     fn mail(&mut self, from: ReversePath, size: Option<u64>) {
@@ -644,8 +605,7 @@ impl Session {
             return self.mail_sequence_error();
         }
         if size.is_some_and(|s| s > self.cfg.size_max) {
-            let reply = Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed maximum message size");
-            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
+            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply: Reply::too_big(), ban: None });
         }
         let verdict = policy::mail_from(&self.dir, &from);
         if verdict.reply.is_positive() {
@@ -660,11 +620,11 @@ impl Session {
 
     fn rcpt(&mut self, to: ForwardPath) {
         let State::Mail(tx) = &mut self.state else {
-            return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL before RCPT"));
+            return self.reply_error(Reply::need_mail());
         };
         if tx.rcpts.len() >= self.cfg.rcpt_max {
             // RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in another transaction.
-            return self.reply_error(Reply::new(452, Enhanced(4, 5, 3), "Too many recipients"));
+            return self.reply_error(Reply::too_many_recipients());
         }
         let verdict = policy::rcpt_to(
             &self.dir,
@@ -684,14 +644,14 @@ impl Session {
             tx.rcpts.push(to);
             return self.verdict_reply("RCPT", verdict);
         }
-        match tx.sender {
+        match &tx.sender {
             SenderCheck::NotNeeded | SenderCheck::Valid => {
                 tx.rcpts.push(to);
                 self.verdict_reply("RCPT", verdict);
             }
-            SenderCheck::Failed(code, e, text) => {
+            SenderCheck::Failed(reply) => {
                 // The C1 verdict stands for every further recipient: an event, but no new ban.
-                let reply = Reply::new(code, e, text);
+                let reply = reply.clone();
                 self.verdict_reply("RCPT", Verdict { rule: Rule::C1, reply, ban: None });
             }
             SenderCheck::NotYet => {
@@ -708,13 +668,13 @@ impl Session {
             State::Mail(tx) if !tx.rcpts.is_empty() => {}
             State::Mail(_) => {
                 // RFC 2920 §3.1 / RFC 5321 §3.3: all recipients were refused.
-                return self.reply_error(Reply::new(554, Enhanced(5, 5, 1), "No valid recipients"));
+                return self.reply_error(Reply::no_valid_recipients());
             }
-            _ => return self.reply_error(Reply::new(503, Enhanced(5, 5, 1), "Need MAIL and RCPT before DATA")),
+            _ => return self.reply_error(Reply::need_mail_and_rcpt()),
         }
         let State::Mail(tx) = std::mem::replace(&mut self.state, State::Closed) else { unreachable!() };
         self.state = State::Data(tx, DataReceiver::new(self.cfg.size_max));
-        self.replies.push_back(Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()]));
+        self.replies.push_back(Reply::start_data());
     }
 
     fn end_of_data(&mut self, event: DataEvent) {
@@ -730,12 +690,8 @@ impl Session {
                 }
                 return;
             }
-            DataEvent::TooBig { .. } => {
-                Reply::new(552, Enhanced(5, 3, 4), "Message size exceeds fixed maximum message size")
-            }
-            DataEvent::LineTooLong => {
-                Reply::new(500, Enhanced(5, 5, 2), "Line too long (RFC 5321 limit is 1000 octets)")
-            }
+            DataEvent::TooBig { .. } => Reply::too_big(),
+            DataEvent::LineTooLong => Reply::text_line_too_long(),
         };
         self.verdict_reply("DATA", Verdict { rule: Rule::Proto, reply, ban: None });
     }
@@ -754,7 +710,7 @@ impl Session {
     }
 
     fn quit(&mut self) {
-        self.replies.push_back(Reply::new(221, Enhanced(2, 0, 0), format!("{} Bye", self.cfg.hostname)));
+        self.replies.push_back(Reply::bye(&self.cfg.hostname));
         self.close();
     }
 
@@ -787,27 +743,10 @@ impl Session {
         }
         self.errors += 1;
         if self.errors >= self.cfg.errors_max {
-            let text = format!("{} Too many errors, closing connection", self.cfg.hostname);
-            self.replies.push_back(Reply::new(421, Enhanced(4, 7, 0), text));
+            self.replies.push_back(Reply::too_many_errors(&self.cfg.hostname));
             self.close();
         }
     }
-}
-
-/// Client text quoted in a reply: at most 64 printable ASCII characters, so that the reply
-/// line stays within 512 octets (RFC 5321 §4.5.3.1.5) and holds no CR, LF or control octet
-/// (§4.2 textstring).
-fn echo(s: &str) -> std::borrow::Cow<'_, str> {
-    const ECHO_MAX: usize = 64;
-    let printable = |c: char| (' '..='~').contains(&c);
-    if s.len() <= ECHO_MAX && s.chars().all(printable) {
-        return s.into();
-    }
-    s.chars().take(ECHO_MAX).map(|c| if printable(c) { c } else { '?' }).collect::<String>().into()
-}
-
-fn plain_enhanced(code: u16, (a, b, c): (u8, u16, u16), text: String) -> Reply {
-    Reply::new(code, Enhanced(a, b, c), text)
 }
 
 #[cfg(test)]
