@@ -19,6 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gatekeeper::proto::Reply;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -284,19 +285,17 @@ impl Conn {
         Ok(stream)
     }
 
-    /// Reads one whole reply (all its lines) and returns its code.
+    /// Reads one whole reply (all its lines) with the gatekeeper's parser and returns its code;
+    /// a malformed reply is an `InvalidData` error.
     pub async fn reply(&mut self) -> io::Result<u16> {
         loop {
-            while let Some(nl) = self.buf[self.start..self.end].iter().position(|&b| b == b'\n') {
-                let line = &self.buf[self.start..self.start + nl];
-                self.start += nl + 1;
-                let code = line.get(..3).and_then(|d| std::str::from_utf8(d).ok()).and_then(|d| d.parse::<u16>().ok());
-                let Some(code) = code else {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "reply without a code"));
-                };
-                if line.get(3) != Some(&b'-') {
-                    return Ok(code);
+            match Reply::parse_prefix(&self.buf[self.start..self.end]) {
+                Ok(Some((reply, used))) => {
+                    self.start += used;
+                    return Ok(reply.code);
                 }
+                Ok(None) => {}
+                Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
             }
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -304,7 +303,7 @@ impl Conn {
                 self.start = 0;
             }
             if self.end == self.buf.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "reply line too long"));
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long"));
             }
             let n = self.stream.read(&mut self.buf[self.end..]).await?;
             if n == 0 {

@@ -8,8 +8,10 @@
 //! replies and events, as `server::carry_out` does.
 //!
 //! Invariants besides "no panic":
-//! - every reply is well formed: code 200..=555, at least one line, each wire line at most
-//!   512 octets with no CR or LF inside (RFC 5321 §4.2, §4.5.3.1.5);
+//! - every reply is well formed: code 200..=555, at least one line, and its wire form parses
+//!   back to it with `Reply::parse` (RFC 5321 §4.2: one code, textstrings, each line at most
+//!   512 octets, §4.5.3.1.5);
+//! - every verdict's code is one RFC 5321 §4.3.2 allows for the exchange it answers (`Verb`);
 //! - a 421 or 221 closes the session: `Action::Close` once, `is_closed()`, and nothing at all
 //!   comes out afterwards, whatever the input;
 //! - once its actions are carried out, the session is closed or wants input (no stall);
@@ -32,7 +34,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use gatekeeper::policy::{Directory, OnScanFailure, OnUnknown, PolicyConfig, ScanOutcome, Verification};
-use gatekeeper::proto::{COMMAND_LINE_MAX, Domain, Reply, TEXT_LINE_MAX};
+use gatekeeper::proto::{Domain, Reply, TEXT_LINE_MAX};
 use gatekeeper::session::{Action, ClientInfo, DeliveryError, Refusal, Session, SessionConfig};
 use libfuzzer_sys::fuzz_target;
 
@@ -223,6 +225,7 @@ impl<'a> Run<'a> {
         while let Some(ev) = self.s.poll_event() {
             assert!(!was_closed, "event after close: {ev:?}");
             assert!((200..=555).contains(&ev.code), "event code {}", ev.code);
+            assert!(ev.verb().is_none_or(|verb| verb.allows(ev.code)), "{} answered {}", ev.command, ev.code);
             let item = (ev.rule.as_str(), ev.command, ev.code, ev.ban.map(|b| b.as_str()), &ev.detail);
             item.hash(&mut self.events);
             self.log(|| format!("event {item:?}"));
@@ -311,13 +314,7 @@ impl<'a> Run<'a> {
         assert!(!reply.lines.is_empty(), "reply without text: {reply:?}");
         self.wire.clear();
         reply.write_to(&mut self.wire);
-        for line in self.wire.split_inclusive(|&b| b == b'\n') {
-            assert!(line.len() <= COMMAND_LINE_MAX, "reply line of {} octets: {reply}", line.len());
-            assert!(line.ends_with(b"\r\n"), "reply line without CRLF: {reply:?}");
-            let body = &line[..line.len() - 2];
-            assert!(!body.contains(&b'\r') && !body.contains(&b'\n'), "CR or LF inside a reply line: {reply:?}");
-            assert!(body.starts_with(reply.code.to_string().as_bytes()), "{reply:?}");
-        }
+        assert_eq!(Reply::parse(&self.wire).as_ref(), Ok(reply), "{:?}", String::from_utf8_lossy(&self.wire));
         self.wire.hash(&mut self.replies);
         if self.transcript.is_some() {
             let wire = String::from_utf8_lossy(&self.wire).into_owned();

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatekeeper::policy::{BanReason, OnUnknown};
+use gatekeeper::proto::Verb;
 use rand::Rng;
 use rand::rngs::SmallRng;
 
-use crate::client::{Cmd, Smtp, connect};
+use crate::client::{Smtp, connect};
 use crate::metrics::{Class, Invariant};
 use crate::profile::{Chooser, Profile, random_local, rng};
 use crate::scenario::ActorSpec;
@@ -143,11 +144,11 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
             return Ok(false);
         }
     }
-    let ehlo = smtp.cmd(Cmd::Ehlo, &format!("EHLO {}", s.helo)).await?;
-    if !ehlo.ok() {
+    let ehlo = smtp.cmd(Verb::Ehlo, &format!("EHLO {}", s.helo)).await?;
+    if ehlo.is_negative() {
         return Ok(false);
     }
-    let mail = smtp.cmd(Cmd::Mail, &format!("MAIL FROM:{}", s.from)).await?;
+    let mail = smtp.cmd(Verb::Mail, &format!("MAIL FROM:{}", s.from)).await?;
     let on_unknown = world.cfg.settings.session.on_unknown;
     match s.class {
         Class::ForgedLocal => {
@@ -177,7 +178,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
     let mut accepted = 0;
     let mut offended = false;
     for (rcpt, exists) in &s.rcpts {
-        let r = smtp.cmd(Cmd::Rcpt, &format!("RCPT TO:<{rcpt}>")).await?;
+        let r = smtp.cmd(Verb::Rcpt, &format!("RCPT TO:<{rcpt}>")).await?;
         match s.class {
             Class::Backscatter | Class::Prober => {
                 let want = if *exists { 250 } else { 550 };
@@ -227,7 +228,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
     if accepted == 0 || s.class == Class::Prober {
         return Ok(offended);
     }
-    let data = smtp.cmd(Cmd::Data, "DATA").await?;
+    let data = smtp.cmd(Verb::Data, "DATA").await?;
     if data.code != 354 {
         return Ok(offended);
     }

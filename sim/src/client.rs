@@ -1,7 +1,8 @@
 //! The client side of a connection to the gatekeeper: SYNs through the kernel firewall model
 //! on the Linux retransmission schedule, the PROXY v2 header that carries the client's own
 //! address, and a small scripted SMTP client that checks every reply against RFC 5321 as it
-//! arrives.
+//! arrives, reading it with the gatekeeper's own parser (`Reply::parse_prefix`) and judging its
+//! code by the one table of allowed codes (`Verb`).
 //!
 //! A dropped SYN gets no answer: the client waits for its next retransmission (KERNEL.md §3)
 //! and gives up with ETIMEDOUT at the end of the schedule. Only an accepted SYN becomes a
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatekeeper::gate::GateDecision;
+use gatekeeper::proto::{Enhanced, Reply, Verb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::TcpStream;
 
@@ -122,62 +124,6 @@ async fn open(world: &World, src: IpAddr, port: u16) -> Result<TcpStream, Connec
     Ok(stream)
 }
 
-/// A command, for reply validation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cmd {
-    /// The greeting.
-    Greeting,
-    /// EHLO.
-    Ehlo,
-    /// MAIL FROM.
-    Mail,
-    /// RCPT TO.
-    Rcpt,
-    /// DATA.
-    Data,
-    /// The end of the message.
-    Dot,
-    /// RSET.
-    Rset,
-    /// QUIT.
-    Quit,
-}
-
-impl Cmd {
-    /// Reply codes RFC 5321 §4.3.2 allows (421 anywhere, §3.8). 554 after RCPT is the
-    /// customary "relay access denied"; §4.2.2 defines it as "transaction failed".
-    fn allowed(self) -> &'static [u16] {
-        match self {
-            Cmd::Greeting => &[220, 421, 554],
-            Cmd::Ehlo => &[250, 421, 500, 501, 502, 504, 550],
-            Cmd::Mail => &[250, 421, 451, 452, 455, 503, 550, 552, 553, 555],
-            Cmd::Rcpt => &[250, 251, 421, 450, 451, 452, 455, 503, 550, 551, 552, 553, 554, 555],
-            Cmd::Data => &[354, 421, 450, 451, 452, 503, 550, 554],
-            Cmd::Dot => &[250, 421, 450, 451, 452, 550, 552, 554],
-            Cmd::Rset => &[250, 421],
-            Cmd::Quit => &[221, 421],
-        }
-    }
-}
-
-/// One reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Resp {
-    /// The code.
-    pub code: u16,
-    /// The enhanced status code of the last line, if any (RFC 3463).
-    pub enhanced: Option<(u8, u16, u16)>,
-    /// The text of the last line.
-    pub text: String,
-}
-
-impl Resp {
-    /// 2xx or 3xx.
-    pub fn ok(&self) -> bool {
-        self.code < 400
-    }
-}
-
 /// A scripted SMTP client that validates every reply as it arrives and records violations.
 #[derive(Debug)]
 pub struct Smtp {
@@ -211,53 +157,48 @@ impl Smtp {
     }
 
     /// Reads the greeting.
-    pub async fn greeting(&mut self) -> io::Result<Resp> {
-        let r = self.read(Cmd::Greeting).await?;
+    pub async fn greeting(&mut self) -> io::Result<Reply> {
+        let r = self.read(Verb::Greeting).await?;
         self.refused = r.code == 554;
         Ok(r)
     }
 
     /// Sends one command line and reads its reply.
-    pub async fn cmd(&mut self, cmd: Cmd, line: &str) -> io::Result<Resp> {
+    pub async fn cmd(&mut self, verb: Verb, line: &str) -> io::Result<Reply> {
         let mut out = Vec::with_capacity(line.len() + 2);
         out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(b"\r\n");
         self.stream.write_all(&out).await?;
-        self.read(cmd).await
+        self.read(verb).await
     }
 
     /// Sends a message body (dot-stuffed by the caller; no final dot) and reads the reply.
-    pub async fn message(&mut self, body: &str) -> io::Result<Resp> {
+    pub async fn message(&mut self, body: &str) -> io::Result<Reply> {
         let mut out = Vec::with_capacity(body.len() + 5);
         out.extend_from_slice(body.as_bytes());
         out.extend_from_slice(b".\r\n");
         self.stream.write_all(&out).await?;
-        self.read(Cmd::Dot).await
+        self.read(Verb::EndOfData).await
     }
 
     /// QUIT, ignoring what happens (the server may already have closed).
     pub async fn quit(mut self) {
-        let _ = self.cmd(Cmd::Quit, "QUIT").await;
+        let _ = self.cmd(Verb::Quit, "QUIT").await;
     }
 
-    async fn read(&mut self, cmd: Cmd) -> io::Result<Resp> {
-        let mut first_code = None;
+    async fn read(&mut self, verb: Verb) -> io::Result<Reply> {
         loop {
-            while let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..end + 2).collect();
-                let line = &line[..end];
-                let code =
-                    parse_code(line).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad reply line"))?;
-                if *first_code.get_or_insert(code) != code {
-                    self.bad(format!("multiline reply mixes codes {} and {code}", first_code.unwrap_or(0)));
+            match Reply::parse_prefix(&self.buf) {
+                Ok(Some((reply, used))) => {
+                    self.buf.drain(..used);
+                    self.validate(verb, &reply);
+                    return Ok(reply);
                 }
-                if line.get(3) == Some(&b'-') {
-                    continue;
+                Ok(None) => {}
+                Err(e) => {
+                    self.bad(format!("{verb} got a malformed reply: {e}"));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
-                let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
-                let resp = Resp { code, enhanced: parse_enhanced(&text), text };
-                self.validate(cmd, &resp);
-                return Ok(resp);
             }
             let mut chunk = [0u8; 1024];
             let n = self.stream.read(&mut chunk).await?;
@@ -271,39 +212,39 @@ impl Smtp {
         }
     }
 
-    fn validate(&mut self, cmd: Cmd, r: &Resp) {
+    fn validate(&mut self, verb: Verb, r: &Reply) {
         let code = r.code;
-        if self.refused && cmd != Cmd::Quit && cmd != Cmd::Greeting {
-            // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
-            if code != 503 && code != 421 {
-                self.bad(format!("{cmd:?} after a 554 greeting got {code}, not 503"));
-            }
-            return;
+        // RFC 5321 §3.1: after a 554 greeting, 503 to everything but QUIT.
+        let after_refusal = self.refused && verb != Verb::Quit;
+        if after_refusal && !verb.allows_after_refusal(code) {
+            self.bad(format!("{verb} after a 554 greeting got {code}, not 503"));
+        } else if !after_refusal && !verb.allows(code) {
+            self.bad(format!("{verb} got {code}, which RFC 5321 §4.3.2 does not allow"));
         }
-        if !cmd.allowed().contains(&code) {
-            self.bad(format!("{cmd:?} got {code}, which RFC 5321 §4.3.2 does not allow"));
+        if after_refusal {
+            return;
         }
         // RFC 2034 §3: every 2xx, 4xx and 5xx reply after EHLO carries one (not 3xx: RFC 3463
         // defines no class 3).
-        if self.enhanced && !matches!(cmd, Cmd::Greeting | Cmd::Ehlo) && code / 100 != 3 {
+        if self.enhanced && !matches!(verb, Verb::Greeting | Verb::Ehlo) && code / 100 != 3 {
             match r.enhanced {
-                None => self.bad(format!("{cmd:?} reply {code} lacks an enhanced status code (RFC 2034)")),
-                Some((class, _, _)) if u16::from(class) != code / 100 => {
-                    self.bad(format!("{cmd:?} reply {code} carries enhanced code class {class} (RFC 3463)"));
+                None => self.bad(format!("{verb} reply {code} lacks an enhanced status code (RFC 2034)")),
+                Some(Enhanced(class, _, _)) if u16::from(class) != code / 100 => {
+                    self.bad(format!("{verb} reply {code} carries enhanced code class {class} (RFC 3463)"));
                 }
                 _ => {}
             }
         }
-        match cmd {
-            Cmd::Ehlo => self.enhanced = code == 250 && !self.refused,
-            Cmd::Mail => {
+        match verb {
+            Verb::Ehlo => self.enhanced = code == 250 && !self.refused,
+            Verb::Mail => {
                 if code == 503 {
                     self.bad("MAIL after a successful EHLO got 503".into());
                 }
                 self.in_mail = code == 250;
                 self.rcpts = 0;
             }
-            Cmd::Rcpt => {
+            Verb::Rcpt => {
                 if code == 503 && self.in_mail {
                     self.bad("RCPT after an accepted MAIL got 503".into());
                 }
@@ -311,7 +252,7 @@ impl Smtp {
                     self.rcpts += 1;
                 }
             }
-            Cmd::Data => {
+            Verb::Data => {
                 if code == 503 && self.rcpts > 0 {
                     self.bad("DATA after an accepted RCPT got 503".into());
                 }
@@ -319,11 +260,11 @@ impl Smtp {
                     self.bad("DATA without an accepted recipient got 354".into());
                 }
             }
-            Cmd::Dot | Cmd::Rset => {
+            Verb::EndOfData | Verb::Rset => {
                 self.in_mail = false;
                 self.rcpts = 0;
             }
-            Cmd::Greeting | Cmd::Quit => {}
+            Verb::Greeting | Verb::Helo | Verb::Vrfy | Verb::Expn | Verb::Help | Verb::Noop | Verb::Quit => {}
         }
     }
 
@@ -331,43 +272,5 @@ impl Smtp {
     pub fn bad(&self, detail: String) {
         let now = self.world.now();
         self.world.state().violate(now, Invariant::BadReply, self.client, detail);
-    }
-}
-
-fn parse_code(line: &[u8]) -> Option<u16> {
-    if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    if line.len() > 3 && line[3] != b' ' && line[3] != b'-' {
-        return None;
-    }
-    Some(line[..3].iter().fold(0u16, |a, d| a * 10 + u16::from(d - b'0')))
-}
-
-fn parse_enhanced(text: &str) -> Option<(u8, u16, u16)> {
-    let word = text.split(' ').next()?;
-    let mut parts = word.split('.');
-    let class = parts.next()?.parse().ok()?;
-    let subject = parts.next()?.parse().ok()?;
-    let detail = parts.next()?.parse().ok()?;
-    if parts.next().is_some() || !matches!(class, 2 | 4 | 5) {
-        return None;
-    }
-    Some((class, subject, detail))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reply_lines_parse() {
-        assert_eq!(parse_code(b"250-PIPELINING"), Some(250));
-        assert_eq!(parse_code(b"550 5.1.1 No such user"), Some(550));
-        assert_eq!(parse_code(b"25"), None);
-        assert_eq!(parse_code(b"250x"), None);
-        assert_eq!(parse_enhanced("5.1.1 No such user"), Some((5, 1, 1)));
-        assert_eq!(parse_enhanced("mx.example.test ESMTP"), None);
-        assert_eq!(parse_enhanced("3.0.0 x"), None);
     }
 }

@@ -238,17 +238,6 @@ struct Watch {
     manager: BanManager,
 }
 
-/// Reply codes RFC 5321 §4.3.2 allows per command (421 anywhere, §3.8).
-fn allowed(command: &str) -> &'static [u16] {
-    match command {
-        "connect" => &[220, 421, 554],
-        "MAIL" => &[250, 421, 451, 452, 455, 503, 550, 552, 553, 555],
-        "RCPT" => &[250, 251, 421, 450, 451, 452, 455, 503, 550, 551, 552, 553, 554, 555],
-        "DATA" => &[250, 354, 421, 450, 451, 452, 503, 550, 552, 554],
-        _ => &[],
-    }
-}
-
 impl Observer for Watch {
     fn on_event(&self, client: IpAddr, session: u64, event: &Event) {
         let now = self.world.now();
@@ -272,8 +261,8 @@ impl Observer for Watch {
                 _ => 2,
             }] += 1;
         }
-        let codes = allowed(event.command);
-        if !codes.is_empty() && !codes.contains(&event.code) {
+        // The code must be one RFC 5321 §4.3.2 allows for the exchange it answered.
+        if event.verb().is_some_and(|verb| !verb.allows(event.code)) {
             let detail = format!("{} answered {} ({})", event.command, event.code, event.rule);
             st.violate(now, Invariant::BadReply, client, detail);
         }
