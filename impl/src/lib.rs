@@ -1,15 +1,17 @@
 //! Gatekeeper: an SMTP front end for port 25 that protects a mail server from backscatter
-//! floods and the spammers hiding in them (see DESIGN.md).
+//! floods and the spammers hiding in them (see docs/design.md §3 for the architecture).
 //!
 //! Layers, lowest first; each uses only the layers before it:
 //!
+//! - [`edges::clock`] — the clock: monotonic and wall time behind one trait.
 //! - [`proto`] — SMTP wire types: commands, paths, replies, line and DATA receivers (sans-IO).
 //! - [`policy`] — the rules E1, E2, C1, V1 and the B1–B4 ban requests as pure functions.
 //! - [`gate`] — the kernel `recent` table model (xt_recent, nft sets): rules G1 and G2.
 //! - [`session`] — the per-connection state machine, `handle_*` / `poll_*`, sans-IO.
+//! - [`edges`] — the server-level ports (listener, downstream, verifier, scanner, ban sink,
+//!   observer) and the production listener, Maildir spool and SMTP relay.
 //! - [`ban`] — the ban manager: bans recorded in SQLite, pushed to the kernel (xt_recent,
 //!   nftables) or kept in process, expired and restored by the gatekeeper.
-//! - [`edges`] — traits for IO: clock, listener, downstream; their production versions.
 //! - [`verify`] — callback verification (C1): resolver and connector edges, probe, cache, limits.
 //! - [`scan`] — virus scanning (V1): the clamd client and the builtin test-signature scanner.
 //! - [`config`] — the TOML configuration, validated with every problem listed.

@@ -1,0 +1,32 @@
+//! The IO edges: the traits for everything the core touches outside itself, and their
+//! production implementations. The simulation supplies its own versions of the same traits.
+//!
+//! Two layers live here (docs/design.md §3), each in its own module:
+//!
+//! - [`clock`], the bottom of the crate: [`Clock`], monotonic and wall time, and
+//!   [`SystemClock`], the only code in the crate that reads a clock. It uses nothing else of
+//!   the crate, so every layer may read time through it.
+//! - [`ports`], above `session`: the server-level traits [`Listener`] (accepts connections),
+//!   [`Downstream`] (the durable handoff of an accepted message), [`Verifier`] (C1),
+//!   [`Scanner`] (V1), [`BanSink`] (ban persistence and the kernel) and [`Observer`] (sees
+//!   every verdict; the simulation counts them), with [`BanOrder`] and [`BoxFuture`].
+//!   Their production versions, on the same layer: [`tcp`] (the TCP listener), [`spool`]
+//!   ([`MaildirSpool`]) and [`relay`] ([`SmtpRelay`]), with the headers both write in
+//!   [`trace`]. The verifier, scanner and ban sink are built by `verify`, `scan` and `ban`,
+//!   which sit above this layer.
+//!
+//! Everything is re-exported here, so users name `edges::Clock`, `edges::Downstream`, ….
+
+pub mod clock;
+pub mod ports;
+pub mod relay;
+pub mod spool;
+pub mod tcp;
+pub mod trace;
+
+pub use self::clock::{Clock, SystemClock};
+pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
+pub use self::relay::SmtpRelay;
+pub use self::spool::MaildirSpool;
+pub use self::tcp::{LISTEN_BACKLOG, tcp_listener};
+pub use self::trace::{rfc5322_date, trace_headers};

@@ -1,0 +1,63 @@
+//! The trace and envelope headers the production downstreams put above a delivered message,
+//! and the RFC 5322 date they (and the ban listing) write wall-clock times in.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::proto::ForwardPath;
+use crate::session::Envelope;
+
+/// The trace and envelope headers put above a delivered message.
+pub fn trace_headers(envelope: &Envelope, hostname: &str, id: &str, wall: SystemTime) -> String {
+    let rcpts: Vec<String> = envelope.rcpts.iter().map(ForwardPath::to_string).collect();
+    format!(
+        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {} ([{}])\r\n\tby {hostname} (Gatekeeper) with ESMTP id {id};\r\n\t{}\r\n",
+        envelope.from,
+        rcpts.join(", "),
+        if envelope.helo.is_empty() { "unknown" } else { &envelope.helo },
+        envelope.client,
+        rfc5322_date(wall),
+    )
+}
+
+/// An RFC 5322 date (`Fri, 27 Nov 2026 06:41:27 +0000`) from a wall-clock time, in UTC.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm), days since 1970-01-01.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[(days % 7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc5322_date(UNIX_EPOCH), "Thu, 01 Jan 1970 00:00:00 +0000");
+        let t = UNIX_EPOCH + Duration::from_secs(1_795_761_687);
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 06:41:27 +0000");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+}
