@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::ban::BanConfig;
-use crate::gate::GateConfig;
+use crate::ban::{BackendKind, BanConfig};
+use crate::gate::{GateConfig, GateKind};
 use crate::policy::{Directory, OnScanFailure, OnUnknown, PolicyConfig};
 use crate::proto::Domain;
 use crate::scan::ScanConfig;
@@ -198,6 +198,115 @@ pub struct ConfigError {
     pub problems: Vec<String>,
 }
 
+/// Where [`Config::load`] reads a configuration from.
+#[derive(Debug, Clone)]
+pub enum Source<'a> {
+    /// A TOML file; relative paths in it are resolved against its directory.
+    File(&'a Path),
+    /// A TOML table already read (the simulation's `[gatekeeper]` section); relative paths in
+    /// it are resolved against `base`.
+    Table {
+        /// The table, shaped like the file.
+        table: toml::Table,
+        /// The directory relative paths are resolved against (none: the current directory).
+        base: Option<&'a Path>,
+    },
+}
+
+impl<'a> From<&'a Path> for Source<'a> {
+    fn from(path: &'a Path) -> Self {
+        Source::File(path)
+    }
+}
+
+impl<'a> From<&'a PathBuf> for Source<'a> {
+    fn from(path: &'a PathBuf) -> Self {
+        Source::File(path)
+    }
+}
+
+/// What the one running the gatekeeper decides over the file: the command line's `--listen`
+/// and `--state-dir`, and the simulation's world (where it listens, which kernel is in front of
+/// it, its users, its seed). Applied after parsing, before validation, so an override is
+/// checked like the file's own value.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `server.listen`.
+    pub listen: Option<String>,
+    /// `server.state_dir`; a relative one is taken from the current directory, not the file's.
+    pub state_dir: Option<PathBuf>,
+    /// The ban backend is the kernel mechanism `gate.kind` models: `bans.backend` becomes
+    /// `xt_recent` (with `bans.xt_recent.capacity` = `gate.kind.ip_list_tot`) or `nftables`.
+    /// The simulation's kernel model in front of the gatekeeper is that kernel.
+    pub backend_from_gate: bool,
+    /// More users of the first local domain, by local part (added to `domains.users`).
+    pub local_users: Vec<String>,
+    /// `callbacks.seed`.
+    pub callbacks_seed: Option<u64>,
+}
+
+impl Overrides {
+    fn apply(self, config: &mut Config) -> Result<(), LoadError> {
+        if let Some(listen) = self.listen {
+            config.server.listen = listen;
+        }
+        if let Some(dir) = self.state_dir {
+            config.server.state_dir = std::path::absolute(dir).map_err(LoadError::StateDir)?;
+        }
+        if self.backend_from_gate {
+            config.bans.backend = match config.gate.kind {
+                GateKind::XtRecent { ip_list_tot, .. } => {
+                    config.bans.xt_recent.capacity = ip_list_tot;
+                    BackendKind::XtRecent
+                }
+                GateKind::Nft { .. } => BackendKind::Nftables,
+            };
+        }
+        // Without a local domain there is nowhere to add them; validation says so.
+        if let Some(domain) = config.domains.local.first() {
+            config.domains.users.extend(self.local_users.iter().map(|local| format!("{local}@{domain}")));
+        }
+        if let Some(seed) = self.callbacks_seed {
+            config.callbacks.seed = Some(seed);
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that failed to load, by the stage that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read: check its path and permissions.
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// Not TOML, or not the configuration's shape (the message has the position): fix the
+    /// syntax or the field name.
+    #[error(transparent)]
+    Parse(ConfigError),
+    /// The state dir override could not be made absolute (it is empty, or there is no current
+    /// directory): give another.
+    #[error(transparent)]
+    StateDir(std::io::Error),
+    /// Parsed, but with problems, each naming its field: fix them all.
+    #[error(transparent)]
+    Invalid(ConfigError),
+}
+
+impl LoadError {
+    /// What is wrong, one a line.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            LoadError::Parse(e) | LoadError::Invalid(e) => e.problems.clone(),
+            LoadError::Read { .. } | LoadError::StateDir(_) => vec![self.to_string()],
+        }
+    }
+}
+
 /// A validated configuration, ready to build a server from.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -221,11 +330,25 @@ impl Config {
         toml::from_str(text).map_err(|e| ConfigError { problems: vec![e.to_string().trim_end().to_string()] })
     }
 
-    /// Reads, parses and validates a file.
-    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError { problems: vec![format!("cannot read {}: {e}", path.display())] })?;
-        Config::parse(&text)?.validate(path.parent())
+    /// The configuration loader: reads `source`, parses it, applies `overrides`, validates.
+    /// Every user loads through here: `gatekeeper serve`, `check-config`, `firewall`, `bans`
+    /// and the simulation (whose world-specific choices are overrides).
+    pub fn load<'a>(source: impl Into<Source<'a>>, overrides: Overrides) -> Result<Settings, LoadError> {
+        let (mut config, base) = match source.into() {
+            Source::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|error| LoadError::Read { path: path.to_path_buf(), error })?;
+                (Config::parse(&text).map_err(LoadError::Parse)?, path.parent())
+            }
+            Source::Table { table, base } => {
+                let config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                    LoadError::Parse(ConfigError { problems: vec![e.to_string().trim_end().to_string()] })
+                })?;
+                (config, base)
+            }
+        };
+        overrides.apply(&mut config)?;
+        config.validate(base).map_err(LoadError::Invalid)
     }
 
     /// Checks everything and builds the runtime settings; relative paths are resolved against
@@ -361,7 +484,7 @@ mod tests {
     #[test]
     fn shipped_example_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gatekeeper.toml");
-        let settings = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let settings = Config::load(&path, Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(settings.listen, "127.0.0.1:2525".parse().unwrap());
         assert_eq!(settings.directory.user_count(), 2);
     }
@@ -463,6 +586,34 @@ mod tests {
         }
         let err = Config::parse("[scan]\nengine = \"sophos\"\n").unwrap_err();
         assert!(err.problems[0].contains("sophos"), "{err}");
+    }
+
+    #[test]
+    fn overrides_are_applied_then_checked() {
+        let text = "[domains]\nlocal = [\"example.test\"]\nusers = []\n[gate.kind]\nbackend = \"xt_recent\"\nip_list_tot = 300\n";
+        let table: toml::Table = toml::from_str(text).unwrap();
+        let overrides = Overrides {
+            listen: Some("0.0.0.0:25".into()),
+            state_dir: Some("/var/lib/gk".into()),
+            backend_from_gate: true,
+            local_users: vec!["user0".into(), "user1".into()],
+            callbacks_seed: Some(7),
+        };
+        let s = Config::load(Source::Table { table: table.clone(), base: Some(Path::new("/etc")) }, overrides).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:25".parse().unwrap());
+        assert_eq!(s.config.server.state_dir, Path::new("/var/lib/gk"));
+        assert_eq!(s.config.bans.backend, crate::ban::BackendKind::XtRecent);
+        assert_eq!(s.config.bans.xt_recent.capacity, 300);
+        assert_eq!(s.config.domains.users, ["user0@example.test", "user1@example.test"]);
+        assert_eq!(s.config.callbacks.seed, Some(7));
+        // Without overrides, a relative state dir is the file's.
+        let s = Config::load(Source::Table { table, base: Some(Path::new("/etc")) }, Overrides::default()).unwrap();
+        assert_eq!(s.config.server.state_dir, Path::new("/etc/state"));
+        let bad = Overrides { listen: Some("nowhere".into()), ..Overrides::default() };
+        let err = Config::load(Source::Table { table: toml::Table::new(), base: None }, bad).unwrap_err();
+        assert!(matches!(&err, LoadError::Invalid(_)) && err.problems()[0].starts_with("server.listen"), "{err}");
+        let err = Config::load(Path::new("/nonexistent/gatekeeper.toml"), Overrides::default()).unwrap_err();
+        assert!(err.problems()[0].starts_with("cannot read /nonexistent/gatekeeper.toml: "), "{err}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatekeeper::ban::BanManager;
-use gatekeeper::config::{Config, Settings};
+use gatekeeper::config::{Config, Overrides, Settings};
 use gatekeeper::edges::{MaildirSpool, SystemClock};
 use gatekeeper::policy::BanReason;
 use gatekeeper::server::{Limits, Server};
@@ -95,7 +95,7 @@ async fn dialogue(server: SocketAddr, source: &str, lines: &[&str]) -> Vec<Strin
 
 fn config(dir: &Path, extra: &str) -> (std::path::PathBuf, Settings) {
     let path = write_config(dir, extra);
-    let settings = Config::load(&path).unwrap();
+    let settings = Config::load(&path, Overrides::default()).unwrap();
     (path, settings)
 }
 

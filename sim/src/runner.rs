@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use gatekeeper::ban::BackendKind;
-use gatekeeper::config::Config;
+use gatekeeper::config::{Config, Overrides, Source};
 use gatekeeper::gate::GateKind;
 
 use crate::metrics::{Class, Delays, Final, flatten};
@@ -35,26 +34,23 @@ impl Progress for () {
 /// Builds the gatekeeper configuration and the world's parameters from a run.
 pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
     let s = &run.scenario;
-    let mut config: Config = toml::Value::Table(s.gatekeeper.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| format!("[gatekeeper]: {}", e.to_string().trim_end()))?;
-    // What the world decides: where it listens, and that the kernel model in front of it is
-    // the ban backend (the server then leaves G1 to the kernel, as in production).
-    config.server.listen = "0.0.0.0:25".into();
-    config.bans.backend = match config.gate.kind {
-        GateKind::XtRecent { ip_list_tot, .. } => {
-            config.bans.xt_recent.capacity = ip_list_tot;
-            BackendKind::XtRecent
-        }
-        GateKind::Nft { .. } => BackendKind::Nftables,
+    // What the world decides: where the gatekeeper listens, that the kernel model in front of
+    // it is the ban backend (the server then leaves G1 to the kernel, as in production), its
+    // users, and the seed of its callbacks.
+    let overrides = Overrides {
+        listen: Some("0.0.0.0:25".into()),
+        backend_from_gate: true,
+        local_users: (0..s.local_users).map(|i| format!("user{i}")).collect(),
+        callbacks_seed: Some(run.seed),
+        ..Overrides::default()
     };
+    let source = Source::Table { table: s.gatekeeper.clone(), base: run.path.parent() };
+    let settings = Config::load(source, overrides).map_err(|e| format!("[gatekeeper]: {e}"))?;
+    let config = settings.config.clone();
     if config.rules.scan && !matches!(config.scan.engine, gatekeeper::scan::Engine::Builtin) {
         return Err("[gatekeeper.scan]: the simulation runs the builtin engine only".into());
     }
     let domain = config.domains.local.first().cloned().ok_or("[gatekeeper.domains]: no local domain")?;
-    config.domains.users.extend((0..s.local_users).map(|i| format!("user{i}@{domain}")));
-    let base = run.path.parent().map(Path::to_path_buf);
-    let settings = config.clone().validate(base.as_deref()).map_err(|e| format!("[gatekeeper]: {e}"))?;
     let suffix = format!("@{domain}");
     let users: Vec<String> =
         config.domains.users.iter().filter_map(|u| u.strip_suffix(&suffix)).map(str::to_string).collect();

@@ -4,13 +4,13 @@
 #[path = "gatekeeper/bans.rs"]
 mod bans;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use gatekeeper::config::{Config, Settings};
+use gatekeeper::config::{Config, LoadError, Overrides, Settings};
 use gatekeeper::edges::{Clock, Downstream, MaildirSpool, SmtpRelay, SystemClock, Verifier};
 use gatekeeper::server::{Limits, Server};
 use gatekeeper::verify::CallbackVerifier;
@@ -95,7 +95,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match Config::load(&config, Overrides::default()) {
             Ok(s) => {
                 println!(
                     "{}: OK (listen {}, {} local domain(s), {} user(s), delivery: {})",
@@ -111,8 +111,9 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("{}: {} problem(s):", config.display(), e.problems.len());
-                for p in &e.problems {
+                let problems = e.problems();
+                eprintln!("{}: {} problem(s):", config.display(), problems.len());
+                for p in &problems {
                     eprintln!("  - {p}");
                 }
                 ExitCode::from(2)
@@ -149,7 +150,7 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut settings = load_with_overrides(&config, listen, state_dir)?;
+    let mut settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
@@ -214,22 +215,14 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
     })
 }
 
-fn load_with_overrides(
-    config: &std::path::Path,
-    listen: Option<String>,
-    state_dir: Option<PathBuf>,
-) -> anyhow::Result<Settings> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
-    let mut parsed = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
-    if let Some(l) = listen {
-        parsed.server.listen = l;
-    }
-    if let Some(d) = state_dir {
-        parsed.server.state_dir = std::path::absolute(d)?;
-    }
-    parsed
-        .validate(config.parent())
-        .map_err(|e| anyhow::anyhow!("{}: {} problem(s):\n{e}", config.display(), e.problems.len()))
+/// Loads the configuration file with the command line's overrides; the error says which file
+/// and, when it is invalid, every problem.
+fn load(config: &Path, overrides: Overrides) -> anyhow::Result<Settings> {
+    Config::load(config, overrides).map_err(|e| match e {
+        LoadError::Parse(e) => anyhow::anyhow!("{}:\n{e}", config.display()),
+        LoadError::Invalid(e) => anyhow::anyhow!("{}: {} problem(s):\n{e}", config.display(), e.problems.len()),
+        e => e.into(),
+    })
 }
 
 async fn shutdown_signal() {

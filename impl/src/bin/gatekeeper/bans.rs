@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
 use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
-use gatekeeper::config::{Config, Settings};
+use gatekeeper::config::{Overrides, Settings};
 use gatekeeper::edges::{BanOrder, Clock, SystemClock, rfc5322_date};
 use gatekeeper::gate::{
     GateDecision, NFT_DEFAULT_GC_INTERVAL, NftRuleset, NftSet, NftSetConfig, XtMask, XtRecent, XtRecentConfig,
@@ -20,6 +20,8 @@ use gatekeeper::gate::{
 };
 use gatekeeper::server::Server;
 use humantime_serde::re::humantime;
+
+use super::load;
 
 /// A kernel backend, as the CLI names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,17 +90,6 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30m, 4d, 1h 30m)"))
 }
 
-fn load(config: &Path, state_dir: Option<PathBuf>) -> anyhow::Result<Settings> {
-    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read {}", config.display()))?;
-    let mut parsed = Config::parse(&text).map_err(|e| anyhow::anyhow!("{}:\n{e}", config.display()))?;
-    if let Some(d) = state_dir {
-        parsed.server.state_dir = std::path::absolute(d)?;
-    }
-    parsed
-        .validate(config.parent())
-        .map_err(|e| anyhow::anyhow!("{}: {} problem(s):\n{e}", config.display(), e.problems.len()))
-}
-
 fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -133,7 +124,7 @@ fn which(backend: Option<KernelBackend>, cfg: &BanConfig) -> anyhow::Result<Kern
 pub fn firewall(cmd: FirewallCommand) -> ExitCode {
     report(match cmd {
         FirewallCommand::Rules(RulesetArgs { backend, config, port }) => (|| {
-            let s = load(&config, None)?;
+            let s = load(&config, Overrides::default())?;
             let b = &s.config.bans;
             let text = match which(backend, b)? {
                 KernelBackend::XtRecent => xt_script(&b.xt_recent, &params(&s, port)),
@@ -143,7 +134,7 @@ pub fn firewall(cmd: FirewallCommand) -> ExitCode {
             Ok(())
         })(),
         FirewallCommand::Apply(RulesetArgs { backend, config, port }) => (|| {
-            let s = load(&config, None)?;
+            let s = load(&config, Overrides::default())?;
             let b = &s.config.bans;
             match which(backend, b)? {
                 KernelBackend::Nftables => {
@@ -181,7 +172,7 @@ pub fn firewall(cmd: FirewallCommand) -> ExitCode {
 /// `gatekeeper bans ...`.
 pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> ExitCode {
     report((|| {
-        let s = load(config, state_dir)?;
+        let s = load(config, Overrides { state_dir, ..Overrides::default() })?;
         let c = &s.config;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let m = BanManager::open(&c.bans, &c.gate, &c.server.state_dir, clock.clone(), false)?;
