@@ -21,7 +21,7 @@ use crate::session::{DeliveryError, Envelope};
 /// a 250 is never given for a message a crash could lose. The envelope is kept in the message
 /// as `Return-Path:` and `X-Gatekeeper-Rcpt:` headers above a `Received:` trace header.
 ///
-/// The fsync of `new/` is a group commit ([`DirSync`]): messages renamed while one is running
+/// The fsync of `new/` is a group commit (`DirSync`): messages renamed while one is running
 /// share the next one. Each message's own file is still fsync'd by its own writer.
 #[derive(Debug)]
 pub struct MaildirSpool {
