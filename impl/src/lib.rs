@@ -14,12 +14,16 @@
 //!   nftables) or kept in process, expired and restored by the gatekeeper.
 //! - [`verify`] — callback verification (C1): resolver and connector edges, probe, cache, limits.
 //! - [`scan`] — virus scanning (V1): the clamd client and the builtin test-signature scanner.
-//! - [`config`] — the TOML configuration, validated with every problem listed.
+//! - [`config`] — the TOML configuration, loaded with overrides, validated with every problem
+//!   listed.
 //! - [`server`] — the async driver: accept loop, gate, limits, timeouts, shutdown.
+//! - [`app`] — the application assembled from settings and edges, for `gatekeeper serve` and
+//!   the simulation alike.
 //!
 //! Nothing here reads a clock except `edges::SystemClock`; the simulation (`gatekeeper-sim`)
-//! supplies its own edges and runs the same server.
+//! supplies its own edges and assembles the same application.
 
+pub mod app;
 pub mod ban;
 pub mod config;
 pub mod edges;

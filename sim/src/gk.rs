@@ -1,36 +1,37 @@
-//! The gatekeeper host: the real `gatekeeper::server::Server` wired exactly as the binary wires
-//! it (ban manager with its SQLite store, callback verifier with its cache, built-in scanner),
-//! except that its edges are the simulation's:
+//! The gatekeeper host: the application `gatekeeper serve` runs, built by the same function
+//! (`gatekeeper::app::assemble`) from the scenario's settings, on the simulation's edges:
 //!
+//! - the clock is turmoil's ([`SimClock`]), the state dir one that outlives restarts, and
+//!   blocking work runs inline;
 //! - the ban backend is the kernel firewall model ([`KernelBackend`]), and the ban sink is
 //!   wrapped (`LedgerSink`) so every ban decision reaches the world's ledger first;
 //! - the downstream is the world's spool (`Spool`);
 //! - an [`Observer`] (`Watch`) counts every verdict and checks it as it happens;
-//! - DNS and TCP for callbacks go over turmoil ([`crate::dns`], [`SimConnector`]).
+//! - DNS and TCP for callbacks go over turmoil ([`crate::dns`], [`SimConnector`]); hickory's
+//!   resolver is built per lookup ([`crate::dns::FreshResolver`], for determinism).
 //!
-//! One deliberate difference from the binary: hickory's resolver is built per lookup
-//! ([`crate::dns::FreshResolver`], for determinism). The callback cache has its own SQLite file
-//! as in production (`callbacks.sqlite`), so the ban manager's change detection is not woken by
-//! cache writes.
+//! The world's other choices (listen address, the kernel as ban backend, the users, the
+//! callbacks' seed) are configuration overrides, made by `runner::resolve`; only the traffic
+//! hosts' addresses, trusted for PROXY, are set here, as they exist only inside turmoil.
 //!
 //! The host is restartable: its state directory (bans, callback cache) and the spool outlive
 //! the process, as a disk would, and the ban manager restores the bans on start.
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, BanStore, Net};
-use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Clock, Downstream, Observer, Scanner, Verifier};
+use gatekeeper::app::{Edges, assemble};
+use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, Net};
+use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Downstream, Observer};
 use gatekeeper::gate::{GateBackend, GateKind};
 use gatekeeper::policy::{BanReason, Rule};
-use gatekeeper::server::{Limits, Server};
 use gatekeeper::session::{DeliveryError, Envelope, Event};
-use gatekeeper::verify::{BoxStream, CacheMode, CallbackVerifier, Connector, VerifierEdges, VerifyCache};
+use gatekeeper::verify::{BoxStream, Connector};
 
 use crate::dns::FreshResolver;
 use crate::metrics::{Class, Invariant, rule_index};
@@ -40,74 +41,35 @@ use crate::world::{Sabotage, World};
 /// Runs the gatekeeper until the host is crashed or the simulation ends.
 pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
     let cfg = &world.cfg;
-    let c = &cfg.settings.config;
-    let clock: Arc<dyn Clock> = Arc::new(SimClock::new(cfg.epoch));
-    let store = BanStore::open(&state_dir.join(gatekeeper::ban::STATE_DB))?;
-    let backend = KernelBackend { world: world.clone() };
-    let manager = BanManager::new(&c.bans, &c.gate, store, Box::new(backend), clock.clone(), false);
-    let traffic: Vec<IpAddr> = ["spam", "bounce", "honest"].iter().map(|h| turmoil::lookup(*h)).collect();
-    let limits = Limits {
-        max_sessions: c.server.max_sessions,
-        max_sessions_per_ip: c.server.max_sessions_per_ip,
-        shutdown_grace: c.server.shutdown_grace,
-        in_process_rate: !c.bans.backend.is_kernel(),
-        proxy_trusted: traffic,
+    // The traffic hosts speak PROXY for the many clients each of them plays; their addresses
+    // exist only inside turmoil, so the world sets them here rather than in the configuration.
+    let mut settings = cfg.settings.clone();
+    settings.proxy_trusted = ["spam", "bounce", "honest"].iter().map(|h| turmoil::lookup(*h)).collect();
+    let (sink_world, watch_world) = (world.clone(), world.clone());
+    let edges = Edges {
+        clock: Arc::new(SimClock::new(cfg.epoch)),
+        state_dir,
+        offload: false,
+        ban_backend: Box::new(KernelBackend { world: world.clone() }),
+        downstream: Arc::new(Spool { world: world.clone() }),
+        resolver: Box::new(|mut dns, seed| {
+            dns.nameservers = vec![SocketAddr::new(turmoil::lookup("dns"), 53)];
+            dns.os_port_selection = true;
+            Ok(Arc::new(FreshResolver::new(dns, seed)))
+        }),
+        connector: Arc::new(SimConnector),
+        ban_sink: Some(Box::new(move |manager| Arc::new(LedgerSink { world: sink_world, manager: manager.clone() }))),
+        observer: Some(Box::new(move |manager| Arc::new(Watch { world: watch_world, manager: manager.clone() }))),
     };
-    let sink = Arc::new(LedgerSink { world: world.clone(), manager: manager.clone() });
-    let watch = Arc::new(Watch { world: world.clone(), manager: manager.clone() });
-    let mut builder = Server::builder(
-        cfg.settings.session.clone(),
-        cfg.settings.directory.clone(),
-        Arc::new(Spool { world: world.clone() }),
-    )
-    .clock(clock.clone())
-    .gate(c.gate.clone())
-    .limits(limits)
-    .ban_sink(sink)
-    .observer(watch);
-    if c.rules.scan {
-        let scanner = c.scan.builtin(clock.clone()).map_err(io::Error::other)?.offload(false);
-        builder = builder.scanner(Arc::new(scanner) as Arc<dyn Scanner>);
-    }
-    if c.rules.verify_senders {
-        let mut dns = c.callbacks.dns();
-        dns.nameservers = vec![SocketAddr::new(turmoil::lookup("dns"), 53)];
-        dns.os_port_selection = true;
-        let seed = world.cfg.run.seed;
-        let resolver = FreshResolver::new(dns, seed);
-        let cache = match c.callbacks.cache {
-            // Its own file: the ban manager re-reads every ban whenever another connection
-            // writes to its database (PRAGMA data_version), and the cache writes per probe.
-            CacheMode::Sqlite => VerifyCache::open_sqlite(
-                &state_dir.join(gatekeeper::verify::CACHE_DB),
-                c.callbacks.ttls(),
-                c.callbacks.cache_entries_max,
-                false,
-            )
-            .map_err(io::Error::other)?,
-            CacheMode::Memory => VerifyCache::memory(c.callbacks.ttls(), c.callbacks.cache_entries_max),
-        };
-        let edges = VerifierEdges {
-            resolver: Arc::new(resolver),
-            connector: Arc::new(SimConnector),
-            cache: Arc::new(cache),
-            clock: clock.clone(),
-        };
-        let verifier = CallbackVerifier::new(&c.callbacks, &c.server.hostname, seed, edges)
-            .with_directory(cfg.settings.directory.clone());
-        builder = builder.verifier(Arc::new(verifier) as Arc<dyn Verifier>);
-    }
-    let server = builder.build();
-    manager.attach_mirror(Arc::new(server.clone()));
-    let restored = manager.restore().await.map_err(io::Error::other)?;
+    let app = assemble(&settings, edges).await.map_err(io::Error::other)?;
+    let restored = app.start().await.map_err(io::Error::other)?;
     {
         let mut st = world.state();
         st.c.reapplied += restored.restored as u64;
         st.kernel_lost = false;
     }
-    tokio::spawn(manager.clone().run(std::future::pending()));
-    let listener = SimListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 25)).await?;
-    server.run(listener, std::future::pending()).await?;
+    let listener = SimListener::bind(settings.listen).await?;
+    app.run(listener, std::future::pending()).await?;
     Ok(())
 }
 

@@ -6,14 +6,11 @@ mod bans;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use gatekeeper::app::{Edges, assemble};
 use gatekeeper::config::{Config, LoadError, Overrides, Settings};
-use gatekeeper::edges::{Clock, Downstream, MaildirSpool, SmtpRelay, SystemClock, Verifier};
-use gatekeeper::server::{Limits, Server};
-use gatekeeper::verify::CallbackVerifier;
 
 /// SMTP gatekeeper against backscatter floods: connection gate, early rejects, bans.
 #[derive(Debug, Parser)]
@@ -150,67 +147,15 @@ fn init_logging(format: LogFormat) {
 }
 
 fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
+    let settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
         let listener = gatekeeper::edges::tcp_listener(settings.listen)
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let c = &settings.config;
-        let downstream: Arc<dyn Downstream> = match settings.relay {
-            Some(addr) => Arc::new(SmtpRelay::new(addr, &c.server.hostname, c.delivery.relay_timeout, clock.clone())),
-            None => {
-                let root = c.server.state_dir.join("maildir");
-                Arc::new(
-                    MaildirSpool::open(&root, &c.server.hostname, clock.clone(), true)
-                        .with_context(|| format!("cannot create the spool {}", root.display()))?,
-                )
-            }
-        };
-        let limits = Limits {
-            max_sessions: c.server.max_sessions,
-            max_sessions_per_ip: c.server.max_sessions_per_ip,
-            shutdown_grace: c.server.shutdown_grace,
-            // G1 in process only when the kernel does not gate.
-            in_process_rate: !c.bans.backend.is_kernel(),
-            proxy_trusted: std::mem::take(&mut settings.proxy_trusted),
-        };
-        // C1: callback verification of external senders, with its cache in the state database.
-        let verifier: Option<Arc<dyn Verifier>> = match c.rules.verify_senders {
-            true => Some(Arc::new(
-                CallbackVerifier::production(&c.callbacks, &c.server.hostname, &c.server.state_dir, clock.clone())
-                    .context("cannot set up callback verification")?
-                    .with_directory(settings.directory.clone()),
-            )),
-            false => None,
-        };
-        // V1: the virus scanner; a clamd gets one PING (logged) but need not be up yet.
-        let scanner = match c.rules.scan {
-            true => {
-                let scanner = c.scan.start(c.rules.on_scan_failure, clock.clone()).await;
-                Some(scanner.map_err(|e| anyhow::anyhow!("scan: {e}"))?)
-            }
-            false => None,
-        };
-        // G2: bans recorded in the state database and pushed to the configured backend.
-        let ban_manager = bans::open_manager(&settings, clock.clone())?;
-        let builder = Server::builder(settings.session.clone(), settings.directory.clone(), downstream)
-            .clock(clock)
-            .gate(c.gate.clone())
-            .limits(limits)
-            .ban_sink(Arc::new(ban_manager.clone()));
-        let builder = match scanner {
-            Some(s) => builder.scanner(s),
-            None => builder,
-        };
-        let server = match verifier {
-            Some(v) => builder.verifier(v),
-            None => builder,
-        }
-        .build();
-        bans::start(&ban_manager, &server).await?;
-        server.run(listener, shutdown_signal()).await?;
+        let app = assemble(&settings, Edges::production(&settings)?).await?;
+        app.start().await?;
+        app.run(listener, shutdown_signal()).await?;
         Ok(())
     })
 }

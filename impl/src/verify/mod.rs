@@ -20,7 +20,6 @@ pub mod limits;
 pub mod net;
 pub mod probe;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
@@ -115,39 +114,6 @@ impl CallbackVerifier {
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x6761_7465_6b65_6570)),
             stats: VerifyStats::default(),
         }
-    }
-
-    /// The production verifier: hickory on tokio, tokio TCP, the SQLite cache in
-    /// `<state_dir>/callbacks.sqlite` (or memory, per config) with blocking calls offloaded.
-    ///
-    /// The cache has a file of its own, beside the ban store's `state.sqlite`: the ban manager
-    /// watches its file for other writers (`gatekeeper bans add|remove`) and would otherwise
-    /// re-read every ban after each cached probe.
-    pub fn production(
-        config: &CallbacksConfig,
-        hostname: &str,
-        state_dir: &Path,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, VerifyError> {
-        let seed = config.seed.unwrap_or_else(|| {
-            let t = clock.wall().duration_since(UNIX_EPOCH).unwrap_or_default();
-            t.as_secs() ^ u64::from(t.subsec_nanos()).rotate_left(32) ^ u64::from(std::process::id())
-        });
-        let resolver = HickoryResolver::tokio(&config.dns(), seed)?;
-        let cache = match config.cache {
-            CacheMode::Sqlite => {
-                let _ = std::fs::create_dir_all(state_dir);
-                VerifyCache::open_sqlite(&state_dir.join(CACHE_DB), config.ttls(), config.cache_entries_max, true)?
-            }
-            CacheMode::Memory => VerifyCache::memory(config.ttls(), config.cache_entries_max),
-        };
-        let edges = VerifierEdges {
-            resolver: Arc::new(resolver),
-            connector: Arc::new(TokioConnector),
-            cache: Arc::new(cache),
-            clock,
-        };
-        Ok(Self::new(config, hostname, seed, edges))
     }
 
     /// Local domains are never probed (the session never asks; this guards anyway).

@@ -1,5 +1,4 @@
-//! The `firewall` and `bans` subcommands, the hidden `model-replay` used by ci/kernel.sh, and
-//! the glue that wires the ban manager into `serve`.
+//! The `firewall` and `bans` subcommands and the hidden `model-replay` used by ci/kernel.sh.
 
 use std::io::{BufRead, Write as _};
 use std::net::IpAddr;
@@ -18,7 +17,6 @@ use gatekeeper::gate::{
     GateDecision, NFT_DEFAULT_GC_INTERVAL, NftRuleset, NftSet, NftSetConfig, XtMask, XtRecent, XtRecentConfig,
     XtRuleset,
 };
-use gatekeeper::server::Server;
 use humantime_serde::re::humantime;
 
 use super::load;
@@ -255,21 +253,6 @@ fn short(d: Duration) -> String {
     let secs = d.as_secs();
     let secs = if secs > 86_400 { secs - secs % 60 } else { secs };
     humantime::format_duration(Duration::from_secs(secs)).to_string()
-}
-
-/// For `serve`: the ban manager of the configuration (SQLite offloaded to the blocking pool).
-pub fn open_manager(s: &Settings, clock: Arc<dyn Clock>) -> anyhow::Result<BanManager> {
-    let c = &s.config;
-    BanManager::open(&c.bans, &c.gate, &c.server.state_dir, clock, true).context("cannot open the ban database")
-}
-
-/// For `serve`, once the server is built: connects its gate, re-applies the stored bans and
-/// starts the maintenance task (sync with `gatekeeper bans`, expiry, retries).
-pub async fn start(m: &BanManager, server: &Server) -> anyhow::Result<()> {
-    m.attach_mirror(Arc::new(server.clone()));
-    m.restore().await.context("cannot restore the bans")?;
-    tokio::spawn(m.clone().run(std::future::pending()));
-    Ok(())
 }
 
 /// Which kernel mechanism `model-replay` evaluates.
