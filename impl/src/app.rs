@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use crate::ban::{BanBackend, BanError, BanManager, BanStore, RestoreReport, STATE_DB, build_backend};
+use crate::ban::{BanBackend, BanError, BanManager, RestoreReport, build_backend};
 use crate::config::Settings;
 use crate::edges::{BanSink, Clock, Downstream, Listener, MaildirSpool, Observer, Scanner, SmtpRelay, SystemClock};
 use crate::scan::Engine;
@@ -150,10 +150,8 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
     let c = &settings.config;
     let Edges { clock, state_dir, offload, ban_backend, downstream, resolver, connector, ban_sink, observer } = edges;
     // G2: bans recorded in the state database and applied by the backend.
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|error| AppError::Bans(BanError::StateDir { path: state_dir.display().to_string(), error }))?;
-    let store = BanStore::open(&state_dir.join(STATE_DB)).map_err(|e| AppError::Bans(e.into()))?;
-    let bans = BanManager::new(&c.bans, &c.gate, store, ban_backend, clock.clone(), offload);
+    let bans = BanManager::open_with(&c.bans, &c.gate, &state_dir, ban_backend, clock.clone(), offload)
+        .map_err(AppError::Bans)?;
     let limits = Limits {
         max_sessions: c.server.max_sessions,
         max_sessions_per_ip: c.server.max_sessions_per_ip,

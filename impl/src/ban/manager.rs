@@ -35,10 +35,22 @@ impl BanManager {
         clock: Arc<dyn Clock>,
         offload: bool,
     ) -> Result<BanManager, BanError> {
+        BanManager::open_with(cfg, gate, state_dir, build_backend(cfg, gate.ipv6_prefix), clock, offload)
+    }
+
+    /// [`Self::open`] with any backend (the application's edge: the kernel, or the
+    /// simulation's model of it).
+    pub fn open_with(
+        cfg: &BanConfig,
+        gate: &GateConfig,
+        state_dir: &Path,
+        backend: Box<dyn BanBackend>,
+        clock: Arc<dyn Clock>,
+        offload: bool,
+    ) -> Result<BanManager, BanError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|error| BanError::StateDir { path: state_dir.display().to_string(), error })?;
         let store = BanStore::open(&state_dir.join(STATE_DB))?;
-        let backend = build_backend(cfg, gate.ipv6_prefix);
         Ok(BanManager::new(cfg, gate, store, backend, clock, offload))
     }
 
