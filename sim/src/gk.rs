@@ -28,7 +28,7 @@ use bytes::Bytes;
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, Net};
 use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Downstream, Observer};
-use gatekeeper::gate::{GateBackend, GateKind};
+use gatekeeper::gate::GateKind;
 use gatekeeper::policy::{BanReason, Rule};
 use gatekeeper::session::{DeliveryError, Envelope, Event};
 use gatekeeper::verify::{BoxStream, Connector};
@@ -103,24 +103,11 @@ impl BanBackend for KernelBackend {
         self.kind() == BackendKind::Nftables
     }
 
-    fn list(&self) -> Result<Option<std::collections::BTreeSet<Net>>, BackendError> {
+    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
+        let prefix = self.world.cfg.settings.config.gate.ipv6_prefix;
         let now = self.world.now();
-        let kernel = self.world.kernel();
-        let mut out = BTreeSet::new();
-        match kernel.backend() {
-            GateBackend::XtRecent { ban4, ban6, .. } => {
-                for e in ban4.iter().chain(ban6.iter()) {
-                    out.insert(Net::ban_key(e.addr(), self.world.cfg.settings.config.gate.ipv6_prefix));
-                }
-            }
-            GateBackend::Nft { ban4, ban6, .. } => {
-                let j = kernel.jiffies(now);
-                for e in ban4.iter(j).chain(ban6.iter(j)) {
-                    out.insert(Net::ban_key(e.addr, self.world.cfg.settings.config.gate.ipv6_prefix));
-                }
-            }
-        }
-        Ok(Some(out))
+        let banned = self.world.kernel().banned(now);
+        Ok(Some(banned.into_iter().map(|a| Net::ban_key(a, prefix)).collect()))
     }
 
     fn capacity(&self) -> Option<usize> {

@@ -157,14 +157,10 @@ impl Kernel {
         self.gate.banned_len()
     }
 
-    /// The tables, for listings.
-    pub fn backend(&self) -> &gatekeeper::gate::GateBackend {
-        self.gate.backend()
-    }
-
-    /// `now` in the model's jiffies.
-    pub fn jiffies(&self, now: Duration) -> gatekeeper::gate::Jiffies {
-        self.gate.jiffies(self.origin + now)
+    /// What the ban tables hold at `now` (addresses, IPv6 networks by their first address), as
+    /// `/proc/net/xt_recent` or `nft list set` would list it.
+    pub fn banned(&self, now: Duration) -> Vec<IpAddr> {
+        self.gate.banned(self.origin + now).collect()
     }
 
     /// Whether a full table explains a ban missing from it: xt_recent evicts its least

@@ -13,10 +13,7 @@ use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
 use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
 use gatekeeper::config::{Overrides, Settings};
 use gatekeeper::edges::{BanOrder, Clock, SystemClock, rfc5322_date};
-use gatekeeper::gate::{
-    GateDecision, NFT_DEFAULT_GC_INTERVAL, NftRuleset, NftSet, NftSetConfig, XtMask, XtRecent, XtRecentConfig,
-    XtRuleset,
-};
+use gatekeeper::gate::{DEFAULT_IP_LIST_TOT, Gate, GateConfig, GateKind};
 use humantime_serde::re::humantime;
 
 use super::load;
@@ -270,23 +267,14 @@ pub enum ModelKind {
 /// in-process model of the kernel rules (no bans). For the differential kernel test.
 pub fn model_replay(kind: ModelKind, window: Duration, hz: u32, ipv6_prefix: u8, size: u32) -> ExitCode {
     report((|| {
-        let secs = u32::try_from(window.as_secs()).context("window too long")?;
-        let mut xt = (
-            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
-            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
-            XtRecent::new(XtRecentConfig { hz, ..XtRecentConfig::default() }),
-            XtRecent::new(XtRecentConfig { hz, mask: XtMask::ipv6_prefix(ipv6_prefix), ..XtRecentConfig::default() }),
-        );
-        let rules = XtRuleset { ban_secs: 345_600, window_secs: secs };
-        let ban =
-            NftSetConfig { hz, size: None, timeout: None, gc_interval: NFT_DEFAULT_GC_INTERVAL, ipv6_prefix: None };
-        let rate = NftSetConfig { size: Some(size), timeout: Some(window), ..ban };
-        let mut nft = (
-            NftSet::new(ban),
-            NftSet::new(NftSetConfig { ipv6_prefix: Some(ipv6_prefix), ..ban }),
-            NftSet::new(rate),
-            NftSet::new(NftSetConfig { ipv6_prefix: Some(ipv6_prefix), ..rate }),
-        );
+        // The xt_recent tables keep the kernel's default size; `size` is the nft rate sets'.
+        let kind = match kind {
+            ModelKind::XtRecent => GateKind::XtRecent { ip_list_tot: DEFAULT_IP_LIST_TOT, hz },
+            ModelKind::Nft => GateKind::Nft { size, hz },
+        };
+        let cfg = GateConfig { kind, window, ipv6_prefix, ..GateConfig::default() };
+        // Jiffies come from the input; the origin is never consulted.
+        let mut gate = Gate::try_new(cfg, std::time::Instant::now()).context("invalid model parameters")?;
         let stdin = std::io::stdin();
         let mut out = std::io::stdout().lock();
         for (n, line) in stdin.lock().lines().enumerate() {
@@ -298,20 +286,7 @@ pub fn model_replay(kind: ModelKind, window: Duration, hz: u32, ipv6_prefix: u8,
             let j: u64 = j.parse().with_context(|| format!("line {}: bad jiffies {j:?}", n + 1))?;
             let a: IpAddr = a.parse().with_context(|| format!("line {}: bad address {a:?}", n + 1))?;
             let a = a.to_canonical();
-            let d: GateDecision = match kind {
-                ModelKind::XtRecent if a.is_ipv4() => rules.eval_syn(&mut xt.0, &mut xt.2, j, a),
-                ModelKind::XtRecent => rules.eval_syn(&mut xt.1, &mut xt.3, j, a),
-                ModelKind::Nft => {
-                    for s in [&mut nft.0, &mut nft.1, &mut nft.2, &mut nft.3] {
-                        s.maybe_gc(j);
-                    }
-                    if a.is_ipv4() {
-                        NftRuleset.eval_syn(&nft.0, &mut nft.2, j, a)
-                    } else {
-                        NftRuleset.eval_syn(&nft.1, &mut nft.3, j, a)
-                    }
-                }
-            };
+            let d = gate.check_at(j, a);
             writeln!(out, "{j} {a} {d}")?;
         }
         Ok(())
