@@ -16,7 +16,8 @@ use rand::Rng;
 use rand::rngs::SmallRng;
 
 use crate::client::{Smtp, connect};
-use crate::metrics::{Class, Invariant};
+use crate::invariants::Invariant;
+use crate::metrics::Class;
 use crate::profile::{Chooser, Profile, random_local, rng};
 use crate::scenario::ActorSpec;
 use crate::world::World;

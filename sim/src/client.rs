@@ -18,7 +18,7 @@ use gatekeeper::proto::{Enhanced, Reply, Verb};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::TcpStream;
 
-use crate::metrics::Invariant;
+use crate::invariants::Invariant;
 use crate::world::World;
 
 /// Why a connection attempt failed.

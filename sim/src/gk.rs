@@ -34,7 +34,8 @@ use gatekeeper::session::{DeliveryError, Envelope, Event};
 use gatekeeper::verify::{BoxStream, Connector};
 
 use crate::dns::FreshResolver;
-use crate::metrics::{Class, Invariant, rule_index};
+use crate::invariants::Invariant;
+use crate::metrics::{Class, rule_index};
 use crate::net::{SimClock, SimListener};
 use crate::world::{Sabotage, World};
 

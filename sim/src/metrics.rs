@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use gatekeeper::policy::{BanReason, Rule};
 use serde::Deserialize;
 
+use crate::invariants::Invariant;
+
 /// A kind of traffic, each with its own addresses (`10.<16 + index>.x.y`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -178,60 +180,6 @@ pub struct Hour {
     pub delivered: u64,
     /// Bans decided.
     pub bans: u64,
-}
-
-/// Invariant kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Invariant {
-    /// An honest message was refused for good (5xx, not a mistyped recipient).
-    HonestRejected,
-    /// An honest message was lost: given up after its queue lifetime, or a 250 without the
-    /// message in the spool.
-    HonestLost,
-    /// A backscatter source, bounce MTA, callback prober or honest MTA was banned.
-    ProtectedBanned,
-    /// A forged-local, fake-sender, virus or dictionary client was not banned in the session
-    /// that proved it.
-    OffenderNotBanned,
-    /// A connection was dropped or refused as banned after the ban's expiry.
-    BanOutlived,
-    /// The kernel let a banned client in although its ban table had room (the ban never
-    /// reached the firewall).
-    BanNotEnforced,
-    /// A reply RFC 5321 (or the rules) forbid in that state.
-    BadReply,
-    /// Spam got further than the rules allow (a forged local sender accepted, a fake sender's
-    /// recipient accepted).
-    SpamAccepted,
-}
-
-impl Invariant {
-    /// Every kind.
-    pub const ALL: [Invariant; 8] = [
-        Invariant::HonestRejected,
-        Invariant::HonestLost,
-        Invariant::ProtectedBanned,
-        Invariant::OffenderNotBanned,
-        Invariant::BanOutlived,
-        Invariant::BanNotEnforced,
-        Invariant::BadReply,
-        Invariant::SpamAccepted,
-    ];
-
-    /// The stable name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Invariant::HonestRejected => "honest_rejected",
-            Invariant::HonestLost => "honest_lost",
-            Invariant::ProtectedBanned => "protected_banned",
-            Invariant::OffenderNotBanned => "offender_not_banned",
-            Invariant::BanOutlived => "ban_outlived",
-            Invariant::BanNotEnforced => "ban_not_enforced",
-            Invariant::BadReply => "bad_reply",
-            Invariant::SpamAccepted => "spam_accepted",
-        }
-    }
 }
 
 /// The rules whose verdicts are counted.
@@ -457,10 +405,10 @@ pub fn flatten(c: &Counters, f: &Final, actors: &[(String, ClassCounters)]) -> B
     m
 }
 
-/// Every metric name an expectation may use.
-pub fn metric_names(scenario: &crate::scenario::Scenario) -> Vec<String> {
+/// Every metric name an expectation may use, given each actor's name in metrics.
+pub fn metric_names(actor_names: &[String]) -> Vec<String> {
     let actors: Vec<(String, ClassCounters)> =
-        scenario.actor_names().into_iter().map(|n| (n, ClassCounters::default())).collect();
+        actor_names.iter().map(|n| (n.clone(), ClassCounters::default())).collect();
     flatten(&Counters::default(), &Final::default(), &actors).into_keys().collect()
 }
 

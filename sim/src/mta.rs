@@ -22,7 +22,8 @@ use tokio::sync::mpsc;
 
 use crate::actors::{Arrivals, arrivals};
 use crate::client::connect;
-use crate::metrics::{Class, Invariant};
+use crate::invariants::Invariant;
+use crate::metrics::Class;
 use crate::profile::{random_local, rng};
 use crate::world::World;
 

@@ -15,8 +15,8 @@ use gatekeeper::gate::GateKind;
 
 use crate::metrics::{Class, Delays, Final, flatten};
 use crate::report::{ExpectResult, Report, Timing};
-use crate::scenario::{FaultSpec, Run};
-use crate::world::{HOSTS, Resolved, Sabotage, World, host_of};
+use crate::scenario::{FaultSpec, HOSTS, Run, host_of};
+use crate::world::{Resolved, Sabotage, World};
 
 /// The simulation's wall-clock start (any fixed instant: the report must not depend on now).
 pub const EPOCH_SECS: u64 = 1_795_000_000;

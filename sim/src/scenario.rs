@@ -2,8 +2,9 @@
 //!
 //! This module owns the file format (every table refuses unknown keys), its validation, and
 //! its resolution into a [`Run`]: one concrete configuration per variant, with the seed and the
-//! gatekeeper's own validated settings. It does no IO beyond reading the file and never runs
-//! anything. The format is documented in `scenarios/README.md`.
+//! gatekeeper's own validated settings. It also owns the host table ([`HOSTS`], [`host_of`]):
+//! the names a fault may give and the host each kind of actor runs on. It does no IO beyond
+//! reading the file and never runs anything. The format is documented in `scenarios/README.md`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,7 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::metrics::Class;
+use crate::fmt::num;
+use crate::metrics::{Class, metric_names};
 
 /// A scenario file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -219,6 +221,18 @@ impl ActorSpec {
     }
 }
 
+/// The turmoil hosts, by name.
+pub const HOSTS: [&str; 6] = ["gatekeeper", "dns", "mx", "spam", "bounce", "honest"];
+
+/// The host each class runs on.
+pub fn host_of(class: Class) -> &'static str {
+    match class {
+        Class::Honest => "honest",
+        Class::Bounce | Class::Backscatter | Class::Prober => "bounce",
+        _ => "spam",
+    }
+}
+
 /// A fault during the safety phase.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -386,7 +400,7 @@ impl Expectation {
 
 impl fmt::Display for Expectation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.op.as_str(), crate::report::num(self.value))
+        write!(f, "{} {}", self.op.as_str(), num(self.value))
     }
 }
 
@@ -567,8 +581,8 @@ impl Scenario {
             match f {
                 FaultSpec::Partition { a, b, from, until } | FaultSpec::Latency { a, b, from, until, .. } => {
                     for h in [a, b] {
-                        if !crate::world::HOSTS.contains(&h.as_str()) {
-                            p.push(format!("fault[{i}]: unknown host {h:?} (one of {:?})", crate::world::HOSTS));
+                        if !HOSTS.contains(&h.as_str()) {
+                            p.push(format!("fault[{i}]: unknown host {h:?} (one of {HOSTS:?})"));
                         }
                     }
                     if a == b {
@@ -611,7 +625,7 @@ impl Scenario {
                 p.push(format!("actor[{i}].name: {n:?} must be [A-Za-z0-9_-]+"));
             }
         }
-        let names = crate::metrics::metric_names(self);
+        let names = metric_names(&actor_names);
         let mut check_expect = |scope: &str, expect: &BTreeMap<String, Checks>| {
             for k in expect.keys() {
                 if !names.iter().any(|n| n == k) {

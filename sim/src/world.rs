@@ -17,20 +17,9 @@ use gatekeeper::config::{Config, Settings};
 use gatekeeper::gate::{Gate, GateConfig, GateDecision};
 use gatekeeper::policy::BanReason;
 
-use crate::metrics::{Class, ClassCounters, Counters, Hour, Invariant};
+use crate::invariants::{Invariant, Violation};
+use crate::metrics::{Class, ClassCounters, Counters, Hour};
 use crate::scenario::{ActorSpec, Behaviour, ClientKernel, FaultSpec, HonestBans, RemotePool, Run};
-
-/// The turmoil hosts, by name.
-pub const HOSTS: [&str; 6] = ["gatekeeper", "dns", "mx", "spam", "bounce", "honest"];
-
-/// The host each class runs on.
-pub fn host_of(class: Class) -> &'static str {
-    match class {
-        Class::Honest => "honest",
-        Class::Bounce | Class::Backscatter | Class::Prober => "bounce",
-        _ => "spam",
-    }
-}
 
 /// A rule broken on purpose, to prove the suite notices (tests and `--sabotage`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -177,19 +166,6 @@ impl Kernel {
 pub fn actor_of(ranges: &[(Class, u32, u32)], class: Class, addr: IpAddr) -> Option<usize> {
     let n = Class::ordinal(addr)?;
     ranges.iter().position(|&(c, start, end)| c == class && start <= n && n < end)
-}
-
-/// A violation, as first seen.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Violation {
-    /// Simulated seconds.
-    pub at_secs: f64,
-    /// Which invariant.
-    pub invariant: Invariant,
-    /// The client.
-    pub client: String,
-    /// What happened.
-    pub detail: String,
 }
 
 /// A message in the spool (the gatekeeper's downstream; survives restarts like a disk).

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use gatekeeper_sim::report::{Report, num, reset_peak_rss};
+use gatekeeper_sim::fmt::num;
+use gatekeeper_sim::report::{Report, reset_peak_rss};
 use gatekeeper_sim::runner::{self, Progress};
 use gatekeeper_sim::world::Sabotage;
 
