@@ -20,6 +20,9 @@
 //! - [`app`] — the application assembled from settings and edges, for `gatekeeper serve` and
 //!   the simulation alike.
 //!
+//! Beside the layers, `testing` (in unit tests, and with the `testing` feature) is the test
+//! kit: fixtures and one session driver for the tests, fuzz targets and benches.
+//!
 //! Nothing here reads a clock except `edges::SystemClock`; the simulation (`gatekeeper-sim`)
 //! supplies its own edges and assembles the same application.
 
@@ -33,4 +36,6 @@ pub mod proto;
 pub mod scan;
 pub mod server;
 pub mod session;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod verify;
