@@ -2,15 +2,14 @@
 //! bytes, bounded buffers, the same result for any split of the input).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use gatekeeper::policy::{Directory, PolicyConfig, ScanOutcome, Verification};
+use gatekeeper::policy::PolicyConfig;
 use gatekeeper::proto::{
     Body, COMMAND_LINE_MAX, Command, DataEvent, DataReceiver, Domain, ForwardPath, Host, LineEvent, LineReceiver,
     LocalPart, MailParams, Mailbox, RcptParams, Reply, ReversePath, TEXT_LINE_MAX,
 };
-use gatekeeper::session::{Action, ClientInfo, Session, SessionConfig};
+use gatekeeper::session::SessionConfig;
+use gatekeeper::testing::{self, Answers, Driver};
 use proptest::prelude::*;
 
 // ---------------------------------------------------------------------------------------------
@@ -302,14 +301,6 @@ proptest! {
 // ---------------------------------------------------------------------------------------------
 // The session
 
-fn directory() -> Arc<Directory> {
-    let d = Domain::parse("example.test").expect("domain");
-    let mut dir = Directory::new([d.clone()], true);
-    dir.add_user("alice", &d);
-    dir.add_user("bob", &d);
-    Arc::new(dir)
-}
-
 #[derive(Debug, Clone)]
 struct Knobs {
     verify: bool,
@@ -327,60 +318,34 @@ fn knobs() -> impl Strategy<Value = Knobs> {
     })
 }
 
-fn session(t0: Instant, k: &Knobs) -> Session {
+/// A session of the standard site with the knobs, driven by the test kit: callbacks and scans
+/// cycle through all their outcomes, handoffs succeed.
+fn session(k: &Knobs) -> Driver {
     let cfg = SessionConfig {
-        hostname: "mx.example.test".into(),
         size_max: 2000,
         rcpt_max: 5,
         errors_max: k.errors_max,
         verify_senders: k.verify,
         scan: k.scan,
         policy: PolicyConfig { b4_threshold: k.b4_threshold, ..PolicyConfig::default() },
-        ..SessionConfig::default()
+        ..testing::session_config()
     };
-    let client = ClientInfo { id: 1, addr: "192.0.2.1".parse().expect("addr"), unknown_before: 0 };
-    Session::new(t0, Arc::new(cfg), directory(), client)
+    Driver::standard(cfg, 0, Answers { deliver: vec![testing::delivery(0)], ..Answers::cycling() })
 }
 
-/// A driver that carries out actions at once, with results that depend only on their order.
+/// What a driven session wrote and did.
 #[derive(Debug, Default)]
-struct Driver {
+struct Outcome {
     wire: Vec<u8>,
     actions: Vec<String>,
-    n: u32,
 }
 
-impl Driver {
-    fn pump(&mut self, s: &mut Session, now: Instant) {
-        while let Some(a) = s.poll_action() {
-            self.n += 1;
-            match &a {
-                Action::Verify { .. } => {
-                    let evidence = format!("probe {}", self.n);
-                    let result = match self.n % 3 {
-                        0 => Verification::Valid { evidence },
-                        1 => Verification::Invalid { evidence },
-                        _ => Verification::Unknown { evidence },
-                    };
-                    s.handle_verified(now, result);
-                }
-                Action::Scan { .. } => {
-                    let outcome = match self.n % 3 {
-                        0 => ScanOutcome::Clean,
-                        1 => ScanOutcome::Infected { signature: "Eicar-Test-Signature".into() },
-                        _ => ScanOutcome::Failed { reason: "down".into() },
-                    };
-                    s.handle_scanned(now, outcome);
-                }
-                Action::Deliver { .. } => s.handle_delivered(now, Ok(format!("Q{}", self.n))),
-                Action::Ban { .. } | Action::Close => {}
-            }
-            self.actions.push(format!("{a:?}"));
-        }
-        while let Some(r) = s.poll_reply() {
-            r.write_to(&mut self.wire);
-        }
-        while s.poll_event().is_some() {}
+impl Outcome {
+    /// Takes what `d` collected since the last call.
+    fn collect(&mut self, d: &mut Driver) {
+        self.actions.extend(d.actions().iter().map(|a| format!("{a:?}")));
+        self.wire.extend(testing::wire(&d.replies()));
+        d.events();
     }
 }
 
@@ -434,18 +399,17 @@ fn dialogue() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(fragment(), 1..30).prop_map(|f| f.concat())
 }
 
-fn run(k: &Knobs, chunks: &[&[u8]]) -> Driver {
-    let t0 = Instant::now();
-    let mut s = session(t0, k);
-    let mut d = Driver::default();
-    d.pump(&mut s, t0);
+fn run(k: &Knobs, chunks: &[&[u8]]) -> Outcome {
+    let mut d = session(k);
+    let mut out = Outcome::default();
+    out.collect(&mut d);
     for chunk in chunks {
-        s.handle_input(t0, chunk);
-        d.pump(&mut s, t0);
+        d.send(chunk);
+        out.collect(&mut d);
         // Driver contract: with every action answered, the session has consumed its input.
-        assert!(s.wants_input() || s.is_closed());
+        assert!(d.session.wants_input() || d.session.is_closed());
     }
-    d
+    out
 }
 
 proptest! {
@@ -458,28 +422,27 @@ proptest! {
         chunks in prop::collection::vec((dialogue(), 0u64..400), 0..8),
         eof in any::<bool>(),
     ) {
-        let t0 = Instant::now();
-        let mut now = t0;
-        let mut s = session(t0, &k);
-        let mut d = Driver::default();
-        d.pump(&mut s, now);
+        let mut d = session(&k);
+        let mut out = Outcome::default();
+        out.collect(&mut d);
         for (bytes, delay) in &chunks {
-            now += Duration::from_secs(*delay);
-            if s.poll_timeout().is_some_and(|t| t <= now) {
-                s.handle_timeout(now);
+            d.advance(*delay);
+            let now = d.now;
+            if d.session.poll_timeout().is_some_and(|t| t <= now) {
+                d.session.handle_timeout(now);
             }
-            s.handle_input(now, bytes);
-            d.pump(&mut s, now);
-            prop_assert!(s.wants_input() || s.is_closed());
-            prop_assert!(s.poll_timeout().is_none_or(|t| t > now) || s.is_closed());
+            d.send(bytes);
+            out.collect(&mut d);
+            prop_assert!(d.session.wants_input() || d.session.is_closed());
+            prop_assert!(d.session.poll_timeout().is_none_or(|t| t > now) || d.session.is_closed());
         }
         if eof {
-            s.handle_eof(now);
-            d.pump(&mut s, now);
-            prop_assert!(s.is_closed());
+            d.session.handle_eof(d.now);
+            out.collect(&mut d);
+            prop_assert!(d.session.is_closed());
         }
         // RFC 5321 §4.2 and §4.5.3.1.5, as the one reply parser reads them.
-        let mut rest = &d.wire[..];
+        let mut rest = &out.wire[..];
         while !rest.is_empty() {
             match Reply::parse_prefix(rest) {
                 Ok(Some((_, used))) => rest = &rest[used..],
@@ -487,8 +450,8 @@ proptest! {
             }
         }
         // After Close, nothing.
-        if let Some(i) = d.actions.iter().position(|a| a == "Close") {
-            prop_assert_eq!(i + 1, d.actions.len());
+        if let Some(i) = out.actions.iter().position(|a| a == "Close") {
+            prop_assert_eq!(i + 1, out.actions.len());
         }
     }
 

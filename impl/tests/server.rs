@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatekeeper::config::Config;
 use gatekeeper::edges::{MaildirSpool, SystemClock};
 use gatekeeper::server::{Limits, Server};
+use gatekeeper::testing;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -43,9 +43,10 @@ fn messages(maildir: &Path) -> Vec<String> {
     v
 }
 
-async fn start(toml: &str, limits: Limits) -> Running {
+/// A server of the test kit's standard configuration plus `extra` (more tables).
+async fn start(extra: &str, limits: Limits) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let settings = Config::parse(toml).unwrap().validate(None).unwrap();
+    let settings = testing::settings(extra);
     let maildir = dir.path().join("maildir");
     let clock = Arc::new(SystemClock);
     let spool = MaildirSpool::open(&maildir, "mx.example.test", clock.clone(), true).unwrap();
@@ -112,21 +113,13 @@ fn quick() -> Limits {
     Limits { shutdown_grace: Duration::from_millis(200), ..Limits::default() }
 }
 
-const BASE: &str = r#"
-[server]
-hostname = "mx.example.test"
-[domains]
-local = ["example.test"]
-users = ["alice@example.test", "bob@example.test"]
-"#;
-
 fn code(reply: &str) -> &str {
     reply.get(..3).unwrap_or("")
 }
 
 #[tokio::test]
 async fn rules_over_tcp_and_durable_delivery() {
-    let s = start(BASE, quick()).await;
+    let s = start("", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.2").await;
     assert!(c.reply().await.starts_with("220 mx.example.test ESMTP"));
     assert!(c.cmd("EHLO client.test").await.contains("250-PIPELINING"));
@@ -150,7 +143,7 @@ async fn rules_over_tcp_and_durable_delivery() {
 
 #[tokio::test]
 async fn forged_local_sender_is_banned_and_refused_with_554() {
-    let s = start(BASE, quick()).await;
+    let s = start("", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.3").await;
     c.reply().await;
     c.cmd("EHLO spam.test").await;
@@ -170,7 +163,7 @@ async fn forged_local_sender_is_banned_and_refused_with_554() {
 
 #[tokio::test]
 async fn unknown_recipient_with_real_sender_is_banned() {
-    let s = start(BASE, quick()).await;
+    let s = start("", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.5").await;
     c.reply().await;
     c.cmd("EHLO spam.test").await;
@@ -182,7 +175,7 @@ async fn unknown_recipient_with_real_sender_is_banned() {
 
 #[tokio::test]
 async fn connection_gate_is_one_per_window_per_address() {
-    let s = start(BASE, quick()).await;
+    let s = start("", quick()).await;
     let mut first = Client::connect(s.addr, "127.0.0.6").await;
     assert!(first.reply().await.starts_with("220"));
     let mut second = Client::connect(s.addr, "127.0.0.6").await;
@@ -197,7 +190,7 @@ async fn connection_gate_is_one_per_window_per_address() {
 
 #[tokio::test]
 async fn pipelined_transaction_is_answered_in_order() {
-    let s = start(BASE, quick()).await;
+    let s = start("", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.8").await;
     c.reply().await;
     c.cmd("EHLO client.test").await;
@@ -214,7 +207,7 @@ async fn pipelined_transaction_is_answered_in_order() {
 #[tokio::test]
 async fn per_address_session_limit() {
     let limits = Limits { max_sessions_per_ip: 1, in_process_rate: false, ..quick() };
-    let s = start(BASE, limits).await;
+    let s = start("", limits).await;
     let mut a = Client::connect(s.addr, "127.0.0.9").await;
     assert!(a.reply().await.starts_with("220"));
     let mut b = Client::connect(s.addr, "127.0.0.9").await;
@@ -225,8 +218,7 @@ async fn per_address_session_limit() {
 
 #[tokio::test]
 async fn idle_client_times_out_with_421() {
-    let toml = format!("{BASE}\n[smtp]\ncommand_timeout = \"300ms\"\n");
-    let s = start(&toml, quick()).await;
+    let s = start("[smtp]\ncommand_timeout = \"300ms\"\n", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.10").await;
     c.reply().await;
     let reply = c.reply().await;
@@ -237,7 +229,7 @@ async fn idle_client_times_out_with_421() {
 #[tokio::test]
 async fn shutdown_lets_sessions_finish_then_says_421() {
     let limits = Limits { shutdown_grace: Duration::from_millis(200), ..quick() };
-    let s = start(BASE, limits).await;
+    let s = start("", limits).await;
     let mut c = Client::connect(s.addr, "127.0.0.11").await;
     c.reply().await;
     c.cmd("EHLO client.test").await;
@@ -254,7 +246,7 @@ async fn shutdown_lets_sessions_finish_then_says_421() {
 async fn proxy_header_only_from_trusted_peers() {
     let trusted: IpAddr = "127.0.0.12".parse().unwrap();
     let limits = Limits { proxy_trusted: vec![trusted], ..quick() };
-    let s = start(BASE, limits).await;
+    let s = start("", limits).await;
     let mut c = Client::connect(s.addr, "127.0.0.12").await;
     let header = gatekeeper::proto::proxy_v2_header("192.0.2.77:4000".parse().unwrap(), s.addr);
     c.w.write_all(&header).await.unwrap();
