@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use gatekeeper::policy::{self, Directory, PolicyConfig};
-use gatekeeper::proto::{Command, Domain, ForwardPath, ReversePath};
+use gatekeeper::proto::{Command, ForwardPath, ReversePath};
 use gatekeeper::session::{ClientInfo, Session, SessionConfig};
+use gatekeeper::testing::{self, Answers, Driver};
 
 /// One line per read, as a client that waits for each reply sends them.
 const DIALOGUE: [&[u8]; 4] =
@@ -18,43 +19,30 @@ const MAIL_LINE: &[u8] = b"MAIL FROM:<someone@elsewhere.example.org> SIZE=12345 
 
 /// `example.test` with alice, bob and a thousand more users, as a small site has.
 fn directory() -> Arc<Directory> {
-    let d = Domain::parse("example.test").expect("domain");
-    let mut dir = Directory::new([d.clone()], true);
-    dir.add_user("alice", &d);
-    dir.add_user("bob", &d);
-    for i in 0..1000 {
-        dir.add_user(&format!("user{i}"), &d);
-    }
-    Arc::new(dir)
+    testing::directory_with_users(1000)
 }
 
-/// Writes every reply into `wire` and drops actions and events, as the server does.
-fn drain(s: &mut Session, wire: &mut Vec<u8>) {
-    while let Some(a) = s.poll_action() {
-        black_box(a);
-    }
-    while let Some(r) = s.poll_reply() {
+/// The dialogue through the test kit's driver, as the server drives a session; the replies
+/// are written into `wire`. It asks for no callback, scan or handoff: nothing to answer.
+fn dialogue(now: Instant, cfg: &Arc<SessionConfig>, dir: &Arc<Directory>, client: &ClientInfo, wire: &mut Vec<u8>) {
+    let s = Session::new(now, Arc::clone(cfg), Arc::clone(dir), client.clone());
+    let mut d = Driver::new(s, now, Answers::held());
+    for r in d.replies() {
         r.write_to(wire);
     }
-    while let Some(e) = s.poll_event() {
-        black_box(e);
-    }
-}
-
-fn dialogue(now: Instant, cfg: &Arc<SessionConfig>, dir: &Arc<Directory>, client: &ClientInfo, wire: &mut Vec<u8>) {
-    let mut s = Session::new(now, Arc::clone(cfg), Arc::clone(dir), client.clone());
-    drain(&mut s, wire);
     for line in DIALOGUE {
-        s.handle_input(now, line);
-        drain(&mut s, wire);
+        for r in d.send(line) {
+            r.write_to(wire);
+        }
     }
+    black_box((d.actions(), d.events()));
 }
 
 fn bench_session(c: &mut Criterion) {
-    let now = Instant::now();
-    let cfg = Arc::new(SessionConfig { hostname: "mx.example.test".into(), ..SessionConfig::default() });
+    let now = testing::t0();
+    let cfg = Arc::new(testing::session_config());
     let dir = directory();
-    let client = ClientInfo { id: 1, addr: "192.0.2.1".parse().expect("addr"), unknown_before: 0 };
+    let client = testing::client(0);
     let mut wire = Vec::with_capacity(1024);
     dialogue(now, &cfg, &dir, &client, &mut wire);
     let text = String::from_utf8_lossy(&wire);

@@ -3,9 +3,10 @@
 //! Input: a 6-octet header (configuration, the outcomes the fake edges answer, how the stream
 //! is cut into reads, how the session ends), then the client's byte stream. The stream is fed
 //! twice: run A in one `handle_input`, run B cut into reads of 1..=N octets with a spurious
-//! timer call after each. After every call the target drains and carries out every action
-//! (verify, scan, deliver answered at once with the header's outcomes), then drains the
-//! replies and events, as `server::carry_out` does.
+//! timer call after each. After every call the test kit's driver (`gatekeeper::testing`)
+//! carries out every action (verify, scan, deliver answered at once with the header's
+//! outcomes), then collects the replies and events, as `server::carry_out` does; the target
+//! checks and hashes all of them.
 //!
 //! Invariants besides "no panic":
 //! - every reply is well formed: code 200..=555, at least one line, and its wire form parses
@@ -28,14 +29,14 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gatekeeper::policy::{Directory, OnScanFailure, OnUnknown, PolicyConfig, ScanOutcome, Verification};
-use gatekeeper::proto::{Domain, Reply, TEXT_LINE_MAX};
-use gatekeeper::session::{Action, ClientInfo, DeliveryError, Refusal, Session, SessionConfig};
+use gatekeeper::policy::{OnScanFailure, OnUnknown, PolicyConfig};
+use gatekeeper::proto::{Reply, TEXT_LINE_MAX};
+use gatekeeper::session::{Action, Refusal, Session, SessionConfig};
+use gatekeeper::testing::{self, Answers, Driver};
 use libfuzzer_sys::fuzz_target;
 
 /// Counts the live heap octets of this process's Rust allocations.
@@ -76,22 +77,15 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-const CLIENT_ID: u64 = 7;
-
-fn client_addr() -> IpAddr {
-    IpAddr::from([192, 0, 2, 9])
-}
-
 /// What the header asks for.
 #[derive(Debug, Clone)]
 struct Setup {
     cfg: Arc<SessionConfig>,
     refused: bool,
     unknown_before: u32,
-    /// Outcome selectors; the n-th request of a kind takes `(sel >> (2 * (n % 4))) % 3`.
-    verify_sel: u8,
-    scan_sel: u8,
-    deliver_sel: u8,
+    /// What the fake edges answer: the n-th request of a kind takes outcome
+    /// `(sel >> (2 * (n % 4))) % 3` of its kind, `sel` a selector from the header.
+    answers: Answers,
     /// Largest read in run B, and the seed that cuts the stream.
     chunk_max: usize,
     seed: u64,
@@ -104,7 +98,7 @@ impl Setup {
     fn new(h: [u8; 6]) -> Self {
         let size_max = 32 * (1 + u64::from(h[4] & 0x7f));
         let cfg = SessionConfig {
-            hostname: "mx.example.test".into(),
+            hostname: testing::HOSTNAME.into(),
             size_max,
             rcpt_max: 1 + usize::from(h[3] & 7),
             errors_max: 1 + u32::from(h[2] & 15),
@@ -118,13 +112,17 @@ impl Setup {
             policy: PolicyConfig { b4_threshold: 1 + u32::from((h[3] >> 3) & 3), ..PolicyConfig::default() },
         };
         const CHUNKS: [usize; 8] = [1, 2, 3, 7, 16, 64, 512, 4096];
+        let cycle = |sel: u8| (0..4).map(move |n| pick(sel, n));
+        let answers = Answers {
+            verify: cycle(h[1]).map(testing::verification).collect(),
+            scan: cycle(h[1].rotate_left(3)).map(testing::scan_outcome).collect(),
+            deliver: cycle(h[2] >> 4 | (h[4] & 0x80) >> 3).map(testing::delivery).collect(),
+        };
         Setup {
             cfg: Arc::new(cfg),
             refused: h[0] & 0x10 != 0,
             unknown_before: u32::from(h[3] >> 5),
-            verify_sel: h[1],
-            scan_sel: h[1].rotate_left(3),
-            deliver_sel: h[2] >> 4 | (h[4] & 0x80) >> 3,
+            answers,
             chunk_max: CHUNKS[usize::from(h[5] & 7)],
             seed: u64::from(h[5] >> 3) + 1,
             ending: h[0] >> 5,
@@ -132,26 +130,13 @@ impl Setup {
     }
 }
 
-fn directory() -> Arc<Directory> {
-    let d = Domain::parse("example.test").unwrap();
-    let mut dir = Directory::new([d.clone()], true);
-    dir.add_user("alice", &d);
-    dir.add_user("bob", &d);
-    Arc::new(dir)
-}
-
-/// One run: a session, its driver's bookkeeping, and hashes of everything it produced.
+/// One run: a session in the test kit's driver, and hashes of everything it produced.
 struct Run<'a> {
     setup: &'a Setup,
-    s: Session,
-    now: Instant,
+    d: Driver,
     replies: DefaultHasher,
     actions: DefaultHasher,
     events: DefaultHasher,
-    /// Counts of requests per kind, to pick outcomes.
-    verifies: u32,
-    scans: u32,
-    deliveries: u32,
     closed: bool,
     eof: bool,
     /// Heap octets before the session existed.
@@ -164,12 +149,13 @@ struct Run<'a> {
 
 impl<'a> Run<'a> {
     fn new(setup: &'a Setup, now: Instant, transcript: bool) -> Self {
-        let dir = directory();
+        let dir = testing::directory();
+        let answers = setup.answers.clone();
         let mut wire = Vec::with_capacity(4096);
         wire.push(0);
         wire.clear();
         let baseline = LIVE.load(Ordering::Relaxed);
-        let client = ClientInfo { id: CLIENT_ID, addr: client_addr(), unknown_before: setup.unknown_before };
+        let client = testing::client(setup.unknown_before);
         let s = if setup.refused {
             Session::refused(now, setup.cfg.clone(), dir, client, Refusal::Banned)
         } else {
@@ -177,14 +163,10 @@ impl<'a> Run<'a> {
         };
         let mut run = Run {
             setup,
-            s,
-            now,
+            d: Driver::new(s, now, answers),
             replies: DefaultHasher::new(),
             actions: DefaultHasher::new(),
             events: DefaultHasher::new(),
-            verifies: 0,
-            scans: 0,
-            deliveries: 0,
             closed: false,
             eof: false,
             baseline,
@@ -200,29 +182,29 @@ impl<'a> Run<'a> {
     /// driver carries out what the read asked for.
     fn read(&mut self, bytes: &[u8], eof: bool) {
         self.largest_read = self.largest_read.max(bytes.len());
-        self.s.handle_input(self.now, bytes);
+        self.d.session.handle_input(self.d.now, bytes);
         if eof {
-            self.s.handle_eof(self.now);
+            self.d.session.handle_eof(self.d.now);
             self.eof = true;
         }
         self.drive();
     }
 
-    /// Carries out every action, then drains replies and events, checking each.
+    /// Lets the driver carry out every action, then checks each action, reply and event.
     fn drive(&mut self) {
         let was_closed = self.closed;
         let mut closes = 0;
         let mut closing_reply = false;
-        while let Some(action) = self.s.poll_action() {
+        for action in self.d.actions() {
             assert!(!was_closed, "action after close: {action:?}");
             self.action(action, &mut closes);
         }
-        while let Some(reply) = self.s.poll_reply() {
+        for reply in self.d.replies() {
             assert!(!was_closed, "reply after close: {reply}");
             self.check_reply(&reply);
             closing_reply |= reply.code == 421 || reply.code == 221;
         }
-        while let Some(ev) = self.s.poll_event() {
+        for ev in self.d.events() {
             assert!(!was_closed, "event after close: {ev:?}");
             assert!((200..=555).contains(&ev.code), "event code {}", ev.code);
             assert!(ev.verb().is_none_or(|verb| verb.allows(ev.code)), "{} answered {}", ev.command, ev.code);
@@ -232,16 +214,20 @@ impl<'a> Run<'a> {
         }
         assert!(closes <= 1, "{closes} Close actions at once");
         if closes == 1 {
-            assert!(self.s.is_closed(), "Close action but the session is not closed");
+            assert!(self.d.session.is_closed(), "Close action but the session is not closed");
             self.closed = true;
         }
         if closing_reply {
             assert!(self.closed, "421 or 221 without Close");
         }
-        assert!(self.s.is_closed() || self.s.wants_input(), "session stalled: no action pending, no input wanted");
+        assert!(
+            self.d.session.is_closed() || self.d.session.wants_input(),
+            "session stalled: no action pending, no input wanted"
+        );
         self.check_memory();
     }
 
+    /// Checks and hashes one action the driver carried out.
     fn action(&mut self, action: Action, closes: &mut u32) {
         let cfg = &self.setup.cfg;
         if self.setup.refused {
@@ -249,7 +235,7 @@ impl<'a> Run<'a> {
         }
         match action {
             Action::Ban { addr, session, request } => {
-                assert_eq!((addr, session), (client_addr(), CLIENT_ID));
+                assert_eq!((addr, session), (testing::CLIENT, testing::SESSION_ID));
                 let item = ("ban", request.reason.as_str(), &request.evidence);
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
@@ -259,15 +245,6 @@ impl<'a> Run<'a> {
                 let item = ("verify", sender.to_string());
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
-                let n = self.verifies;
-                self.verifies += 1;
-                let evidence = format!("probe {n}");
-                let result = match pick(self.setup.verify_sel, n) {
-                    0 => Verification::Valid { evidence },
-                    1 => Verification::Invalid { evidence },
-                    _ => Verification::Unknown { evidence },
-                };
-                self.s.handle_verified(self.now, result);
             }
             Action::Scan { message } => {
                 assert!(cfg.scan, "scan without scan");
@@ -275,31 +252,15 @@ impl<'a> Run<'a> {
                 let item = ("scan", &message[..]);
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
-                let n = self.scans;
-                self.scans += 1;
-                let outcome = match pick(self.setup.scan_sel, n) {
-                    0 => ScanOutcome::Clean,
-                    1 => ScanOutcome::Infected { signature: "Eicar-Test-Signature".into() },
-                    _ => ScanOutcome::Failed { reason: "scanner down".into() },
-                };
-                self.s.handle_scanned(self.now, outcome);
             }
             Action::Deliver { envelope, message } => {
                 check_message(cfg, &message);
                 assert!(!envelope.rcpts.is_empty() && envelope.rcpts.len() <= cfg.rcpt_max, "{envelope:?}");
-                assert_eq!((envelope.session, envelope.client), (CLIENT_ID, client_addr()));
+                assert_eq!((envelope.session, envelope.client), (testing::SESSION_ID, testing::CLIENT));
                 let rcpts: Vec<String> = envelope.rcpts.iter().map(ToString::to_string).collect();
                 let item = ("deliver", envelope.from.to_string(), rcpts, &envelope.helo, &message[..]);
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
-                let n = self.deliveries;
-                self.deliveries += 1;
-                let result = match pick(self.setup.deliver_sel, n) {
-                    0 => Ok(format!("queue{n}")),
-                    1 => Err(DeliveryError::Temporary("disk full".into())),
-                    _ => Err(DeliveryError::Permanent("refused".into())),
-                };
-                self.s.handle_delivered(self.now, result);
             }
             Action::Close => {
                 *closes += 1;
@@ -346,26 +307,26 @@ impl<'a> Run<'a> {
             0 | 1 => {
                 // Ending 1 had its EOF with the last read (unless the stream was empty).
                 if !self.eof {
-                    self.s.handle_eof(self.now);
+                    self.d.session.handle_eof(self.d.now);
                     self.drive();
                 }
                 assert!(self.closed, "not closed after EOF");
             }
-            2 => match self.s.poll_timeout() {
+            2 => match self.d.session.poll_timeout() {
                 Some(deadline) => {
-                    self.now = deadline - Duration::from_nanos(1);
-                    self.s.handle_timeout(self.now);
+                    self.d.now = deadline - Duration::from_nanos(1);
+                    self.d.session.handle_timeout(self.d.now);
                     self.drive();
                     assert!(!self.closed, "timer fired early");
-                    self.now = deadline;
-                    self.s.handle_timeout(self.now);
+                    self.d.now = deadline;
+                    self.d.session.handle_timeout(self.d.now);
                     self.drive_expecting_421();
                 }
                 None => assert!(self.closed, "open session without a timer"),
             },
             3 => {
                 let open = !self.closed;
-                self.s.handle_shutdown(self.now);
+                self.d.session.handle_shutdown(self.d.now);
                 if open {
                     self.drive_expecting_421();
                 } else {
@@ -375,17 +336,18 @@ impl<'a> Run<'a> {
             _ => {}
         }
         if self.closed {
-            self.s.handle_input(self.now, b"EHLO again.test\r\nQUIT\r\n");
-            self.s.handle_eof(self.now);
-            self.s.handle_shutdown(self.now);
-            self.s.handle_timeout(self.now + Duration::from_secs(1 << 20));
+            let (s, now) = (&mut self.d.session, self.d.now);
+            s.handle_input(now, b"EHLO again.test\r\nQUIT\r\n");
+            s.handle_eof(now);
+            s.handle_shutdown(now);
+            s.handle_timeout(now + Duration::from_secs(1 << 20));
             self.drive();
         }
     }
 
     fn drive_expecting_421(&mut self) {
         let mut last = None;
-        while let Some(reply) = self.s.poll_reply() {
+        for reply in self.d.replies() {
             assert!(!self.closed, "reply after close: {reply}");
             self.check_reply(&reply);
             last = Some(reply.code);
@@ -445,7 +407,7 @@ fn cut(setup: &Setup, t0: Instant, stream: &[u8], transcript: bool) -> ((u64, u6
     let mut pieces = chunks(stream, setup.chunk_max, setup.seed).peekable();
     while let Some(piece) = pieces.next() {
         b.read(piece, setup.ending % 5 == 1 && pieces.peek().is_none());
-        b.s.handle_timeout(b.now);
+        b.d.session.handle_timeout(b.d.now);
         b.drive();
     }
     b.end();
