@@ -276,12 +276,7 @@ impl Reply {
 /// line stays within 512 octets (RFC 5321 §4.5.3.1.5) and holds no CR, LF or control octet
 /// (§4.2 textstring).
 fn echo(s: &str) -> Cow<'_, str> {
-    const ECHO_MAX: usize = 64;
-    let printable = |c: char| (' '..='~').contains(&c);
-    if s.len() <= ECHO_MAX && s.chars().all(printable) {
-        return s.into();
-    }
-    s.chars().take(ECHO_MAX).map(|c| if printable(c) { c } else { '?' }).collect::<String>().into()
+    super::text::printable(s, 64)
 }
 
 #[cfg(test)]

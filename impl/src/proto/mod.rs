@@ -12,6 +12,7 @@ mod path;
 mod proxy;
 mod receiver;
 mod reply;
+mod text;
 mod verb;
 
 pub use command::{Body, Command, CommandError, MailParams, RcptParams};
@@ -19,6 +20,7 @@ pub use path::{Domain, ForwardPath, Host, LocalPart, Mailbox, PathError, Reverse
 pub use proxy::{PROXY_HEADER_MAX, ProxyError, parse_proxy_header, proxy_v2_header};
 pub use receiver::{DataEvent, DataReceiver, LineEvent, LineReceiver};
 pub use reply::{Enhanced, Reply, ReplyError};
+pub use text::{escape, escape_bytes, printable};
 pub use verb::Verb;
 
 /// Longest command line including CRLF (RFC 5321 §4.5.3.1.4).
