@@ -691,7 +691,6 @@ impl Session {
                 return;
             }
             DataEvent::TooBig { .. } => Reply::too_big(),
-            DataEvent::LineTooLong => Reply::text_line_too_long(),
         };
         self.verdict_reply("DATA", Verdict { rule: Rule::Proto, reply, ban: None });
     }

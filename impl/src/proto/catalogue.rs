@@ -240,11 +240,6 @@ impl Reply {
         Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()])
     }
 
-    /// 500 5.5.2 at the end of data: a text line over 1000 octets (RFC 5321 §4.5.3.1.6).
-    pub fn text_line_too_long() -> Reply {
-        Reply::new(500, Enhanced(5, 5, 2), "Line too long (RFC 5321 limit is 1000 octets)")
-    }
-
     /// 554 5.7.1 at the end of data: the scanner found `signature` (V1, ban B2).
     pub fn virus(signature: &str) -> Reply {
         Reply::new(554, Enhanced(5, 7, 1), format!("Message rejected: virus found ({signature})"))
@@ -360,7 +355,6 @@ mod tests {
             ),
             (Reply::no_valid_recipients(), "554 5.5.1 No valid recipients\r\n", &[Data]),
             (Reply::start_data(), "354 End data with <CR><LF>.<CR><LF>\r\n", &[Data]),
-            (Reply::text_line_too_long(), "500 5.5.2 Line too long (RFC 5321 limit is 1000 octets)\r\n", &[EndOfData]),
             (Reply::virus("Eicar"), "554 5.7.1 Message rejected: virus found (Eicar)\r\n", &[EndOfData]),
             (Reply::scan_failed(), "451 4.7.0 Message could not be scanned, try again later\r\n", &[EndOfData]),
             (Reply::queued("q1"), "250 2.0.0 Ok: queued as q1\r\n", &[EndOfData]),

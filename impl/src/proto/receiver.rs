@@ -1,7 +1,8 @@
 //! Byte receivers: command lines and DATA. Both consume from the front of an input slice and
 //! stop at the first complete event, so the session can switch receivers between a DATA
-//! command and the message that is pipelined behind it. Buffers are bounded: an overlong line
-//! is reported and skipped, an oversized message is counted and discarded, never stored.
+//! command and the message that is pipelined behind it. Buffers are bounded: an overlong
+//! command line is reported and skipped, an overlong text line is broken into lines of at most
+//! 998 octets, an oversized message is counted and discarded, never stored.
 
 use super::{COMMAND_LINE_MAX, TEXT_LINE_MAX};
 
@@ -74,7 +75,8 @@ impl LineReceiver {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataEvent {
     /// The end-of-data line `.` CRLF was received and the message is acceptable: its content,
-    /// dot-unstuffed, every line ending normalized to CRLF.
+    /// dot-unstuffed, every line ending normalized to CRLF, no line longer than
+    /// [`TEXT_LINE_MAX`] with its CRLF.
     Message(Vec<u8>),
     /// End of data, but the message exceeded the size limit (552 5.3.4); `size` is what was
     /// received.
@@ -82,26 +84,50 @@ pub enum DataEvent {
         /// Octets received.
         size: u64,
     },
-    /// End of data, but a text line was longer than [`TEXT_LINE_MAX`] (RFC 5321 §4.5.3.1.6).
-    LineTooLong,
 }
 
+/// Longest stored line without its CRLF (RFC 5321 §4.5.3.1.6, RFC 5322 §2.1.1).
+const STORED_LINE_MAX: usize = TEXT_LINE_MAX - 2;
+
 /// Receives one message after DATA: dot-unstuffing (RFC 5321 §4.5.2), the end-of-data line,
-/// and bare LF. Only `CRLF . CRLF` ends the data (a bare LF before or after the dot does not:
-/// that ambiguity is the "SMTP smuggling" attack); other bare-LF lines are normalized to CRLF.
+/// and the repairs a receiving MTA makes so that what it stores and passes on is well formed.
+///
+/// - Only `CRLF . CRLF` ends the data: a bare LF or a lone CR before or after the dot does not
+///   (that ambiguity is the "SMTP smuggling" attack).
+/// - A bare LF ends a line like CRLF does, and a lone CR (one not followed by LF) is also
+///   stored as a line break (CRLF). RFC 5321 §2.3.8 allows CR and LF only together; Postfix
+///   keeps a lone CR as data, but an MTA or mail reader further on may take it for a line end
+///   and then read different lines (and a different end of data) than we did, so no lone CR
+///   is ever stored or relayed. A lone CR does not start a new SMTP line: a dot after it is
+///   neither stuffing nor the end of the data.
+/// - A line longer than 998 octets (RFC 5321 §4.5.3.1.6) is accepted and broken, as Postfix
+///   does (`smtp_line_length_limit`): in the header section before its last space or tab
+///   within the limit, which is RFC 5322 folding and loses nothing when unfolded; otherwise
+///   (in the body, or a header line without whitespace) after 998 octets by inserting CRLF
+///   and a space, so that the rest can be neither a header nor a MIME boundary of its own.
+///
+/// Memory: the current line is held (at most 998 octets), the message up to `size_max`.
+/// The result does not depend on how the input is split into reads.
 #[derive(Debug)]
 pub struct DataReceiver {
     size_max: u64,
     message: Vec<u8>,
+    /// The stored line being built, dot-unstuffed, without its CRLF; at most 998 octets.
     line: Vec<u8>,
-    line_overflow: bool,
-    /// The last byte of the current line was CR (tracked apart from `line`, which an overlong
-    /// line does not keep).
-    last_cr: bool,
+    /// The next octet is the first of an SMTP line (one that ended with LF).
+    line_start: bool,
+    /// The current SMTP line began with a dot, which was removed.
+    dot: bool,
+    /// The current SMTP line has had no octet yet but its dot (it may be the end of data).
+    bare: bool,
+    /// The last octet was a CR whose LF has not been seen yet.
+    cr: bool,
+    /// The previous SMTP line ended with CRLF (the DATA command line counts as one).
     prev_crlf: bool,
+    /// No empty line stored yet: still in the header section (RFC 5322 §2.1).
+    in_header: bool,
     received: u64,
     too_big: bool,
-    line_too_long: bool,
 }
 
 impl DataReceiver {
@@ -111,28 +137,54 @@ impl DataReceiver {
             size_max,
             message: Vec::new(),
             line: Vec::new(),
-            line_overflow: false,
-            last_cr: false,
+            line_start: true,
+            dot: false,
+            bare: true,
+            cr: false,
             prev_crlf: true,
+            in_header: true,
             received: 0,
             too_big: false,
-            line_too_long: false,
         }
     }
 
     /// Consumes input from the front of `input` until the end of the data (returning the
     /// outcome) or until the input is exhausted (returning `None`).
     pub fn next(&mut self, input: &mut &[u8]) -> Option<DataEvent> {
-        while !input.is_empty() {
-            let Some(i) = input.iter().position(|&b| b == b'\n') else {
-                self.append(input);
-                *input = &[];
-                return None;
-            };
-            self.append(&input[..i]);
-            *input = &input[i + 1..];
-            if let Some(event) = self.end_line() {
-                return Some(event);
+        while let Some(&first) = input.first() {
+            if std::mem::take(&mut self.cr) {
+                if first == b'\n' {
+                    self.consume(input, 1);
+                    if let Some(event) = self.end_smtp_line(true) {
+                        return Some(event);
+                    }
+                    continue;
+                }
+                // A lone CR: a line break inside the SMTP line. `first` is looked at again.
+                self.bare = false;
+                self.store_line();
+                continue;
+            }
+            if std::mem::take(&mut self.line_start) && first == b'.' {
+                self.dot = true;
+                self.consume(input, 1);
+                continue;
+            }
+            let n = input.iter().position(|&b| b == b'\r' || b == b'\n').unwrap_or(input.len());
+            self.text(&input[..n]);
+            self.consume(input, n);
+            match input.first() {
+                Some(b'\r') => {
+                    self.consume(input, 1);
+                    self.cr = true;
+                }
+                Some(_) => {
+                    self.consume(input, 1);
+                    if let Some(event) = self.end_smtp_line(false) {
+                        return Some(event);
+                    }
+                }
+                None => {}
             }
         }
         None
@@ -143,57 +195,82 @@ impl DataReceiver {
         self.received
     }
 
-    fn append(&mut self, bytes: &[u8]) {
-        self.received += bytes.len() as u64;
-        if let Some(&last) = bytes.last() {
-            self.last_cr = last == b'\r';
-        }
-        if self.line_overflow {
+    fn consume(&mut self, input: &mut &[u8], n: usize) {
+        self.received += n as u64;
+        *input = &input[n..];
+    }
+
+    /// Octets of an SMTP line other than CR and LF.
+    fn text(&mut self, mut bytes: &[u8]) {
+        if bytes.is_empty() {
             return;
         }
-        if self.line.len() + bytes.len() > TEXT_LINE_MAX - 1 {
-            self.line_overflow = true;
-            self.line.clear();
+        self.bare = false;
+        // Break only once an octet beyond the limit arrives: a line of exactly 998 octets
+        // followed by its CRLF stays whole.
+        while bytes.len() > STORED_LINE_MAX - self.line.len() {
+            let room = STORED_LINE_MAX - self.line.len();
+            self.line.extend_from_slice(&bytes[..room]);
+            bytes = &bytes[room..];
+            self.break_long_line();
+        }
+        self.line.extend_from_slice(bytes);
+    }
+
+    /// The line is full (998 octets) and goes on: store what fits and keep the rest, which
+    /// starts with whitespace so that it continues the line (RFC 5322 §2.2.3).
+    fn break_long_line(&mut self) {
+        let is_wsp = |b: &u8| *b == b' ' || *b == b'\t';
+        let fold_at = if self.in_header {
+            // Before the last whitespace that has text before it on the line.
+            let text_from = self.line.iter().position(|b| !is_wsp(b)).unwrap_or(self.line.len());
+            self.line.iter().rposition(is_wsp).filter(|&i| i > text_from)
         } else {
-            self.line.extend_from_slice(bytes);
+            None
+        };
+        match fold_at {
+            Some(i) => {
+                let rest = self.line.split_off(i);
+                self.store_line();
+                self.line = rest;
+            }
+            None => {
+                self.store_line();
+                self.line.push(b' ');
+            }
         }
     }
 
-    fn end_line(&mut self) -> Option<DataEvent> {
-        self.received += 1;
-        let crlf = std::mem::take(&mut self.last_cr);
-        if crlf && !self.line_overflow {
-            self.line.pop();
-        }
+    fn end_smtp_line(&mut self, crlf: bool) -> Option<DataEvent> {
         let prev_crlf = std::mem::replace(&mut self.prev_crlf, crlf);
-        // A bare-LF line may hold one octet more than a CRLF one; it must still fit once its
-        // ending is normalized to CRLF.
-        if std::mem::take(&mut self.line_overflow) || self.line.len() > TEXT_LINE_MAX - 2 {
-            self.line.clear();
-            self.line_too_long = true;
-            return None;
-        }
-        if self.line == b"." && crlf && prev_crlf {
-            self.line.clear();
-            return Some(if self.line_too_long {
-                DataEvent::LineTooLong
-            } else if self.too_big {
+        let dot = std::mem::take(&mut self.dot);
+        let bare = std::mem::replace(&mut self.bare, true);
+        self.line_start = true;
+        if dot && bare && crlf && prev_crlf {
+            return Some(if self.too_big {
                 DataEvent::TooBig { size: self.received }
             } else {
                 DataEvent::Message(std::mem::take(&mut self.message))
             });
         }
-        let content = if self.line.first() == Some(&b'.') { &self.line[1..] } else { &self.line[..] };
-        if self.message.len() as u64 + content.len() as u64 + 2 > self.size_max {
+        self.store_line();
+        None
+    }
+
+    /// Appends the current line and CRLF to the message, unless the message is too big.
+    fn store_line(&mut self) {
+        if self.line.is_empty() {
+            self.in_header = false;
+        }
+        if !self.too_big && self.message.len() as u64 + self.line.len() as u64 + 2 > self.size_max {
             self.too_big = true;
             self.message = Vec::new();
         }
-        if !self.too_big && !self.line_too_long {
-            self.message.extend_from_slice(content);
+        if !self.too_big {
+            self.message.extend_from_slice(&self.line);
             self.message.extend_from_slice(b"\r\n");
         }
         self.line.clear();
-        None
     }
 }
 
@@ -258,17 +335,83 @@ mod tests {
     }
 
     #[test]
+    fn bare_cr_is_a_line_break() {
+        let (ev, _) = data(b"left\rright\r\nend\r\r\n.\r\n", 1000);
+        assert_eq!(ev, Some(DataEvent::Message(b"left\r\nright\r\nend\r\n\r\n".to_vec())));
+        // A dot after a lone CR is text: not stuffing, not the end of data.
+        let (ev, _) = data(b"a\r.x\r\n.\r.\r\n.\r\n", 1000);
+        assert_eq!(ev, Some(DataEvent::Message(b"a\r\n.x\r\n\r\n.\r\n".to_vec())));
+        for attack in [&b"a\r.\r\nX\r\n"[..], b"a\r\n.\rX\r\n", b"a\r\n.\r\r\nX\r\n", b"a\r\r.\r\n"] {
+            assert_eq!(data(attack, 1000).0, None, "{:?}", String::from_utf8_lossy(attack));
+        }
+        // A CR at the end of one read and its LF at the start of the next are one CRLF.
+        let mut r = DataReceiver::new(1000);
+        assert_eq!(r.next(&mut &b"a\r"[..]), None);
+        assert_eq!(r.next(&mut &b"\n.\r"[..]), None);
+        assert_eq!(r.next(&mut &b"\n"[..]), Some(DataEvent::Message(b"a\r\n".to_vec())));
+    }
+
+    /// Splits a stored message into its lines without CRLF, checking that every line has one.
+    fn stored_lines(m: &[u8]) -> Vec<&[u8]> {
+        assert!(m.ends_with(b"\r\n"));
+        m[..m.len() - 2].split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).collect()
+    }
+
+    #[test]
+    fn long_body_lines_are_broken_with_crlf_space() {
+        let max = TEXT_LINE_MAX - 2;
+        let mut input = b"Subject: x\r\n\r\n".to_vec();
+        input.extend(vec![b'x'; max]);
+        input.extend_from_slice(b"\r\n");
+        input.extend(vec![b'y'; 2500]);
+        input.extend_from_slice(b"\n\r\n.\r\n");
+        let Some(DataEvent::Message(m)) = data(&input, 1 << 20).0 else { panic!() };
+        let lines = stored_lines(&m);
+        let lens: Vec<usize> = lines.iter().map(|l| l.len()).collect();
+        // 998 octets stay whole; 2,500 become 998 + (1 + 997) + (1 + 505).
+        assert_eq!(lens, vec![10, 0, max, max, max, 506, 0]);
+        assert!(lines[4].starts_with(b" y") && lines[5].starts_with(b" y"));
+        let joined: Vec<u8> = lines[3..6].iter().flat_map(|l| l.iter().copied()).filter(|&b| b != b' ').collect();
+        assert_eq!(joined, vec![b'y'; 2500]);
+    }
+
+    #[test]
+    fn long_header_lines_are_folded_at_whitespace() {
+        let to: String = (0..200).map(|i| format!(" <user{i}@example.test>,")).collect();
+        let header = format!("To:{to}");
+        let body = "z".repeat(1200);
+        let input = format!("{header}\r\nX-Long: {body}\r\n\r\n{body}\r\n.\r\n");
+        let Some(DataEvent::Message(m)) = data(input.as_bytes(), 1 << 20).0 else { panic!() };
+        let lines = stored_lines(&m);
+        assert!(lines.iter().all(|l| l.len() <= TEXT_LINE_MAX - 2));
+        // RFC 5322 §2.2.3 unfolding (delete CRLF before WSP) restores the To: line exactly.
+        let text = String::from_utf8(m.clone()).unwrap();
+        let unfolded = text.replace("\r\n ", " ");
+        assert!(unfolded.starts_with(&format!("{header}\r\n")), "{}", &text[..200]);
+        // Folded at its only space, then, without whitespace left, CRLF SP is inserted as in
+        // the body.
+        assert!(text.contains(&format!("\r\nX-Long:\r\n {}\r\n {}\r\n\r\n", &body[..997], &body[997..])));
+        assert!(text.ends_with(&format!("\r\n\r\n{}\r\n {}\r\n", &body[..998], &body[998..])));
+    }
+
+    #[test]
     fn data_limits() {
         let (ev, _) = data(b"0123456789\r\n0123456789\r\n.\r\n", 20);
         assert_eq!(ev, Some(DataEvent::TooBig { size: 27 }));
-        let mut long = vec![b'x'; TEXT_LINE_MAX - 1];
-        long.extend_from_slice(b"\r\n.\r\n");
-        assert_eq!(data(&long, 1 << 20).0, Some(DataEvent::LineTooLong));
-        let mut bare = vec![b'x'; TEXT_LINE_MAX - 1];
-        bare.extend_from_slice(b"\n\r\n.\r\n");
-        assert_eq!(data(&bare, 1 << 20).0, Some(DataEvent::LineTooLong));
-        let mut ok = vec![b'x'; TEXT_LINE_MAX - 2];
-        ok.extend_from_slice(b"\r\n.\r\n");
-        assert!(matches!(data(&ok, 1 << 20).0, Some(DataEvent::Message(_))));
+        // Exactly 998 octets with CRLF (or a bare LF) is one stored line, one more is two.
+        for (n, end) in [(TEXT_LINE_MAX - 2, &b"\r\n"[..]), (TEXT_LINE_MAX - 2, b"\n"), (TEXT_LINE_MAX - 1, b"\r\n")] {
+            let mut line = vec![b'x'; n];
+            line.extend_from_slice(end);
+            line.extend_from_slice(b"\r\n.\r\n");
+            let Some(DataEvent::Message(m)) = data(&line, 1 << 20).0 else { panic!() };
+            assert_eq!(stored_lines(&m).len(), if n > TEXT_LINE_MAX - 2 { 3 } else { 2 });
+        }
+        // Memory: a 10 MB line is never held whole.
+        let mut r = DataReceiver::new(1 << 30);
+        let chunk = vec![b'x'; 1 << 16];
+        for _ in 0..160 {
+            assert_eq!(r.next(&mut &chunk[..]), None);
+            assert!(r.line.len() <= TEXT_LINE_MAX - 2);
+        }
     }
 }

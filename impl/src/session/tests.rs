@@ -672,16 +672,32 @@ fn data_too_big_552_nothing_delivered() {
 }
 
 #[test]
-fn data_line_over_1000_500_nothing_delivered() {
+fn data_line_over_1000_is_broken_and_delivered() {
+    // RFC 5321 §4.5.3.1.6 sets 1000 octets; like Postfix we accept longer lines and break them
+    // rather than bounce legitimate (HTML) mail.
     let mut t = in_data(session_config());
-    let r = t.send(&format!("ok\r\n{}\r\nafter\r\n.\r\n", "x".repeat(999)));
-    assert_eq!(codes(&r), [500]);
-    assert_eq!(enhanced(&r[0]), "5.5.2");
-    assert!(t.acts().is_empty(), "nothing delivered");
-    // 998 octets plus CRLF is the limit and fine.
+    let long = "x".repeat(2500);
+    assert!(t.send(&format!("Subject: long\r\n\r\nok\r\n{long}\r\nafter\r\n.\r\n")).is_empty());
+    match t.acts().as_slice() {
+        [Act::Deliver { message, .. }] => {
+            let m = String::from_utf8(message.clone()).unwrap();
+            assert!(m.lines().all(|l| l.len() <= 999), "{m:?}"); // 998 and the CR
+            assert_eq!(m.replace("\r\n ", ""), format!("Subject: long\r\n\r\nok\r\n{long}\r\nafter\r\n"));
+        }
+        other => panic!("exactly one delivery: {other:?}"),
+    }
+    assert_eq!(codes(&t.replies()), [] as [u16; 0], "the 250 waits for the handoff");
+}
+
+#[test]
+fn data_bare_cr_is_stored_as_a_line_break() {
     let mut t = in_data(session_config());
-    assert!(t.send(&format!("{}\r\n.\r\n", "x".repeat(998))).is_empty());
-    assert!(matches!(t.acts().as_slice(), [Act::Deliver { .. }]));
+    assert!(t.send("Subject: cr\r\n\r\nleft\rright\r\n.\r.\r\n").is_empty(), "`\\r.\\r\\n` is not the end");
+    assert!(t.send(".\r\n").is_empty());
+    match t.acts().as_slice() {
+        [Act::Deliver { message, .. }] => assert_eq!(message, b"Subject: cr\r\n\r\nleft\r\nright\r\n\r\n.\r\n"),
+        other => panic!("exactly one delivery: {other:?}"),
+    }
 }
 
 #[test]
