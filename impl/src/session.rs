@@ -38,7 +38,8 @@ pub struct SessionConfig {
     pub size_max: u64,
     /// Recipients per transaction (RFC 5321 §4.5.3.1.8: at least 100).
     pub rcpt_max: usize,
-    /// 4xx/5xx replies before 421 and close.
+    /// 4xx/5xx replies before 421 and close. The default, 20, is Postfix's
+    /// `smtpd_hard_error_limit`: a pipelined batch of ten unknown recipients is still answered.
     pub errors_max: u32,
     /// Waiting for a command or for more DATA (RFC 5321 §4.5.3.2.7: 5 minutes).
     pub command_timeout: Duration,
@@ -64,7 +65,7 @@ impl Default for SessionConfig {
             hostname: "gatekeeper.invalid".into(),
             size_max: 25 * 1024 * 1024,
             rcpt_max: 100,
-            errors_max: 10,
+            errors_max: 20,
             command_timeout: Duration::from_secs(300),
             penalty_timeout: Duration::from_secs(30),
             session_max: Duration::from_secs(1800),

@@ -820,6 +820,21 @@ fn limit_101st_rcpt_452() {
 }
 
 #[test]
+fn limit_errors_max_default_lets_ten_unknown_recipients_through() {
+    // A pipelined batch with ten unknown recipients (null sender: no B4) is answered in full
+    // and the message still delivered: the default errors_max is Postfix's 20.
+    let mut t = ehlo(session_config());
+    let unknown: String = (0..10).map(|i| format!("RCPT TO:<nobody{i}@example.test>\r\n")).collect();
+    let r = t.send(&format!("MAIL FROM:<>\r\n{unknown}RCPT TO:<alice@example.test>\r\nDATA\r\nhi\r\n.\r\n"));
+    let mut want = vec![250];
+    want.extend([550; 10]);
+    want.extend([250, 354]);
+    assert_eq!(codes(&r), want);
+    assert!(matches!(t.acts().as_slice(), [Act::Deliver { .. }]));
+    assert!(!t.session.is_closed());
+}
+
+#[test]
 fn limit_errors_max_421_and_close() {
     let mut t = ehlo(SessionConfig { errors_max: 3, ..session_config() });
     let r = t.send("FOO\r\nMAIL FROM:<>\r\nRCPT TO:<bob@elsewhere.test>\r\nBAR\r\nNOOP\r\n");
@@ -1184,8 +1199,13 @@ fn refused_banned_554_then_503_until_quit() {
     assert_eq!(codes(&r), [503; 7]);
     assert_eq!(enhanced(&r[0]), "5.5.1");
     // Malformed commands get 503 too: nothing but QUIT is served.
-    // The greeting and 7 replies were errors; the 10th error closes.
-    assert_eq!(t.codes("MAIL FROM:<foo>\r\nMAIL FROM:<> X=Y\r\nFOO\r\n"), [503, 503, 421]);
+    assert_eq!(t.codes("MAIL FROM:<foo>\r\nMAIL FROM:<> X=Y\r\nFOO\r\n"), [503, 503, 503]);
+    assert!(t.acts().is_empty());
+    // The greeting and 10 replies were errors; the 20th error (errors_max) closes.
+    assert_eq!(session_config().errors_max, 20);
+    let mut want = vec![503; 9];
+    want.push(421);
+    assert_eq!(t.codes(&"NOOP\r\n".repeat(10)), want);
     assert_eq!(t.acts(), [Act::Close]);
     let mut t = refused(Refusal::Banned);
     t.replies();
