@@ -3,18 +3,31 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::proto::ForwardPath;
+use crate::proto::{DOMAIN_MAX, ForwardPath, Host, printable};
 use crate::session::Envelope;
 
-/// The trace and envelope headers put above a delivered message.
+/// The trace and envelope headers put above a delivered message; printable ASCII only.
+///
+/// The client's HELO/EHLO argument should be a domain or an address literal (RFC 5321
+/// §4.1.4). Like Postfix (without `reject_invalid_helo_hostname`) we accept any other, but
+/// never copy it raw: it is shown as `from unknown`, with a sanitised copy (every octet but
+/// printable ASCII, and the comment's own `(`, `)` and `\`, as `?`) in the comment, e.g.
+/// `Received: from unknown ([192.0.2.1] helo=bad?host)`.
 pub fn trace_headers(envelope: &Envelope, hostname: &str, id: &str, wall: SystemTime) -> String {
     let rcpts: Vec<String> = envelope.rcpts.iter().map(ForwardPath::to_string).collect();
+    let (helo, client) = (envelope.helo.as_str(), envelope.client);
+    let from = if Host::parse(helo).is_ok() {
+        format!("{helo} ([{client}])")
+    } else if helo.is_empty() {
+        format!("unknown ([{client}])")
+    } else {
+        let shown = printable(helo, DOMAIN_MAX).replace(['(', ')', '\\'], "?");
+        format!("unknown ([{client}] helo={shown})")
+    };
     format!(
-        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {} ([{}])\r\n\tby {hostname} (Gatekeeper) with ESMTP id {id};\r\n\t{}\r\n",
+        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {from}\r\n\tby {hostname} (Gatekeeper) with ESMTP id {id};\r\n\t{}\r\n",
         envelope.from,
         rcpts.join(", "),
-        if envelope.helo.is_empty() { "unknown" } else { &envelope.helo },
-        envelope.client,
         rfc5322_date(wall),
     )
 }
@@ -51,6 +64,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::proto::ReversePath;
 
     #[test]
     fn dates() {
@@ -59,5 +73,40 @@ mod tests {
         assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 06:41:27 +0000");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn received_header_holds_only_printable_ascii() {
+        let envelope = |helo: &str| Envelope {
+            session: 1,
+            client: "192.0.2.1".parse().unwrap(),
+            helo: helo.into(),
+            from: ReversePath::Null,
+            rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+        };
+        let received = |helo: &str| {
+            let h = trace_headers(&envelope(helo), "mx.test", "Q1", UNIX_EPOCH);
+            assert!(h.split("\r\n").all(|l| l.bytes().all(|b| (32..=126).contains(&b) || b == b'\t')), "{h:?}");
+            h.split("\r\n").find(|l| l.starts_with("Received:")).unwrap().to_string()
+        };
+        // A domain or an address literal is shown as given.
+        assert_eq!(received("client.test"), "Received: from client.test ([192.0.2.1])");
+        assert_eq!(received("[192.0.2.1]"), "Received: from [192.0.2.1] ([192.0.2.1])");
+        assert_eq!(received("[IPv6:2001:db8::1]"), "Received: from [IPv6:2001:db8::1] ([192.0.2.1])");
+        // Anything else is accepted but only a sanitised copy appears, in the comment.
+        for (helo, shown) in [
+            ("bad\rhost.test", "bad?host.test"),
+            ("bad\thost.test", "bad?host.test"),
+            ("bad\0host.test", "bad?host.test"),
+            ("bad\x1b[31mhost.test", "bad?[31mhost.test"),
+            ("b\u{e4}d.test", "b?d.test"),
+            ("bad\x7fhost.test", "bad?host.test"),
+            ("my_host", "my_host"),
+            // The comment cannot be closed early to forge the header's structure.
+            ("x) by evil.test (y\\", "x? by evil.test ?y?"),
+        ] {
+            assert_eq!(received(helo), format!("Received: from unknown ([192.0.2.1] helo={shown})"), "{helo:?}");
+        }
+        assert_eq!(received(""), "Received: from unknown ([192.0.2.1])");
     }
 }
