@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::edges::{BanOrder, BanSink, Clock, Downstream, Listener, Observer, Scanner, SystemClock, Verifier};
 use crate::gate::{Gate, GateConfig, GateDecision};
 use crate::policy::{Directory, OffenceCounter, ScanOutcome, Verification};
-use crate::proto::PROXY_HEADER_MAX;
+use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Refusal, Session, SessionConfig};
 
 /// Concurrency and shutdown limits.
@@ -410,7 +410,7 @@ impl Shared {
                     let duration = self.gate_config.ban_time;
                     self.gate.lock().expect("gate lock").ban(self.clock.now(), addr, duration);
                     self.stats.bans.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(reason = request.reason.as_str(), evidence = %request.evidence, ?duration, "ban");
+                    tracing::info!(reason = request.reason.as_str(), evidence = %escape(&request.evidence), ?duration, "ban");
                     if let Some(sink) = &self.ban_sink {
                         let order =
                             BanOrder::from_request(addr, sid, request).decided_at(self.clock.wall()).lasting(duration);
@@ -454,7 +454,8 @@ impl Shared {
                 code = ev.code,
                 command = ev.command,
                 ban = ev.ban.map_or("none", |b| b.as_str()),
-                detail = %ev.detail,
+                // Details quote clients and remote servers (evidence, relay errors).
+                detail = %escape(&ev.detail),
                 "verdict"
             );
             if let Some(o) = &self.observer {

@@ -205,7 +205,10 @@ impl Inner {
     /// the core lock next commits every queued order in one transaction (one fsync), then
     /// answers each. Concurrent bans (a flood of forged senders) thus share their fsyncs; a
     /// lone ban commits alone, as before. Each answer is given only after its commit.
-    fn record(&self, order: BanOrder) -> Result<BanOutcome, BanError> {
+    fn record(&self, mut order: BanOrder) -> Result<BanOutcome, BanError> {
+        // The evidence may quote a remote server's reply or an operator's text: no control
+        // character goes into the logs or the database.
+        order.evidence = crate::proto::escape(&order.evidence).into_owned();
         let net = Net::ban_key(order.addr, self.ipv6_prefix);
         if self.allowlisted(net) {
             bump(&self.stats.allowlisted);

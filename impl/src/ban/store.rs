@@ -156,7 +156,10 @@ impl BanStore {
         let net: String = r.get(base)?;
         let reason: String = r.get(base + 1)?;
         let session: i64 = r.get(base + 2)?;
+        // Escaped on the way in since issue 12; rows written before (or by hand) are escaped
+        // here, so that no ban in memory, in a log or on a terminal carries a control character.
         let evidence: String = r.get(base + 3)?;
+        let evidence = crate::proto::escape(&evidence).into_owned();
         let start: i64 = r.get(base + 4)?;
         let expires: i64 = r.get(base + 5)?;
         let offence: i64 = r.get(base + 6)?;

@@ -131,6 +131,24 @@ async fn a_ban_survives_kill_9_and_comes_back_with_its_remaining_time() {
 }
 
 #[tokio::test]
+async fn evidence_is_stored_and_read_back_with_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let m = open(dir.path(), &BanConfig::default(), &clock);
+    let mut o = order("192.0.2.1", &clock);
+    o.evidence = "RCPT TO:<a@b.test>: 550 no\r\nFAKE LOG LINE \x1b[31mred".into();
+    BanSink::ban(&m, o).await;
+    let escaped = "RCPT TO:<a@b.test>: 550 no\\r\\nFAKE LOG LINE \\x1b[31mred";
+    let db = rusqlite::Connection::open(dir.path().join(STATE_DB)).unwrap();
+    let stored: String = db.query_row("SELECT evidence FROM bans", [], |r| r.get(0)).unwrap();
+    assert_eq!(stored, escaped);
+    // A row written raw (by an older version, or by hand) is escaped when read.
+    db.execute("UPDATE bans SET evidence = 'raw\x07\x1b]0;title\x07'", []).unwrap();
+    let bans = m.list_blocking().unwrap();
+    assert_eq!(bans[0].evidence, "raw\\x07\\x1b]0;title\\x07");
+}
+
+#[tokio::test]
 async fn expired_bans_are_dropped_on_restore_and_by_the_expiry_pass() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();

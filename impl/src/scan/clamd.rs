@@ -364,10 +364,13 @@ fn parse_reply(reply: &str, size: u64) -> Result<ClamdVerdict, ClamdError> {
     }
 }
 
-/// A peer's text made safe for logs and replies: escaped, at most 100 characters.
+/// A peer's text made safe for logs ([`crate::proto::escape`]), at most 100 characters.
 fn printable(s: &str) -> String {
-    let escaped: String = s.escape_debug().take(100).collect();
-    if s.escape_debug().nth(100).is_some() { format!("{escaped}…") } else { escaped }
+    let escaped = crate::proto::escape(s);
+    match escaped.char_indices().nth(100) {
+        Some((cut, _)) => format!("{}…", &escaped[..cut]),
+        None => escaped.into_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -55,7 +55,8 @@ pub enum Finding {
 pub struct ProbeResult {
     /// The finding.
     pub finding: Finding,
-    /// What proves it, e.g. `mx1.example.test[192.0.2.25]: RCPT TO:<a@example.test>: 550 5.1.1 …`.
+    /// What proves it, e.g. `mx1.example.test[192.0.2.25]: RCPT TO:<a@example.test>: 550 5.1.1 …`,
+    /// control characters escaped ([`crate::proto::escape`]).
     pub evidence: String,
     /// MX connections attempted.
     pub connections: usize,
@@ -100,6 +101,9 @@ pub async fn run(
     let ProbeEdges { resolver, connector, clock } = edges;
     let mut probe = Probe { connector, clock, settings, sender, random, deadline, connections: 0 };
     let (finding, evidence) = probe.run(resolver, domain).await;
+    // The evidence quotes the remote server: escaped once here, it is safe in the logs, the
+    // callback cache and ban evidence.
+    let evidence = crate::proto::escape(&evidence).into_owned();
     ProbeResult { finding, evidence, connections: probe.connections }
 }
 

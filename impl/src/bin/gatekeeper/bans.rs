@@ -14,6 +14,7 @@ use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
 use gatekeeper::config::{Overrides, Settings};
 use gatekeeper::edges::{BanOrder, Clock, SystemClock, rfc5322_date};
 use gatekeeper::gate::{DEFAULT_IP_LIST_TOT, Gate, GateConfig, GateKind};
+use gatekeeper::proto::escape;
 use humantime_serde::re::humantime;
 
 use super::load;
@@ -179,6 +180,7 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
                     "{:<22} {:<6} {:<31} {:<16} {:>8}  EVIDENCE",
                     "NET", "REASON", "EXPIRES", "REMAINING", "SESSION"
                 );
+                // Evidence may quote remote text: escaped, no control character reaches a terminal.
                 for b in &bans {
                     let remaining = if b.is_expired(now) { "expired".to_string() } else { short(b.remaining(now)) };
                     println!(
@@ -188,7 +190,7 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
                         rfc5322_date(b.expires),
                         remaining,
                         b.session,
-                        b.evidence
+                        escape(&b.evidence)
                     );
                 }
                 println!("{} ban(s)", bans.len());
@@ -203,7 +205,7 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
                             h.ban.net.to_string(),
                             h.ban.reason.as_str(),
                             short(h.ban.total()),
-                            h.ban.evidence
+                            escape(&h.ban.evidence)
                         );
                     }
                 }
