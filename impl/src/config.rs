@@ -2,7 +2,10 @@
 //! defaults, and its validation, which lists every problem at once instead of stopping at the
 //! first. `examples/gatekeeper.toml` documents each field.
 //!
-//! Durations are written the human way: `"60s"`, `"5m"`, `"4d"`, `"1h 30m"`.
+//! Durations are written the human way: `"60s"`, `"5m"`, `"4d"`, `"1h 30m"`, and bounded:
+//! a timeout or interval by [`WAIT_MAX`], a window, time to live, ban length or retention by
+//! [`PERIOD_MAX`]. They are added to `Instant`s and `SystemTime`s (deadlines, expiries), which
+//! panic on overflow: `"500000000000y"` parses, and is refused here with the other problems.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +21,13 @@ use crate::proto::Domain;
 use crate::scan::ScanConfig;
 use crate::session::SessionConfig;
 use crate::verify::CallbacksConfig;
+
+/// Longest timeout or interval: a day. A longer wait for a peer or a periodic task is a typo.
+pub const WAIT_MAX: Duration = Duration::from_secs(86_400);
+
+/// Longest window, time to live, ban length or retention: ten years (of 365.25 days, as the
+/// duration syntax counts them).
+pub const PERIOD_MAX: Duration = Duration::from_secs(10 * 31_557_600);
 
 /// The whole file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -351,6 +361,45 @@ impl Config {
         config.validate(base).map_err(LoadError::Invalid)
     }
 
+    /// Every duration over its bound ([`WAIT_MAX`], [`PERIOD_MAX`]), as problems. `[gate]`'s
+    /// `window` and `ban_time` are bounded by the gate itself (the kernel's 32-bit seconds) and
+    /// `bans.sync_interval` by its own 60 s, so they are not repeated here.
+    fn overlong_durations(&self) -> Vec<String> {
+        let (b, c) = (&self.bans, &self.callbacks);
+        let waits = [
+            ("server.shutdown_grace", self.server.shutdown_grace),
+            ("smtp.command_timeout", self.smtp.command_timeout),
+            ("smtp.penalty_timeout", self.smtp.penalty_timeout),
+            ("smtp.session_max", self.smtp.session_max),
+            ("delivery.relay_timeout", self.delivery.relay_timeout),
+            ("bans.retry_interval", b.retry_interval),
+            ("bans.reconcile_interval", b.reconcile_interval),
+            ("callbacks.dns_timeout", c.dns_timeout),
+            ("callbacks.connect_timeout", c.connect_timeout),
+            ("callbacks.command_timeout", c.command_timeout),
+            ("callbacks.budget", c.budget),
+            ("scan.timeout", self.scan.timeout),
+        ];
+        let periods = [
+            ("rules.b4_window", self.rules.b4_window),
+            ("bans.history_keep", b.history_keep),
+            ("bans.escalation.max", b.escalation.max),
+            ("bans.escalation.lookback", b.escalation.lookback),
+            ("callbacks.positive_ttl", c.positive_ttl),
+            ("callbacks.negative_ttl", c.negative_ttl),
+            ("callbacks.unknown_ttl", c.unknown_ttl),
+            ("callbacks.accept_all_ttl", c.accept_all_ttl),
+            ("callbacks.rate_window", c.rate_window),
+        ];
+        let show = humantime_serde::re::humantime::format_duration;
+        let over = |max: Duration| {
+            move |&(name, d): &(&str, Duration)| {
+                (d > max).then(|| format!("{name}: {} is longer than the maximum {}", show(d), show(max)))
+            }
+        };
+        waits.iter().filter_map(over(WAIT_MAX)).chain(periods.iter().filter_map(over(PERIOD_MAX))).collect()
+    }
+
     /// Checks everything and builds the runtime settings; relative paths are resolved against
     /// `base` (the config file's directory).
     pub fn validate(self, base: Option<&Path>) -> Result<Settings, ConfigError> {
@@ -397,6 +446,7 @@ impl Config {
                 problems.push(format!("{name}: must be longer than 0s"));
             }
         }
+        problems.extend(self.overlong_durations());
         if self.smtp.command_timeout < Duration::from_secs(300) && !self.smtp.command_timeout.is_zero() {
             // Allowed (tests use short ones), but RFC 5321 §4.5.3.2.7 says 5 minutes; no error.
         }
@@ -614,6 +664,41 @@ mod tests {
         assert!(matches!(&err, LoadError::Invalid(_)) && err.problems()[0].starts_with("server.listen"), "{err}");
         let err = Config::load(Path::new("/nonexistent/gatekeeper.toml"), Overrides::default()).unwrap_err();
         assert!(err.problems()[0].starts_with("cannot read /nonexistent/gatekeeper.toml: "), "{err}");
+    }
+
+    #[test]
+    fn durations_have_upper_bounds() {
+        let text = r#"
+            [server]
+            shutdown_grace = "2days"
+            [smtp]
+            command_timeout = "500000000000y"
+            session_max = "1day"
+            [rules]
+            b4_window = "11y"
+            [bans]
+            history_keep = "10y"
+            [callbacks]
+            budget = "25h"
+            positive_ttl = "100y"
+            [scan]
+            timeout = "1000000d"
+        "#;
+        let err = Config::parse(text).unwrap().validate(None).unwrap_err();
+        let all = err.problems.join("\n");
+        for needle in [
+            "server.shutdown_grace: 2days is longer than the maximum 1day",
+            "smtp.command_timeout: ",
+            "rules.b4_window: 11years",
+            "callbacks.budget: 1day 1h is longer than the maximum 1day",
+            "callbacks.positive_ttl: 100years is longer than the maximum 10years",
+            "scan.timeout: ",
+        ] {
+            assert!(all.contains(needle), "missing {needle} in:\n{all}");
+        }
+        // The bounds themselves are allowed; the shipped defaults are far below them.
+        assert_eq!(err.problems.len(), 6, "{all}");
+        assert!(Config::default().overlong_durations().is_empty());
     }
 
     #[test]
