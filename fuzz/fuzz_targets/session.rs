@@ -18,7 +18,7 @@
 //! - once its actions are carried out, the session is closed or wants input (no stall);
 //! - a session refused at connect never verifies, scans, delivers or bans;
 //! - messages handed to scan or delivery are within `size_max`, CRLF-terminated lines of at
-//!   most 1000 octets, with 1..=`rcpt_max` recipients;
+//!   most 1000 octets and no bare CR, with 1..=`rcpt_max` recipients;
 //! - memory: the heap the session holds (counted by a global allocator) stays within
 //!   `2 * size_max` plus a constant per octet of the largest single read, however long the
 //!   stream;
@@ -371,6 +371,7 @@ fn check_message(cfg: &SessionConfig, message: &[u8]) {
     assert!(message.is_empty() || message.ends_with(b"\r\n"), "message does not end with CRLF");
     for line in message.split_inclusive(|&b| b == b'\n') {
         assert!(line.ends_with(b"\r\n"), "bare LF in a message");
+        assert!(!line[..line.len() - 2].contains(&b'\r'), "bare CR in a message");
         assert!(line.len() <= TEXT_LINE_MAX, "message line of {} octets", line.len());
     }
 }
