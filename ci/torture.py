@@ -1204,7 +1204,9 @@ def case_ehlo_argument(run):
         if m is None:
             problems.append(f"EHLO {arg!r}: no Received: header")
             continue
-        received = m.group(0)
+        # `.*` stops at LF only, so the match ends with the CR of the header's own CRLF: not
+        # part of its content.
+        received = m.group(0).removesuffix(b"\r")
         # Folding (CRLF then SP/HT) is the only place for control characters in a header.
         unfolded = re.sub(rb"\r\n[ \t]", b" ", received)
         if any(b < 0x20 or b > 0x7E for b in unfolded):
