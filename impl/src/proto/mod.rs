@@ -27,7 +27,8 @@ pub use verb::Verb;
 pub const COMMAND_LINE_MAX: usize = 512;
 /// Longest reply line including the code and CRLF (RFC 5321 §4.5.3.1.5).
 pub const REPLY_LINE_MAX: usize = 512;
-/// Longest text line of a message including CRLF (RFC 5321 §4.5.3.1.6).
+/// Longest text line of a message including CRLF (RFC 5321 §4.5.3.1.6); the DATA receiver
+/// breaks longer ones.
 pub const TEXT_LINE_MAX: usize = 1000;
 /// Longest local part (RFC 5321 §4.5.3.1.1).
 pub const LOCAL_PART_MAX: usize = 64;

@@ -118,7 +118,8 @@ pub struct DataReceiver {
     line_start: bool,
     /// The current SMTP line began with a dot, which was removed.
     dot: bool,
-    /// The current SMTP line has had no octet yet but its dot (it may be the end of data).
+    /// Nothing but the dot and the line end has come in the current SMTP line: it may be the
+    /// end of data.
     bare: bool,
     /// The last octet was a CR whose LF has not been seen yet.
     cr: bool,
