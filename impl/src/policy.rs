@@ -1,4 +1,4 @@
-//! The rules of DESIGN.md §2 as pure functions of facts: who is local, what the client said,
+//! The rules of docs/design.md §2 as pure functions of facts: who is local, what the client said,
 //! and how it behaved before. A verdict names the rule that decided it, the reply, and an
 //! optional ban request. No IO, no clock reads (`now` is an argument where time matters), and
 //! no knowledge of the session: the session calls these and sends what they return.
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::proto::{Domain, ForwardPath, Host, Mailbox, PathError, Reply, ReversePath};
 
-/// The rule that decided a verdict (DESIGN.md §2).
+/// The rule that decided a verdict (docs/design.md §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub enum Rule {
     /// Connection gate: one new connection per IP per window.
@@ -53,7 +53,7 @@ impl fmt::Display for Rule {
     }
 }
 
-/// Why a client is banned (DESIGN.md §2, bans B1–B4).
+/// Why a client is banned (docs/design.md §2, bans B1–B4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum BanReason {
     /// B1: a sender in a local domain whose local part does not exist.
@@ -220,7 +220,7 @@ fn key(local: &str, domain: &Domain) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyConfig {
     /// B4 fires once a client has given this many unknown recipients with a non-null sender
-    /// within `b4_window` (DESIGN.md: 1).
+    /// within `b4_window` (docs/design.md: 1).
     pub b4_threshold: u32,
     /// The B4 counting window (1 h).
     pub b4_window: Duration,

@@ -1,4 +1,4 @@
-//! Properties of the SMTP wire layer and the session (STYLE.md: round trip, no panic on any
+//! Properties of the SMTP wire layer and the session (docs/design.md §3: round trip, no panic on any
 //! bytes, bounded buffers, the same result for any split of the input).
 
 use std::net::{Ipv4Addr, Ipv6Addr};

@@ -4,7 +4,7 @@
 //! arrives, reading it with the gatekeeper's own parser (`Reply::parse_prefix`) and judging its
 //! code by the one table of allowed codes (`Verb`).
 //!
-//! A dropped SYN gets no answer: the client waits for its next retransmission (KERNEL.md §3)
+//! A dropped SYN gets no answer: the client waits for its next retransmission (docs/kernel.md §3)
 //! and gives up with ETIMEDOUT at the end of the schedule. Only an accepted SYN becomes a
 //! turmoil connection.
 

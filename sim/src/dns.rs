@@ -1,6 +1,6 @@
 //! DNS inside the simulation: hickory's resolver runtime over turmoil sockets (for the
 //! gatekeeper's real callback verifier) and a DNS server host that serves the remote pools'
-//! MX and address records from a hickory `Catalog` over turmoil UDP (TURMOIL.md).
+//! MX and address records from a hickory `Catalog` over turmoil UDP (docs/simulation.md).
 //!
 //! Time comes from tokio's clock, which turmoil drives, and `turmoil::since_epoch` for wall
 //! time; nothing here reads the OS clock. The server drops every query while a `dns_outage`

@@ -66,7 +66,7 @@ impl Class {
         }
     }
 
-    /// Clients that must never be banned (DESIGN.md §5).
+    /// Clients that must never be banned (docs/design.md §5).
     pub fn is_protected(self) -> bool {
         matches!(self, Class::Backscatter | Class::Bounce | Class::Prober | Class::Honest)
     }
@@ -220,7 +220,7 @@ pub struct Counters {
     /// C1 verdicts: accepted, rejected, tempfailed.
     pub c1: [u64; 3],
     /// SYNs the kernel accepted from an address whose ban was still running (xt_recent evicted
-    /// it: KERNEL.md §4 pitfall 1).
+    /// it: docs/kernel.md §4 pitfall 1).
     pub accepted_while_banned: u64,
     /// Gatekeeper restarts.
     pub restarts: u64,

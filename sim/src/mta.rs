@@ -1,5 +1,5 @@
 //! Honest MTAs and bounce MTAs: real queues driven by lettre's `AsyncSmtpConnection` over
-//! turmoil streams (TURMOIL.md). A message is tried at once; a connection failure, a 5xx or 4xx
+//! turmoil streams (docs/simulation.md). A message is tried at once; a connection failure, a 5xx or 4xx
 //! greeting or a 4xx reply defers it to the next queue run (10–15 minutes later); a 5xx reply
 //! bounces it; after its queue lifetime (5 days) it is given up, which is a lost message.
 //!

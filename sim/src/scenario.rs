@@ -38,7 +38,7 @@ pub struct Scenario {
     /// turmoil tick: network delivery is rounded up to it; timers inside a host are exact.
     #[serde(with = "humantime_serde")]
     pub tick: Duration,
-    /// The clients' SYN retransmission schedule (KERNEL.md §3).
+    /// The clients' SYN retransmission schedule (docs/kernel.md §3).
     #[serde(default)]
     pub client_kernel: ClientKernel,
     /// Users `user0@ … user{n-1}@` the first local domain, added to the configured ones.

@@ -153,7 +153,7 @@ impl Kernel {
     }
 
     /// Whether a full table explains a ban missing from it: xt_recent evicts its least
-    /// recently stamped entry once `ip_list_tot` entries (per family) are held (KERNEL.md §4.1).
+    /// recently stamped entry once `ip_list_tot` entries (per family) are held (docs/kernel.md §4.1).
     pub fn may_have_evicted(&self) -> bool {
         match self.cfg.kind {
             gatekeeper::gate::GateKind::XtRecent { ip_list_tot, .. } => self.gate.banned_len() >= ip_list_tot as usize,

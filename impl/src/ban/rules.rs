@@ -74,7 +74,7 @@ pub fn xt_rules(cfg: &XtRecentSection, p: &RuleParams) -> Vec<XtRule> {
 /// The iptables/ip6tables rules as a shell script with comments.
 pub fn xt_script(cfg: &XtRecentSection, p: &RuleParams) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "# gatekeeper: xt_recent rules for port {} (KERNEL.md §2).", p.port);
+    let _ = writeln!(s, "# gatekeeper: xt_recent rules for port {} (docs/kernel.md §2).", p.port);
     let _ = writeln!(
         s,
         "# G2: banned sources ({}, {}) dropped for {} s after the last ban write; the gatekeeper",
@@ -111,7 +111,7 @@ pub fn nft_script(cfg: &NftablesSection, p: &RuleParams) -> String {
     let mask = ipv6_mask(p.ipv6_prefix);
     let syn = format!("tcp dport {port} tcp flags syn / syn,ack");
     let mut s = String::new();
-    let _ = writeln!(s, "# gatekeeper: nftables ruleset for port {port} (KERNEL.md §2). Load with `nft -f FILE`;");
+    let _ = writeln!(s, "# gatekeeper: nftables ruleset for port {port} (docs/kernel.md §2). Load with `nft -f FILE`;");
     let _ = writeln!(s, "# loading it again keeps the bans and resets the rate sets.");
     let _ = writeln!(s, "# G2: sources in @{b4} / @{b6} dropped (elements carry their own timeout).");
     let _ =

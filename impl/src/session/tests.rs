@@ -1,5 +1,5 @@
 //! Scripted dialogues (mailin style): feed lines, collect the replies, actions and events, and
-//! check every rule of DESIGN.md §2 and every limit of the session. Each test fails if the
+//! check every rule of docs/design.md §2 and every limit of the session. Each test fails if the
 //! rule or limit it names is broken.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Callback verification of senders (rule C1, DESIGN.md §2): is there a mailbox behind the
+//! Callback verification of senders (rule C1, docs/design.md §2): is there a mailbox behind the
 //! envelope sender? Asked by the session (through [`crate::edges::Verifier`]) after the first
 //! valid recipient of a transaction with an external, non-null sender.
 //!
