@@ -69,12 +69,20 @@ fn bench_rcpt(c: &mut Criterion) {
     let unknown = ForwardPath::parse("<nobody@example.test>").expect("path");
     let known = ForwardPath::parse("<alice@example.test>").expect("path");
     let sender = ReversePath::parse("<x@elsewhere.test>").expect("path");
-    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &unknown, 0).reply.code, 550);
-    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &known, 0).reply.code, 250);
+    let fresh = policy::B4Tally::default();
+    // A second unknown recipient in the session: the B4 decision bans.
+    let second = policy::B4Tally { session: 1, ..policy::B4Tally::default() };
+    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &unknown, &fresh).reply.code, 550);
+    assert_eq!(policy::rcpt_to(&dir, &cfg, &from, &known, &fresh).reply.code, 250);
+    assert!(policy::rcpt_to(&dir, &cfg, &sender, &unknown, &second).ban.is_some());
     let mut g = c.benchmark_group("policy/rcpt_to");
-    g.bench_function("known", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&known), 0)));
-    g.bench_function("unknown_null_sender", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&unknown), 0)));
-    g.bench_function("unknown_with_ban", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &sender, black_box(&unknown), 0)));
+    g.bench_function("known", |b| b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&known), &fresh)));
+    g.bench_function("unknown_null_sender", |b| {
+        b.iter(|| policy::rcpt_to(&dir, &cfg, &from, black_box(&unknown), &fresh))
+    });
+    g.bench_function("unknown_with_ban", |b| {
+        b.iter(|| policy::rcpt_to(&dir, &cfg, &sender, black_box(&unknown), &second))
+    });
     g.finish();
 }
 

@@ -136,6 +136,9 @@ pub struct DomainsSection {
     pub users_file: Option<PathBuf>,
     /// `abuse@` every local domain exists (RFC 2142).
     pub abuse_always: bool,
+    /// Each character ends the mailbox part of a local part: with `+`, `alice+news@` is
+    /// `alice@` for every existence check. Empty: off.
+    pub recipient_delimiter: String,
 }
 
 impl Default for DomainsSection {
@@ -145,6 +148,7 @@ impl Default for DomainsSection {
             users: vec!["alice@example.test".into(), "bob@example.test".into()],
             users_file: None,
             abuse_always: true,
+            recipient_delimiter: crate::policy::DEFAULT_RECIPIENT_DELIMITER.into(),
         }
     }
 }
@@ -160,8 +164,14 @@ pub struct RulesSection {
     pub b4_window: Duration,
     /// Callback verification of external senders (C1), configured in `[callbacks]`.
     pub verify_senders: bool,
-    /// An inconclusive callback: `tempfail` (451) or `accept`.
+    /// An inconclusive callback: `tempfail` (451, for at most `unknown_sender_tempfail_max`)
+    /// or `accept`.
     pub on_unknown_sender: OnUnknown,
+    /// How long after the first attempt of a (client network, sender) an unknown sender is
+    /// tempfailed; a retry after that is accepted, so no honest message waits until its
+    /// sender's queue gives up.
+    #[serde(with = "humantime_serde")]
+    pub unknown_sender_tempfail_max: Duration,
     /// Virus scanning (V1) with the `[scan]` engine.
     pub scan: bool,
     /// A failed scan: `tempfail` (451) or `accept`.
@@ -176,6 +186,7 @@ impl Default for RulesSection {
             b4_window: p.b4_window,
             verify_senders: false,
             on_unknown_sender: OnUnknown::Tempfail,
+            unknown_sender_tempfail_max: p.unknown_sender_tempfail_max,
             scan: false,
             on_scan_failure: OnScanFailure::Tempfail,
         }
@@ -382,6 +393,7 @@ impl Config {
         ];
         let periods = [
             ("rules.b4_window", self.rules.b4_window),
+            ("rules.unknown_sender_tempfail_max", self.rules.unknown_sender_tempfail_max),
             ("bans.history_keep", b.history_keep),
             ("bans.escalation.max", b.escalation.max),
             ("bans.escalation.lookback", b.escalation.lookback),
@@ -463,7 +475,13 @@ impl Config {
                 Err(e) => problems.push(format!("domains.local: {d:?}: {e}")),
             }
         }
-        let mut directory = Directory::new(domains, self.domains.abuse_always);
+        let delimiter = &self.domains.recipient_delimiter;
+        if delimiter.chars().any(|c| !c.is_ascii_graphic() || matches!(c, '@' | '"' | '<' | '>' | '\\')) {
+            problems.push(format!(
+                "domains.recipient_delimiter: {delimiter:?}: only printable ASCII other than @ \" < > \\"
+            ));
+        }
+        let mut directory = Directory::new(domains, self.domains.abuse_always).with_recipient_delimiter(delimiter);
         for e in directory.add_list(&self.domains.users.join("\n")) {
             problems.push(format!("domains.users: {}", e.to_string().replacen("line ", "entry ", 1)));
         }
@@ -514,7 +532,11 @@ impl Config {
             on_unknown: config.rules.on_unknown_sender,
             scan: config.rules.scan,
             on_scan_failure: config.rules.on_scan_failure,
-            policy: PolicyConfig { b4_threshold: config.rules.b4_threshold, b4_window: config.rules.b4_window },
+            policy: PolicyConfig {
+                b4_threshold: config.rules.b4_threshold,
+                b4_window: config.rules.b4_window,
+                unknown_sender_tempfail_max: config.rules.unknown_sender_tempfail_max,
+            },
         };
         Ok(Settings {
             listen: listen.expect("checked above"),
@@ -559,6 +581,7 @@ mod tests {
             [domains]
             local = ["example.test", "-bad"]
             users = ["carol", "x@other.test"]
+            recipient_delimiter = "+@"
             [rules]
             b4_threshold = 0
             [delivery]
@@ -575,12 +598,13 @@ mod tests {
             "domains.local: \"-bad\"",
             "domains.users: entry 1",
             "domains.users: entry 2",
+            "domains.recipient_delimiter",
             "rules.b4_threshold",
             "delivery.relay",
         ] {
             assert!(all.contains(needle), "missing {needle} in:\n{all}");
         }
-        assert_eq!(err.problems.len(), 10, "{all}");
+        assert_eq!(err.problems.len(), 11, "{all}");
     }
 
     #[test]
@@ -699,6 +723,17 @@ mod tests {
         // The bounds themselves are allowed; the shipped defaults are far below them.
         assert_eq!(err.problems.len(), 6, "{all}");
         assert!(Config::default().overlong_durations().is_empty());
+    }
+
+    #[test]
+    fn rules_of_issue_11_are_configurable() {
+        let s = Config::parse("").unwrap().validate(None).unwrap();
+        assert_eq!(s.session.policy.unknown_sender_tempfail_max, Duration::from_secs(1800));
+        assert!(s.directory.exists(&crate::proto::Mailbox::parse("alice+news@example.test").unwrap()));
+        let text = "[domains]\nrecipient_delimiter = \"\"\n[rules]\nunknown_sender_tempfail_max = \"2h\"\n";
+        let s = Config::parse(text).unwrap().validate(None).unwrap();
+        assert_eq!(s.session.policy.unknown_sender_tempfail_max, Duration::from_secs(7200));
+        assert!(!s.directory.exists(&crate::proto::Mailbox::parse("alice+news@example.test").unwrap()));
     }
 
     #[test]

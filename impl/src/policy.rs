@@ -121,6 +121,9 @@ pub struct Directory {
     domains: BTreeSet<Domain>,
     users: BTreeSet<String>,
     abuse_always: bool,
+    /// Characters that end the mailbox part of a local part (`alice+news` is `alice`); empty:
+    /// none.
+    delimiters: String,
 }
 
 /// A problem in a user list.
@@ -147,9 +150,34 @@ pub enum DirectoryError {
 }
 
 impl Directory {
-    /// An empty directory for `domains`.
+    /// An empty directory for `domains`, with the default recipient delimiter `+`.
     pub fn new(domains: impl IntoIterator<Item = Domain>, abuse_always: bool) -> Self {
-        Directory { domains: domains.into_iter().collect(), users: BTreeSet::new(), abuse_always }
+        Directory {
+            domains: domains.into_iter().collect(),
+            users: BTreeSet::new(),
+            abuse_always,
+            delimiters: DEFAULT_RECIPIENT_DELIMITER.to_string(),
+        }
+    }
+
+    /// Sets the recipient delimiter: each character of `delimiters` ends the mailbox part of a
+    /// local part, so `alice+news@` is `alice@` for every existence check (as Postfix's
+    /// `recipient_delimiter`). Empty turns it off.
+    pub fn with_recipient_delimiter(mut self, delimiters: &str) -> Self {
+        self.delimiters = delimiters.to_string();
+        self
+    }
+
+    /// The local part without its extension: `alice+news` is `alice` (the first delimiter
+    /// ends it; a local part that starts with one is left alone).
+    fn base<'a>(&self, local: &'a str) -> &'a str {
+        if self.delimiters.is_empty() {
+            return local;
+        }
+        match local.find(|c| self.delimiters.contains(c)) {
+            Some(i) if i > 0 => &local[..i],
+            _ => local,
+        }
     }
 
     /// Adds a user; `local` is matched case-insensitively.
@@ -196,9 +224,22 @@ impl Directory {
             return false;
         };
         let local = mailbox.local.as_str();
-        local.eq_ignore_ascii_case("postmaster")
-            || (self.abuse_always && local.eq_ignore_ascii_case("abuse"))
-            || self.users.contains(&key(local, domain))
+        // A user whose own name holds the delimiter (`a+b` listed) matches as is.
+        if self.users.contains(&key(local, domain)) {
+            return true;
+        }
+        let base = self.base(local);
+        base.eq_ignore_ascii_case("postmaster")
+            || (self.abuse_always && base.eq_ignore_ascii_case("abuse"))
+            || self.users.contains(&key(base, domain))
+    }
+
+    /// `true` if `mailbox` is `postmaster@` or `abuse@` a local domain (extension ignored),
+    /// whether or not `abuse@` is always accepted: the role addresses that receive abuse
+    /// reports.
+    pub fn is_role(&self, mailbox: &Mailbox) -> bool {
+        let base = self.base(mailbox.local.as_str());
+        self.is_local(mailbox) && (base.eq_ignore_ascii_case("postmaster") || base.eq_ignore_ascii_case("abuse"))
     }
 
     /// The local domains, sorted.
@@ -212,6 +253,9 @@ impl Directory {
     }
 }
 
+/// The recipient delimiter unless configured otherwise (Postfix's customary `+`).
+pub const DEFAULT_RECIPIENT_DELIMITER: &str = "+";
+
 fn key(local: &str, domain: &Domain) -> String {
     format!("{}@{}", local.to_ascii_lowercase(), domain)
 }
@@ -220,15 +264,22 @@ fn key(local: &str, domain: &Domain) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyConfig {
     /// B4 fires once a client has given this many unknown recipients with a non-null sender
-    /// within `b4_window` (docs/design.md: 1).
+    /// within `b4_window` (docs/design.md §2 (rules): 1).
     pub b4_threshold: u32,
-    /// The B4 counting window (1 h).
+    /// The B4 counting window (1 h); also how long a probe-shaped session is remembered.
     pub b4_window: Duration,
+    /// C1: an unknown sender is tempfailed (451) only this long after the first attempt of the
+    /// same (client network, sender); a retry after that is accepted (30 min).
+    pub unknown_sender_tempfail_max: Duration,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
-        PolicyConfig { b4_threshold: 1, b4_window: Duration::from_secs(3600) }
+        PolicyConfig {
+            b4_threshold: 1,
+            b4_window: Duration::from_secs(3600),
+            unknown_sender_tempfail_max: Duration::from_secs(30 * 60),
+        }
     }
 }
 
@@ -264,7 +315,7 @@ pub fn always_accepted(dir: &Directory, to: &ForwardPath) -> bool {
     match to {
         ForwardPath::Postmaster => true,
         ForwardPath::Mailbox(m) => {
-            let local = m.local.as_str();
+            let local = dir.base(m.local.as_str());
             dir.is_local(m)
                 && (local.eq_ignore_ascii_case("postmaster")
                     || (dir.abuse_always && local.eq_ignore_ascii_case("abuse")))
@@ -272,15 +323,50 @@ pub fn always_accepted(dir: &Directory, to: &ForwardPath) -> bool {
     }
 }
 
-/// E2 at RCPT TO. `unknown_before` counts the unknown recipients with a non-null sender this
-/// client gave within the B4 window before this one (across sessions).
-pub fn rcpt_to(
-    dir: &Directory,
-    cfg: &PolicyConfig,
-    from: &ReversePath,
-    to: &ForwardPath,
-    unknown_before: u32,
-) -> Verdict {
+/// What a client has done towards B4: unknown local recipients with a non-null sender, in
+/// this session and (within the B4 window) before it.
+///
+/// A session whose one unknown recipient is the client's first in the window, and that ends
+/// without a second one and without DATA, is *probe-shaped*: that is how Postfix's
+/// `MAIL FROM:<double-bounce@…>` address verification looks, and it is not an offence unless
+/// the client does it again within the window (docs/design.md §2 (rules), E2). Until the
+/// session shows which it is, its first unknown recipient is deferred, not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct B4Tally {
+    /// Counted unknown recipients from earlier sessions within the window.
+    pub earlier: u32,
+    /// Earlier probe-shaped sessions within the window (one unknown recipient each).
+    pub earlier_probes: u32,
+    /// Unknown recipients in this session so far.
+    pub session: u32,
+    /// DATA was given after this session's first unknown recipient.
+    pub data: bool,
+}
+
+impl B4Tally {
+    /// Probe-shaped so far: one unknown recipient, the client's first in the window, and
+    /// nothing since that makes it an attack. Not (yet) an offence.
+    pub fn is_probe(&self) -> bool {
+        self.earlier == 0 && self.earlier_probes == 0 && self.session == 1 && !self.data
+    }
+
+    /// The unknown recipients that count towards the threshold now: none while probe-shaped;
+    /// once the client repeats itself, the earlier probes count too.
+    pub fn offences(&self) -> u32 {
+        if self.is_probe() { 0 } else { self.earlier + self.earlier_probes + self.session }
+    }
+}
+
+/// B4: a ban once the counted unknown recipients reach the threshold (never while the session
+/// is probe-shaped, never for a session without unknown recipients).
+pub fn b4(cfg: &PolicyConfig, tally: &B4Tally, evidence: impl FnOnce() -> String) -> Option<BanRequest> {
+    (tally.session > 0 && tally.offences() >= cfg.b4_threshold)
+        .then(|| BanRequest { reason: BanReason::UnknownRecipient, evidence: evidence() })
+}
+
+/// E2 at RCPT TO. `tally` is the client's B4 record before this recipient; an unknown local
+/// recipient with a non-null sender adds one to it (see [`is_b4_unknown`]).
+pub fn rcpt_to(dir: &Directory, cfg: &PolicyConfig, from: &ReversePath, to: &ForwardPath, tally: &B4Tally) -> Verdict {
     let ok = || Verdict::accept(Rule::E2, Reply::recipient_ok());
     let mailbox = match to {
         ForwardPath::Postmaster => return ok(),
@@ -298,11 +384,32 @@ pub fn rcpt_to(
         return ok();
     }
     // `<>` to an unknown user may be a real bounce or another server's callback (R1): no ban.
-    let ban = (!from.is_null() && unknown_before + 1 >= cfg.b4_threshold).then(|| BanRequest {
-        reason: BanReason::UnknownRecipient,
-        evidence: format!("MAIL FROM:{from} RCPT TO:{to}"),
-    });
+    let ban = if from.is_null() {
+        None
+    } else {
+        let t = B4Tally { session: tally.session + 1, ..*tally };
+        b4(cfg, &t, || {
+            let before = tally.earlier + tally.earlier_probes;
+            format!("MAIL FROM:{from} RCPT TO:{to} (unknown recipient {} of this session, {before} before)", t.session)
+        })
+    };
     Verdict { rule: Rule::E2, reply: Reply::unknown_user(), ban }
+}
+
+/// `true` if `verdict` (from [`rcpt_to`]) refused an unknown local recipient of a non-null
+/// sender: one more towards B4.
+pub fn is_b4_unknown(from: &ReversePath, verdict: &Verdict) -> bool {
+    !from.is_null() && verdict.rule == Rule::E2 && verdict.reply == Reply::unknown_user()
+}
+
+/// E2 at DATA after a probe-shaped start: DATA makes it an attack (a probe never sends
+/// DATA), so the deferred unknown recipient counts now. The ban, if any, ends the session:
+/// DATA is answered 421 (RFC 5321 §3.8) and no message is taken.
+pub fn data_after_unknown(cfg: &PolicyConfig, tally: &B4Tally, evidence: impl FnOnce() -> String) -> Option<Verdict> {
+    let t = B4Tally { data: true, ..*tally };
+    let ban = b4(cfg, &t, evidence)?;
+    let reply = Reply::unknown_recipients_closing();
+    Some(Verdict { rule: Rule::E2, reply, ban: Some(ban) })
 }
 
 /// VRFY: we do not disclose users (RFC 5321 §3.5.3 permits 252).
@@ -313,48 +420,101 @@ pub fn vrfy() -> Reply {
 /// The outcome of a callback probe of a sender (C1), as the verifier reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verification {
-    /// The sender's MX accepted `RCPT TO:<sender>` (or the domain is allowlisted).
+    /// The sender's MX accepted `RCPT TO:<sender>` and refused a random address (or the
+    /// domain is allowlisted).
     Valid {
         /// What proved it (the remote reply, or `allowlisted`, or `cached`).
         evidence: String,
     },
-    /// The sender's MX refused it with 5xx, a null MX, or NXDOMAIN: the address cannot exist.
+    /// The sender's MX accepted a random local part too: the address is valid as far as
+    /// anyone can tell, but unverifiable. Accepted, never tempfailed.
+    AcceptAll {
+        /// What showed it.
+        evidence: String,
+    },
+    /// The mailbox does not exist: a 5xx on RCPT with the enhanced code 5.1.1, 5.1.2 or
+    /// 5.1.10, or a null MX (RFC 7505). The only finding that bans (B2).
     Invalid {
         /// What proved it.
         evidence: String,
     },
-    /// Anything else: 4xx, timeouts, refused connections, DNS failures, accept-all domains,
-    /// probe limits. Never a ban.
+    /// The sender's domain cannot receive mail: NXDOMAIN, or neither MX nor address. Refused,
+    /// never a ban: a broken local resolver must not ban the world.
+    Undeliverable {
+        /// What showed it.
+        evidence: String,
+    },
+    /// Anything else: 4xx, policy refusals (5.7.x, a bare 550), timeouts, refused
+    /// connections, DNS failures, probe limits. Never a ban.
     Unknown {
         /// Why it is unknown.
         evidence: String,
     },
 }
 
+impl Verification {
+    /// The evidence, whatever the outcome.
+    pub fn evidence(&self) -> &str {
+        match self {
+            Verification::Valid { evidence }
+            | Verification::AcceptAll { evidence }
+            | Verification::Invalid { evidence }
+            | Verification::Undeliverable { evidence }
+            | Verification::Unknown { evidence } => evidence,
+        }
+    }
+
+    /// The stable short name (`valid`, `accept_all`, `invalid`, `undeliverable`, `unknown`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Verification::Valid { .. } => "valid",
+            Verification::AcceptAll { .. } => "accept_all",
+            Verification::Invalid { .. } => "invalid",
+            Verification::Undeliverable { .. } => "undeliverable",
+            Verification::Unknown { .. } => "unknown",
+        }
+    }
+}
+
 /// What to do with a sender whose callback was inconclusive.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnUnknown {
-    /// 451 4.4.3: the client retries later (the default).
+    /// 451 4.4.3 while within `unknown_sender_tempfail_max` of the first attempt, then accept
+    /// (the default).
     #[default]
     Tempfail,
     /// Accept the recipient as if the sender were valid.
     Accept,
 }
 
-/// C1: the verdict on the first valid recipient once the sender's callback is known. `rcpt`
-/// is the accepted recipient's verdict, which stands when the sender is valid.
-pub fn verified(result: &Verification, on_unknown: OnUnknown, from: &ReversePath) -> Verdict {
+/// C1: the verdict on the first valid recipient once the sender's callback is known.
+/// `waited` is how long ago this client network first tried this sender with an unknown
+/// result (zero the first time): an unknown sender is tempfailed only within
+/// `unknown_sender_tempfail_max` of that, so that no honest message waits until its sender's
+/// queue gives up.
+pub fn verified(
+    result: &Verification,
+    on_unknown: OnUnknown,
+    cfg: &PolicyConfig,
+    waited: Duration,
+    from: &ReversePath,
+) -> Verdict {
+    let ok = || Verdict::accept(Rule::C1, Reply::recipient_ok());
+    let refused = || Reply::sender_rejected();
     match result {
-        Verification::Valid { .. } => Verdict::accept(Rule::C1, Reply::recipient_ok()),
+        Verification::Valid { .. } | Verification::AcceptAll { .. } => ok(),
         Verification::Invalid { evidence } => Verdict {
             rule: Rule::C1,
-            reply: Reply::sender_rejected(),
+            reply: refused(),
             ban: Some(BanRequest { reason: BanReason::FakeSender, evidence: format!("MAIL FROM:{from}: {evidence}") }),
         },
+        Verification::Undeliverable { .. } => Verdict::accept(Rule::C1, refused()),
         Verification::Unknown { .. } => match on_unknown {
-            OnUnknown::Tempfail => Verdict::accept(Rule::C1, Reply::sender_unverified()),
-            OnUnknown::Accept => Verdict::accept(Rule::C1, Reply::recipient_ok()),
+            OnUnknown::Tempfail if waited < cfg.unknown_sender_tempfail_max => {
+                Verdict::accept(Rule::C1, Reply::sender_unverified())
+            }
+            OnUnknown::Tempfail | OnUnknown::Accept => ok(),
         },
     }
 }
@@ -388,14 +548,28 @@ pub enum OnScanFailure {
 }
 
 /// V1: the verdict on a scanned message. `None` means "go on and deliver it".
-pub fn scanned(outcome: &ScanOutcome, on_failure: OnScanFailure) -> Option<Verdict> {
+///
+/// An infected message is refused with 554 and banned (B3) — except from `<>` (a bounce that
+/// carries the original virus back comes from an innocent server) and to `postmaster@` or
+/// `abuse@` (abuse reports quote samples): 554, no ban.
+pub fn scanned(
+    dir: &Directory,
+    outcome: &ScanOutcome,
+    on_failure: OnScanFailure,
+    from: &ReversePath,
+    rcpts: &[ForwardPath],
+) -> Option<Verdict> {
     match outcome {
         ScanOutcome::Clean => None,
-        ScanOutcome::Infected { signature } => Some(Verdict {
-            rule: Rule::V1,
-            reply: Reply::virus(signature),
-            ban: Some(BanRequest { reason: BanReason::Virus, evidence: format!("signature {signature}") }),
-        }),
+        ScanOutcome::Infected { signature } => {
+            let to_role = rcpts.iter().any(|r| match r {
+                ForwardPath::Postmaster => true,
+                ForwardPath::Mailbox(m) => dir.is_role(m),
+            });
+            let ban = (!from.is_null() && !to_role)
+                .then(|| BanRequest { reason: BanReason::Virus, evidence: format!("signature {signature}") });
+            Some(Verdict { rule: Rule::V1, reply: Reply::virus(signature), ban })
+        }
         ScanOutcome::Failed { .. } => match on_failure {
             OnScanFailure::Tempfail => Some(Verdict::accept(Rule::V1, Reply::scan_failed())),
             OnScanFailure::Accept => None,
@@ -403,9 +577,11 @@ pub fn scanned(outcome: &ScanOutcome, on_failure: OnScanFailure) -> Option<Verdi
     }
 }
 
-/// Counts, per client address, the unknown recipients with a non-null sender (B4) over a
-/// sliding window. Bounded: at most `capacity` addresses, the one seen least recently dropped
-/// first. Pure: `now` is always an argument.
+/// Counts, per client, events towards B4 (unknown recipients with a non-null sender, or
+/// probe-shaped sessions) over a sliding window. The caller keys it like the bans (an IPv4
+/// address, an IPv6 /64 by default), so a client cannot escape it by moving within its
+/// network. Bounded: at most `capacity` keys, the one seen least recently dropped first.
+/// Pure: `now` is always an argument.
 #[derive(Debug)]
 pub struct OffenceCounter {
     window: Duration,
@@ -472,110 +648,67 @@ impl OffenceCounter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// C1's memory of inconclusive senders: when each (client network, sender) was first tried
+/// with an unknown callback result, so that its 451 lasts at most
+/// `unknown_sender_tempfail_max` (greylisting semantics: real MTAs retry, most spam engines do
+/// not). An entry is kept for `keep`, longer than that window, so that a retry after it is
+/// recognised and accepted. Bounded: at most `capacity` entries, the oldest dropped first (its
+/// sender then starts a new window: a delay, never a loss). Pure: `now` is always an argument.
+#[derive(Debug)]
+pub struct UnknownSenders {
+    keep: Duration,
+    capacity: usize,
+    first: HashMap<(IpAddr, String), Instant>,
+    order: VecDeque<(IpAddr, String)>,
+}
 
-    fn dir() -> Directory {
-        let d = Domain::parse("example.test").unwrap();
-        let mut dir = Directory::new([d.clone()], true);
-        dir.add_user("alice", &d);
-        dir
-    }
-    fn rp(s: &str) -> ReversePath {
-        ReversePath::parse(s).unwrap()
-    }
-    fn fp(s: &str) -> ForwardPath {
-        ForwardPath::parse(s).unwrap()
+impl UnknownSenders {
+    /// A table that remembers first attempts for `keep`, at most `capacity` of them.
+    pub fn new(keep: Duration, capacity: usize) -> Self {
+        UnknownSenders { keep, capacity: capacity.max(1), first: HashMap::new(), order: VecDeque::new() }
     }
 
-    #[test]
-    fn mail_from_rules() {
-        let d = dir();
-        let cases = [
-            ("<>", 250, None),
-            ("<alice@example.test>", 250, None),
-            ("<ALICE@Example.Test>", 250, None),
-            ("<postmaster@example.test>", 250, None),
-            ("<nobody@example.test>", 550, Some(BanReason::ForgedLocalSender)),
-            ("<someone@elsewhere.test>", 250, None),
-        ];
-        for (from, code, ban) in cases {
-            let v = mail_from(&d, &rp(from));
-            assert_eq!((v.reply.code, v.ban.map(|b| b.reason), v.rule), (code, ban, Rule::E1), "{from}");
+    /// How long ago `net` first tried `sender` (case-insensitive) with an unknown result;
+    /// records `now` as that first attempt if there was none (and answers zero).
+    pub fn waited(&mut self, now: Instant, net: IpAddr, sender: &str) -> Duration {
+        self.expire(now);
+        let key = (net, sender.to_ascii_lowercase());
+        if let Some(t) = self.first.get(&key) {
+            return now.saturating_duration_since(*t);
         }
-        assert_eq!(malformed_sender(PathError::NoDomain).reply.code, 553);
-        assert!(malformed_sender(PathError::NoDomain).ban.is_none());
-    }
-
-    #[test]
-    fn rcpt_rules() {
-        let d = dir();
-        let cfg = PolicyConfig::default();
-        let cases = [
-            ("<>", "<alice@example.test>", 250, None),
-            ("<>", "<Postmaster>", 250, None),
-            ("<x@y.test>", "<postmaster@example.test>", 250, None),
-            ("<x@y.test>", "<abuse@example.test>", 250, None),
-            ("<>", "<nobody@example.test>", 550, None),
-            ("<x@y.test>", "<nobody@example.test>", 550, Some(BanReason::UnknownRecipient)),
-            ("<x@y.test>", "<bob@elsewhere.test>", 554, None),
-            ("<x@y.test>", "<bob@[192.0.2.1]>", 554, None),
-        ];
-        for (from, to, code, ban) in cases {
-            let v = rcpt_to(&d, &cfg, &rp(from), &fp(to), 0);
-            assert_eq!((v.reply.code, v.ban.map(|b| b.reason)), (code, ban), "{from} {to}");
+        if self.first.len() >= self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.first.remove(&old);
         }
-        let mut no_abuse = Directory::new([Domain::parse("example.test").unwrap()], false);
-        assert_eq!(rcpt_to(&no_abuse, &cfg, &rp("<>"), &fp("<abuse@example.test>"), 0).reply.code, 550);
-        assert!(no_abuse.add_list("alice@example.test\n").is_empty());
-        for (to, want) in [
-            ("<Postmaster>", true),
-            ("<POSTMASTER@Example.Test>", true),
-            ("<abuse@example.test>", true),
-            ("<alice@example.test>", false),
-            ("<postmaster@elsewhere.test>", false),
-        ] {
-            assert_eq!(always_accepted(&d, &fp(to)), want, "{to}");
+        self.first.insert(key.clone(), now);
+        self.order.push_back(key);
+        Duration::ZERO
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.first.len()
+    }
+
+    /// `true` when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        // Entries are never refreshed, so insertion order is age order.
+        while let Some(key) = self.order.front() {
+            match self.first.get(key) {
+                Some(t) if now.saturating_duration_since(*t) < self.keep => break,
+                _ => {
+                    let key = self.order.pop_front().expect("front exists");
+                    self.first.remove(&key);
+                }
+            }
         }
-        assert!(!always_accepted(&no_abuse, &fp("<abuse@example.test>")));
-    }
-
-    #[test]
-    fn b4_threshold() {
-        let d = dir();
-        let cfg = PolicyConfig { b4_threshold: 3, ..Default::default() };
-        let from = rp("<x@y.test>");
-        let to = fp("<nobody@example.test>");
-        assert!(rcpt_to(&d, &cfg, &from, &to, 0).ban.is_none());
-        assert!(rcpt_to(&d, &cfg, &from, &to, 1).ban.is_none());
-        assert!(rcpt_to(&d, &cfg, &from, &to, 2).ban.is_some());
-    }
-
-    #[test]
-    fn user_list_reports_every_problem() {
-        let mut d = dir();
-        let errors = d.add_list("# staff\nbob@example.test\n\ncarol\nx@other.test\ndave@example.test # ok\n");
-        assert_eq!(errors.len(), 2);
-        assert!(matches!(errors[0], DirectoryError::BadAddress { line: 4, .. }));
-        assert!(matches!(errors[1], DirectoryError::NotLocal { line: 5, .. }));
-        assert!(d.exists(&Mailbox::parse("Dave@example.test").unwrap()));
-    }
-
-    #[test]
-    fn offence_counter_window_and_capacity() {
-        let t0 = Instant::now();
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let mut c = OffenceCounter::new(Duration::from_secs(3600), 2);
-        c.record(t0, a);
-        c.record(t0 + Duration::from_secs(10), a);
-        assert_eq!(c.count(t0 + Duration::from_secs(20), a), 2);
-        assert_eq!(c.count(t0 + Duration::from_secs(3605), a), 1);
-        c.record(t0 + Duration::from_secs(30), "192.0.2.2".parse().unwrap());
-        c.record(t0 + Duration::from_secs(40), "192.0.2.3".parse().unwrap());
-        assert_eq!(c.len(), 2);
-        assert_eq!(c.count(t0 + Duration::from_secs(50), a), 0);
-        c.record(t0 + Duration::from_secs(7300), a);
-        assert_eq!(c.len(), 1);
     }
 }
+
+#[cfg(test)]
+mod tests;

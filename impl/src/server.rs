@@ -4,6 +4,13 @@
 //!
 //! Generic over its [`Listener`] and built from trait objects for the other edges, so the same
 //! code serves real TCP in production and turmoil sockets in the simulation.
+//!
+//! Addresses are canonical before any comparison (an IPv4 client seen as `::ffff:a.b.c.d` on
+//! a `[::]` listener is IPv4), and every per-client count (sessions, B4 offences and probes,
+//! C1's unknown senders) is keyed like the bans: the IPv4 address, the IPv6 network of the
+//! gate's `ipv6_prefix`. A PROXY `UNKNOWN` / v2 `LOCAL` connection (a health check) names no
+//! client: it gets a greeting and no rule, and is neither gated, counted nor banned as the
+//! proxy.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,16 +18,17 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::ban::Net;
 use crate::edges::{BanOrder, BanSink, Clock, Downstream, Listener, Observer, Scanner, SystemClock, Verifier};
 use crate::gate::{Gate, GateConfig, GateDecision};
-use crate::policy::{Directory, OffenceCounter, ScanOutcome, Verification};
+use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
 use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Refusal, Session, SessionConfig};
 
@@ -35,7 +43,7 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Enforce G1 in process (embedded default). Off when the kernel gates connections.
     pub in_process_rate: bool,
-    /// Peers whose PROXY protocol header is honoured.
+    /// Peers whose PROXY protocol header is honoured; never banned.
     pub proxy_trusted: Vec<IpAddr>,
 }
 
@@ -123,12 +131,24 @@ impl ServerBuilder {
     /// The server, ready to [`Server::run`].
     pub fn build(self) -> Server {
         let origin = self.clock.now();
-        let b4_window = self.session.policy.b4_window;
+        let policy = &self.session.policy;
+        let tallies = Tallies {
+            offences: OffenceCounter::new(policy.b4_window, TALLY_KEYS_MAX),
+            probes: OffenceCounter::new(policy.b4_window, TALLY_KEYS_MAX),
+            unknown_senders: UnknownSenders::new(
+                policy.unknown_sender_tempfail_max + UNKNOWN_SENDER_KEEP,
+                TALLY_KEYS_MAX,
+            ),
+        };
+        let mut limits = self.limits;
+        for p in &mut limits.proxy_trusted {
+            *p = p.to_canonical();
+        }
         Server {
             shared: Arc::new(Shared {
                 gate: Mutex::new(Gate::new(self.gate.clone(), origin)),
                 gate_config: self.gate,
-                offences: Mutex::new(OffenceCounter::new(b4_window, 100_000)),
+                tallies: Mutex::new(tallies),
                 active: Mutex::new(HashMap::new()),
                 total: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
@@ -137,7 +157,7 @@ impl ServerBuilder {
                 directory: self.directory,
                 downstream: self.downstream,
                 clock: self.clock,
-                limits: self.limits,
+                limits,
                 verifier: self.verifier,
                 scanner: self.scanner,
                 ban_sink: self.ban_sink,
@@ -161,16 +181,44 @@ struct Shared {
     clock: Arc<dyn Clock>,
     gate_config: GateConfig,
     gate: Mutex<Gate>,
-    offences: Mutex<OffenceCounter>,
+    tallies: Mutex<Tallies>,
     limits: Limits,
     verifier: Option<Arc<dyn Verifier>>,
     scanner: Option<Arc<dyn Scanner>>,
     ban_sink: Option<Arc<dyn BanSink>>,
     observer: Option<Arc<dyn Observer>>,
+    /// Sessions per client key.
     active: Mutex<HashMap<IpAddr, usize>>,
     total: AtomicUsize,
     next_id: AtomicU64,
     stats: Stats,
+}
+
+/// Keys each per-client table holds at most (the least recently seen go first).
+const TALLY_KEYS_MAX: usize = 100_000;
+
+/// How long past `unknown_sender_tempfail_max` a first attempt is remembered: as long as an
+/// honest queue retries (5 days), so that its retries after the window are recognised.
+const UNKNOWN_SENDER_KEEP: Duration = Duration::from_secs(5 * 86_400);
+
+/// The per-client memory of the rules, keyed like the bans.
+#[derive(Debug)]
+struct Tallies {
+    /// B4: counted unknown recipients.
+    offences: OffenceCounter,
+    /// B4: probe-shaped sessions, not counted unless repeated.
+    probes: OffenceCounter,
+    /// C1: first attempts of (client network, sender) with an unknown result.
+    unknown_senders: UnknownSenders,
+}
+
+/// Who a connection is from, once the PROXY header (if any) is read.
+#[derive(Debug, Clone, Copy)]
+enum Peer {
+    /// A client address: the rules apply.
+    Client(IpAddr),
+    /// PROXY `UNKNOWN` / v2 `LOCAL` from a trusted proxy at this address (a health check).
+    Unidentified(IpAddr),
 }
 
 impl Server {
@@ -277,32 +325,51 @@ impl crate::ban::BanMirror for Server {
 /// Releases a session slot when the connection ends.
 struct Slot<'a> {
     shared: &'a Shared,
-    addr: IpAddr,
+    /// The client key counted, if any (not for an unidentified connection).
+    key: Option<IpAddr>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.shared.total.fetch_sub(1, Ordering::Relaxed);
+        let Some(key) = self.key else { return };
         let mut active = self.shared.active.lock().expect("active lock");
-        if let Some(n) = active.get_mut(&self.addr) {
+        if let Some(n) = active.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
-                active.remove(&self.addr);
+                active.remove(&key);
             }
         }
     }
 }
 
 impl Shared {
-    fn take_slot(&self, addr: IpAddr) -> Option<Slot<'_>> {
+    /// The key of every per-client count: what a ban of `addr` covers (the IPv4 address, or
+    /// the IPv6 network of the gate's prefix).
+    fn client_key(&self, addr: IpAddr) -> IpAddr {
+        Net::ban_key(addr, self.gate_config.ipv6_prefix).addr()
+    }
+
+    /// A session slot: overall, and per client key unless `key` is `None`.
+    fn take_slot(&self, key: Option<IpAddr>) -> Option<Slot<'_>> {
         let mut active = self.active.lock().expect("active lock");
-        let n = active.get(&addr).copied().unwrap_or(0);
-        if n >= self.limits.max_sessions_per_ip || self.total.load(Ordering::Relaxed) >= self.limits.max_sessions {
+        if self.total.load(Ordering::Relaxed) >= self.limits.max_sessions {
             return None;
         }
-        active.insert(addr, n + 1);
+        if let Some(key) = key {
+            let n = active.get(&key).copied().unwrap_or(0);
+            if n >= self.limits.max_sessions_per_ip {
+                return None;
+            }
+            active.insert(key, n + 1);
+        }
         self.total.fetch_add(1, Ordering::Relaxed);
-        Some(Slot { shared: self, addr })
+        Some(Slot { shared: self, key })
+    }
+
+    /// Trusted proxies and (through the ban sink) allowlisted networks are never banned.
+    fn exempt(&self, addr: IpAddr) -> bool {
+        self.limits.proxy_trusted.contains(&addr) || self.ban_sink.as_ref().is_some_and(|s| s.exempt(addr))
     }
 
     async fn connection<S>(self: Arc<Self>, mut stream: S, peer: SocketAddr, stop: watch::Receiver<bool>)
@@ -311,50 +378,37 @@ impl Shared {
     {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let addr = if self.limits.proxy_trusted.contains(&peer.ip()) {
+        let peer_ip = peer.ip().to_canonical();
+        let from = if self.limits.proxy_trusted.contains(&peer_ip) {
             match read_proxy_header(&mut stream, self.session.command_timeout).await {
-                Ok(Some(source)) => source.ip(),
-                Ok(None) => peer.ip(),
+                Ok(Some(source)) => Peer::Client(source.ip().to_canonical()),
+                Ok(None) => Peer::Unidentified(peer_ip),
                 Err(e) => {
                     tracing::warn!(peer = %peer, error = %e, "bad PROXY header; closing");
                     return;
                 }
             }
         } else {
-            peer.ip()
+            Peer::Client(peer_ip)
+        };
+        let addr = match from {
+            Peer::Client(a) | Peer::Unidentified(a) => a,
         };
         let span = tracing::info_span!("conn", id, peer = %addr);
-        self.clone().serve(stream, addr, id, stop).instrument(span).await;
+        self.clone().serve(stream, from, id, stop).instrument(span).await;
     }
 
-    async fn serve<S>(self: Arc<Self>, mut stream: S, addr: IpAddr, id: u64, mut stop: watch::Receiver<bool>)
+    async fn serve<S>(self: Arc<Self>, mut stream: S, from: Peer, id: u64, mut stop: watch::Receiver<bool>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let now = self.clock.now();
-        let decision = self.gate.lock().expect("gate lock").check(now, addr);
-        let unknown_before = self.offences.lock().expect("offences lock").count(now, addr);
-        let client = ClientInfo { id, addr, unknown_before };
-        let (cfg, dir) = (self.session.clone(), self.directory.clone());
-        let slot = self.take_slot(addr);
-        let refusal = match decision {
-            GateDecision::DropBanned => Some(Refusal::Banned),
-            GateDecision::DropRate if self.limits.in_process_rate => Some(Refusal::RateLimited),
-            _ if slot.is_none() => Some(Refusal::Busy),
-            _ => None,
+        let (addr, key) = match from {
+            Peer::Client(addr) => (addr, Some(self.client_key(addr))),
+            Peer::Unidentified(addr) => (addr, None),
         };
-        let mut session = match refusal {
-            Some(why) => {
-                let counter = match why {
-                    Refusal::Banned => &self.stats.refused_banned,
-                    Refusal::RateLimited => &self.stats.refused_rate,
-                    Refusal::Busy => &self.stats.refused_busy,
-                };
-                counter.fetch_add(1, Ordering::Relaxed);
-                Session::refused(now, cfg, dir, client, why)
-            }
-            None => Session::new(now, cfg, dir, client),
-        };
+        let slot = self.take_slot(key);
+        let mut session = self.open_session(now, id, addr, key, slot.is_some());
         let mut buf = [0u8; 1024];
         let mut out = Vec::with_capacity(512);
         loop {
@@ -390,15 +444,72 @@ impl Shared {
                 () = sleep_until_opt(deadline) => session.handle_timeout(self.clock.now()),
             }
         }
-        let unknown = session.unknown_rcpts();
-        if unknown > 0 {
-            let mut offences = self.offences.lock().expect("offences lock");
-            let now = self.clock.now();
-            for _ in 0..unknown {
-                offences.record(now, addr);
-            }
+        if let Some(key) = key {
+            self.record_b4(&session, key);
         }
         drop(slot);
+    }
+
+    /// The session for a new connection: refused by the gate (G2, G1) or for lack of a slot;
+    /// greeting-only for a connection without a client address; else a fresh one that knows
+    /// the client's B4 record and whether it may be banned.
+    fn open_session(&self, now: Instant, id: u64, addr: IpAddr, key: Option<IpAddr>, has_slot: bool) -> Session {
+        let (cfg, dir) = (self.session.clone(), self.directory.clone());
+        let Some(key) = key else {
+            if !has_slot {
+                self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                return Session::refused(now, cfg, dir, ClientInfo::new(id, addr), Refusal::Busy);
+            }
+            tracing::debug!("PROXY UNKNOWN/LOCAL: no client address; greeting only");
+            return Session::unidentified(now, cfg, dir, ClientInfo { exempt: true, ..ClientInfo::new(id, addr) });
+        };
+        let decision = self.gate.lock().expect("gate lock").check(now, addr);
+        let client = {
+            let t = self.tallies.lock().expect("tallies lock");
+            ClientInfo {
+                unknown_before: t.offences.count(now, key),
+                probes_before: t.probes.count(now, key),
+                exempt: self.exempt(addr),
+                ..ClientInfo::new(id, addr)
+            }
+        };
+        let refusal = match decision {
+            GateDecision::DropBanned => Some(Refusal::Banned),
+            GateDecision::DropRate if self.limits.in_process_rate => Some(Refusal::RateLimited),
+            _ if !has_slot => Some(Refusal::Busy),
+            _ => None,
+        };
+        match refusal {
+            Some(why) => {
+                let counter = match why {
+                    Refusal::Banned => &self.stats.refused_banned,
+                    Refusal::RateLimited => &self.stats.refused_rate,
+                    Refusal::Busy => &self.stats.refused_busy,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Session::refused(now, cfg, dir, client, why)
+            }
+            None => Session::new(now, cfg, dir, client),
+        }
+    }
+
+    /// Remembers, under the client key, what the ended session did towards B4: a
+    /// probe-shaped session as a probe (it counts only if repeated), otherwise each unknown
+    /// recipient.
+    fn record_b4(&self, session: &Session, key: IpAddr) {
+        let tally = session.b4_tally();
+        if tally.session == 0 {
+            return;
+        }
+        let now = self.clock.now();
+        let mut t = self.tallies.lock().expect("tallies lock");
+        if tally.is_probe() {
+            t.probes.record(now, key);
+        } else {
+            for _ in 0..tally.session {
+                t.offences.record(now, key);
+            }
+        }
     }
 
     /// Carries out every pending action; returns `true` once the session asked to close.
@@ -407,6 +518,11 @@ impl Shared {
         while let Some(action) = session.poll_action() {
             match action {
                 Action::Ban { addr, session: sid, request } => {
+                    if self.limits.proxy_trusted.contains(&addr) {
+                        // Sessions of trusted peers are exempt and never ask; guard anyway.
+                        tracing::warn!(client = %addr, ban = request.reason.as_str(), "trusted proxy: not banned");
+                        continue;
+                    }
                     let duration = self.gate_config.ban_time;
                     self.gate.lock().expect("gate lock").ban(self.clock.now(), addr, duration);
                     self.stats.bans.fetch_add(1, Ordering::Relaxed);
@@ -423,7 +539,18 @@ impl Shared {
                         None => Verification::Unknown { evidence: "no verifier configured".into() },
                     };
                     tracing::info!(sender = %sender, ?result, "callback");
-                    session.handle_verified(self.clock.now(), result);
+                    let now = self.clock.now();
+                    // C1: an unknown sender is tempfailed only for a while after this client
+                    // network's first attempt with it.
+                    let waited = match &result {
+                        Verification::Unknown { .. } if self.session.on_unknown == OnUnknown::Tempfail => {
+                            let key = self.client_key(addr);
+                            let mut t = self.tallies.lock().expect("tallies lock");
+                            t.unknown_senders.waited(now, key, &sender.to_string())
+                        }
+                        _ => Duration::ZERO,
+                    };
+                    session.handle_verified(now, result, waited);
                 }
                 Action::Scan { message } => {
                     let outcome = match &self.scanner {

@@ -12,6 +12,13 @@
 //! 3. While [`Session::wants_input`] is `false` (a probe, scan or delivery is pending), stop
 //!    reading from the socket: pipelined input waits in the kernel, not in memory.
 //! 4. Stop after [`Action::Close`].
+//! 5. When the session is over, record its [`Session::b4_tally`] (a probe-shaped session, or
+//!    its counted unknown recipients) under the client's ban key; the next session of that
+//!    client gets the counts in its [`ClientInfo`].
+//!
+//! A ban ends the session that earned it: the reply that carries it is followed by
+//! `421 4.7.0` and [`Action::Close`], so a banned client cannot go on (RCPT to real users,
+//! DATA) in the same session.
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
@@ -21,8 +28,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::policy::{
-    self, BanReason, BanRequest, Directory, OnScanFailure, OnUnknown, PolicyConfig, Rule, ScanOutcome, Verdict,
-    Verification,
+    self, B4Tally, BanReason, BanRequest, Directory, OnScanFailure, OnUnknown, PolicyConfig, Rule, ScanOutcome,
+    Verdict, Verification,
 };
 use crate::proto::{
     Command, CommandError, DataEvent, DataReceiver, ForwardPath, LineEvent, LineReceiver, Mailbox, Reply, ReversePath,
@@ -83,11 +90,23 @@ impl Default for SessionConfig {
 pub struct ClientInfo {
     /// Session id, unique per server run; it appears in logs, bans and queue ids.
     pub id: u64,
-    /// The client's address (after PROXY protocol, if any).
+    /// The client's address (after PROXY protocol, if any; IPv4-mapped IPv6 as IPv4).
     pub addr: IpAddr,
-    /// Unknown recipients with a non-null sender this address gave within the B4 window
-    /// before this session.
+    /// Counted unknown recipients with a non-null sender this client (its ban key) gave
+    /// within the B4 window before this session.
     pub unknown_before: u32,
+    /// Probe-shaped sessions of this client within the B4 window before this one.
+    pub probes_before: u32,
+    /// Never banned (an allowlisted network, a trusted PROXY peer): its verdicts are given,
+    /// but no ban is requested and the session is not ended for one.
+    pub exempt: bool,
+}
+
+impl ClientInfo {
+    /// A client with no history that may be banned.
+    pub fn new(id: u64, addr: IpAddr) -> Self {
+        ClientInfo { id, addr, unknown_before: 0, probes_before: 0, exempt: false }
+    }
 }
 
 /// Why the gate refused a connection before SMTP began.
@@ -261,7 +280,11 @@ pub struct Session {
     had_5xx: bool,
     /// The client closed its side while an action was pending.
     eof: bool,
-    unknown_rcpts: u32,
+    /// B4: the client's record before this session, and this session's unknown recipients.
+    b4: B4Tally,
+    /// No client address (PROXY `UNKNOWN` / v2 `LOCAL`, a health check): greeting, EHLO,
+    /// NOOP, RSET and QUIT only; no transaction, so no rule ever applies.
+    unidentified: bool,
     started: Instant,
     last_input: Instant,
     transactions: u64,
@@ -273,6 +296,15 @@ impl Session {
         let greeting = Reply::greeting(&cfg.hostname);
         let mut s = Session::blank(now, cfg, dir, client, State::Connected);
         s.replies.push_back(greeting);
+        s
+    }
+
+    /// A session for a connection without a client address (PROXY `UNKNOWN` or v2 `LOCAL`,
+    /// as load balancers send for health checks): 220, and EHLO, HELO, NOOP, RSET and QUIT
+    /// answered; MAIL gets 451 4.3.2, since no rule can judge a client it cannot name.
+    pub fn unidentified(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo) -> Self {
+        let mut s = Session::new(now, cfg, dir, client);
+        s.unidentified = true;
         s
     }
 
@@ -304,6 +336,7 @@ impl Session {
     }
 
     fn blank(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo, state: State) -> Self {
+        let b4 = B4Tally { earlier: client.unknown_before, earlier_probes: client.probes_before, ..B4Tally::default() };
         Session {
             cfg,
             dir,
@@ -318,7 +351,8 @@ impl Session {
             errors: 0,
             had_5xx: false,
             eof: false,
-            unknown_rcpts: 0,
+            b4,
+            unidentified: false,
             started: now,
             last_input: now,
             transactions: 0,
@@ -346,19 +380,23 @@ impl Session {
         }
     }
 
-    /// The result of a callback probe requested with [`Action::Verify`].
-    pub fn handle_verified(&mut self, now: Instant, result: Verification) {
+    /// The result of a callback probe requested with [`Action::Verify`]. `waited` is, for an
+    /// unknown result, how long ago this client's network first tried this sender with an
+    /// unknown result (zero the first time; the driver keeps that table, see
+    /// [`policy::UnknownSenders`]); it is ignored for the other results.
+    pub fn handle_verified(&mut self, now: Instant, result: Verification, waited: Duration) {
         if !matches!(self.state, State::Waiting(_, Pending::Verify { .. })) {
             return; // spurious: nothing was asked
         }
         let State::Waiting(mut tx, Pending::Verify { rcpt }) = std::mem::replace(&mut self.state, State::Closed) else {
             unreachable!()
         };
-        let verdict = policy::verified(&result, self.cfg.on_unknown, &tx.from);
+        let verdict = policy::verified(&result, self.cfg.on_unknown, &self.cfg.policy, waited, &tx.from);
         let evidence = match &result {
-            Verification::Valid { evidence }
-            | Verification::Invalid { evidence }
-            | Verification::Unknown { evidence } => evidence.clone(),
+            Verification::Unknown { evidence } if verdict.reply.is_positive() => {
+                format!("{evidence}; unverifiable for {} s: accepted", waited.as_secs())
+            }
+            other => other.evidence().to_string(),
         };
         tx.sender = if verdict.reply.is_positive() {
             tx.rcpts.push(rcpt);
@@ -385,7 +423,7 @@ impl Session {
             ScanOutcome::Infected { signature } => signature.clone(),
             ScanOutcome::Failed { reason } => reason.clone(),
         };
-        match policy::scanned(&outcome, self.cfg.on_scan_failure) {
+        match policy::scanned(&self.dir, &outcome, self.cfg.on_scan_failure, &tx.from, &tx.rcpts) {
             Some(verdict) => {
                 self.state = State::Ready;
                 self.verdict_reply_with("DATA", verdict, detail);
@@ -480,7 +518,13 @@ impl Session {
 
     /// Unknown recipients with a non-null sender in this session (B4 counting).
     pub fn unknown_rcpts(&self) -> u32 {
-        self.unknown_rcpts
+        self.b4.session
+    }
+
+    /// The B4 record: once the session is over, [`B4Tally::is_probe`] says it was
+    /// probe-shaped (remember it as a probe), otherwise `session` unknown recipients count.
+    pub fn b4_tally(&self) -> B4Tally {
+        self.b4
     }
 
     /// The client.
@@ -605,6 +649,9 @@ impl Session {
         if !matches!(self.state, State::Ready) {
             return self.mail_sequence_error();
         }
+        if self.unidentified {
+            return self.reply_error(Reply::no_client_address());
+        }
         if size.is_some_and(|s| s > self.cfg.size_max) {
             return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply: Reply::too_big(), ban: None });
         }
@@ -627,15 +674,9 @@ impl Session {
             // RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in another transaction.
             return self.reply_error(Reply::too_many_recipients());
         }
-        let verdict = policy::rcpt_to(
-            &self.dir,
-            &self.cfg.policy,
-            &tx.from,
-            &to,
-            self.client.unknown_before + self.unknown_rcpts,
-        );
-        if verdict.reply.code == 550 && !tx.from.is_null() {
-            self.unknown_rcpts += 1;
+        let verdict = policy::rcpt_to(&self.dir, &self.cfg.policy, &tx.from, &to, &self.b4);
+        if policy::is_b4_unknown(&tx.from, &verdict) {
+            self.b4.session += 1;
         }
         if !verdict.reply.is_positive() {
             return self.verdict_reply("RCPT", verdict);
@@ -665,6 +706,23 @@ impl Session {
     }
 
     fn data(&mut self) {
+        if self.b4.session > 0 && !self.b4.data {
+            // E2: DATA after an unknown recipient: no longer probe-shaped (a probe never sends
+            // DATA), so a deferred unknown recipient counts now.
+            let decided = (self.b4.is_probe() && !self.client.exempt).then(|| {
+                let from = match &self.state {
+                    State::Mail(tx) => format!("MAIL FROM:{} ", tx.from),
+                    _ => String::new(),
+                };
+                policy::data_after_unknown(&self.cfg.policy, &self.b4, || {
+                    format!("{from}DATA after an unknown recipient")
+                })
+            });
+            self.b4.data = true;
+            if let Some(Some(verdict)) = decided {
+                return self.verdict_reply("DATA", verdict);
+            }
+        }
         match &self.state {
             State::Mail(tx) if !tx.rcpts.is_empty() => {}
             State::Mail(_) => {
@@ -719,10 +777,17 @@ impl Session {
         self.verdict_reply_with(command, verdict, detail);
     }
 
-    /// The one place where a verdict becomes a reply (plus its ban and event).
-    fn verdict_reply_with(&mut self, command: &'static str, verdict: Verdict, detail: String) {
-        let Verdict { rule, reply, ban } = verdict;
+    /// The one place where a verdict becomes a reply (plus its ban and event). A ban ends
+    /// the session: after its reply, 421 4.7.0 and close.
+    fn verdict_reply_with(&mut self, command: &'static str, verdict: Verdict, mut detail: String) {
+        let Verdict { rule, reply, mut ban } = verdict;
+        if self.client.exempt
+            && let Some(b) = ban.take()
+        {
+            detail = format!("not banned ({} exempt: allowlisted or trusted proxy): {}", b.reason, b.evidence);
+        }
         self.events.push_back(Event { rule, command, code: reply.code, ban: ban.as_ref().map(|b| b.reason), detail });
+        let banned = ban.is_some();
         if let Some(request) = ban {
             self.actions.push_back(Action::Ban { addr: self.client.addr, session: self.client.id, request });
         }
@@ -730,6 +795,10 @@ impl Session {
             self.replies.push_back(reply);
         } else {
             self.reply_error(reply);
+        }
+        if banned && !self.is_closed() {
+            self.replies.push_back(Reply::banned_closing(&self.cfg.hostname));
+            self.close();
         }
     }
 

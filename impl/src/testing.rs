@@ -87,7 +87,7 @@ pub fn session_config() -> SessionConfig {
 /// [`CLIENT`] in session [`SESSION_ID`], with `unknown_before` unknown recipients already
 /// counted against it (B4).
 pub fn client(unknown_before: u32) -> ClientInfo {
-    ClientInfo { id: SESSION_ID, addr: CLIENT, unknown_before }
+    ClientInfo { unknown_before, ..ClientInfo::new(SESSION_ID, CLIENT) }
 }
 
 /// The instant base: the same `Instant` for the whole process. Tests give times as offsets
@@ -232,7 +232,7 @@ impl Driver {
             match &action {
                 Action::Verify { .. } => {
                     if let Some(result) = pick(&self.answers.verify, &mut self.verifies) {
-                        self.session.handle_verified(self.now, result.clone());
+                        self.session.handle_verified(self.now, result.clone(), Duration::ZERO);
                     }
                 }
                 Action::Scan { .. } => {

@@ -1,6 +1,6 @@
 //! Callback verification (C1) with real parts on loopback: a hickory-server DNS server (UDP and
-//! TCP) with an in-memory zone, small SMTP servers that answer 250, 550, 451, policy 5xx,
-//! refuse EHLO, accept everything or never answer, and the real gatekeeper server.
+//! TCP) with an in-memory zone, small SMTP servers that answer 250, 550, 451, policy 5xx, a
+//! bare 550, refuse EHLO, accept everything or never answer, and the real gatekeeper server.
 //!
 //! Each test owns a block `127.<net>.0.0/24`; its SMTP servers share one port on several
 //! loopback addresses, because the probe connects to every MX on the configured port.
@@ -46,6 +46,8 @@ enum Behaviour {
     NoEhlo,
     /// 550 5.7.1 to every RCPT: a policy block of us, not a verdict on the sender.
     Policy,
+    /// A bare `550` without an enhanced code to every RCPT: no evidence either way.
+    Bare,
 }
 
 const USERS: u8 = 10;
@@ -54,18 +56,20 @@ const SILENT: u8 = 12;
 const ACCEPT_ALL: u8 = 13;
 const NO_EHLO: u8 = 14;
 const POLICY: u8 = 15;
+const BARE: u8 = 17;
 /// Nothing listens here: connection refused.
 const REFUSED: u8 = 16;
 /// The gatekeeper itself, as the MX of `example.test`.
 const GATEKEEPER: u8 = 20;
 
-const MX_HOSTS: [(u8, Behaviour); 6] = [
+const MX_HOSTS: [(u8, Behaviour); 7] = [
     (USERS, Behaviour::Users),
     (TEMPFAIL, Behaviour::Tempfail),
     (SILENT, Behaviour::Silent),
     (ACCEPT_ALL, Behaviour::AcceptAll),
     (NO_EHLO, Behaviour::NoEhlo),
     (POLICY, Behaviour::Policy),
+    (BARE, Behaviour::Bare),
 ];
 
 /// Every line each MX host received, with `CONNECT` for each connection.
@@ -211,6 +215,7 @@ async fn smtp_session(stream: TcpStream, host: u8, behaviour: Behaviour, log: Lo
                 Behaviour::Tempfail => "451 4.7.1 Greylisted, try again later",
                 Behaviour::AcceptAll => "250 2.1.5 Ok",
                 Behaviour::Policy => "550 5.7.1 Client host rejected: listed at a blocklist",
+                Behaviour::Bare => "550 User unknown",
                 _ if local == "ALICE" || local == "BOB" => "250 2.1.5 Ok",
                 _ => "550 5.1.1 User unknown",
             }
@@ -254,6 +259,7 @@ fn zone(net: u8) -> InMemoryZoneHandler<TokioRuntimeProvider> {
         ("acceptall", ACCEPT_ALL),
         ("helo", NO_EHLO),
         ("policy", POLICY),
+        ("bare", BARE),
         ("refused", REFUSED),
         ("gk", GATEKEEPER),
     ] {
@@ -337,16 +343,21 @@ fn mailbox(s: &str) -> Mailbox {
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
     Valid,
+    AcceptAll,
     Invalid,
+    Undeliverable,
     Unknown,
 }
 
 fn kind(v: &Verification) -> (Kind, &str) {
-    match v {
-        Verification::Valid { evidence } => (Kind::Valid, evidence),
-        Verification::Invalid { evidence } => (Kind::Invalid, evidence),
-        Verification::Unknown { evidence } => (Kind::Unknown, evidence),
-    }
+    let k = match v {
+        Verification::Valid { .. } => Kind::Valid,
+        Verification::AcceptAll { .. } => Kind::AcceptAll,
+        Verification::Invalid { .. } => Kind::Invalid,
+        Verification::Undeliverable { .. } => Kind::Undeliverable,
+        Verification::Unknown { .. } => Kind::Unknown,
+    };
+    (k, v.evidence())
 }
 
 fn assert_result(v: &Verification, expected: Kind, evidence: &str) {
@@ -422,14 +433,15 @@ async fn every_outcome_with_its_evidence() {
         ("someone@silent.test", Kind::Unknown, "greeting: timed out"),
         ("alice@fallback.test", Kind::Valid, "mx-users.test["),
         ("alice@refused.test", Kind::Valid, "mx-users.test["),
-        ("someone@acceptall.test", Kind::Unknown, "accept-all"),
+        ("someone@acceptall.test", Kind::AcceptAll, "accept-all"),
         ("alice@helo.test", Kind::Valid, "250 2.1.5"),
         ("nobody@helo.test", Kind::Invalid, "550 5.1.1"),
         ("someone@policy.test", Kind::Unknown, "550 5.7.1"),
+        ("nobody@bare.test", Kind::Unknown, "550 User unknown"),
         ("alice@implicit.test", Kind::Valid, "implicit.test["),
         ("someone@nullmx.test", Kind::Invalid, "null MX"),
-        ("someone@nomail.test", Kind::Invalid, "neither MX nor A/AAAA"),
-        ("someone@missing.test", Kind::Invalid, "NXDOMAIN"),
+        ("someone@nomail.test", Kind::Undeliverable, "neither MX nor A/AAAA"),
+        ("someone@missing.test", Kind::Undeliverable, "NXDOMAIN"),
     ] {
         let t = Instant::now();
         let result = v.verify(&mailbox(sender)).await;
@@ -450,7 +462,7 @@ async fn every_outcome_with_its_evidence() {
     // EHLO refused: HELO on a second connection.
     let helo = w.log.lines(NO_EHLO);
     assert!(helo.iter().any(|l| l.starts_with("HELO gk.example.test")), "{helo:?}");
-    assert_eq!(v.stats().probes.load(Ordering::Relaxed), 14);
+    assert_eq!(v.stats().probes.load(Ordering::Relaxed), 15);
 }
 
 #[tokio::test]
@@ -489,13 +501,13 @@ async fn cached_results_are_not_probed_again_even_after_a_restart() {
     let v = w.verifier(&config, open());
     assert_result(&v.verify(&mailbox("alice@users.test")).await, Kind::Valid, "250");
     assert_result(&v.verify(&mailbox("nobody@users.test")).await, Kind::Invalid, "550 5.1.1");
-    assert_result(&v.verify(&mailbox("x@acceptall.test")).await, Kind::Unknown, "accept-all");
+    assert_result(&v.verify(&mailbox("x@acceptall.test")).await, Kind::AcceptAll, "accept-all");
     assert_eq!(w.log.total_connections(), 3);
     // A second message: answered from the cache, no connection.
     assert_result(&v.verify(&mailbox("alice@users.test")).await, Kind::Valid, "cached: ");
     assert_result(&v.verify(&mailbox("NoBody@users.test")).await, Kind::Invalid, "cached: ");
     // Another address at an accept-all domain: the domain's flag answers.
-    assert_result(&v.verify(&mailbox("y@acceptall.test")).await, Kind::Unknown, "accepts any address");
+    assert_result(&v.verify(&mailbox("y@acceptall.test")).await, Kind::AcceptAll, "accepts any address");
     assert_eq!(w.log.total_connections(), 3);
     assert_eq!(v.stats().cache_hits.load(Ordering::Relaxed), 3);
     drop(v);
@@ -503,7 +515,7 @@ async fn cached_results_are_not_probed_again_even_after_a_restart() {
     let v = w.verifier(&config, open());
     assert_result(&v.verify(&mailbox("alice@users.test")).await, Kind::Valid, "cached: ");
     assert_result(&v.verify(&mailbox("nobody@users.test")).await, Kind::Invalid, "cached: ");
-    assert_result(&v.verify(&mailbox("z@acceptall.test")).await, Kind::Unknown, "accepts any address");
+    assert_result(&v.verify(&mailbox("z@acceptall.test")).await, Kind::AcceptAll, "accepts any address");
     assert_eq!(w.log.total_connections(), 3);
     assert_eq!(v.stats().probes.load(Ordering::Relaxed), 0);
     // The ban store shares the file: our tables are prefixed.
@@ -620,7 +632,7 @@ async fn allowlisted_local_and_literal_senders_are_never_probed() {
     assert_result(&v.verify(&mailbox("x@[127.0.0.1]")).await, Kind::Unknown, "address literal");
     assert_eq!(w.log.total_connections(), 0);
     // A suffix that is not a subdomain is not allowlisted.
-    assert_result(&v.verify(&mailbox("x@notusers.test")).await, Kind::Invalid, "NXDOMAIN");
+    assert_result(&v.verify(&mailbox("x@notusers.test")).await, Kind::Undeliverable, "NXDOMAIN");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -777,4 +789,107 @@ fn shipped_example_documents_every_callbacks_field() {
         Config::parse("[rules]\nverify_senders = true\n[callbacks]\nmax_mx = 0\nnameservers = [\"x\"]\n").unwrap();
     let err = bad.validate(None).unwrap_err().problems.join("\n");
     assert!(err.contains("callbacks.max_mx") && err.contains("callbacks.nameservers"), "{err}");
+}
+
+/// The system clock moved forward by a number of seconds, monotonic and wall alike: the
+/// server's notion of time for the unknown-sender window, without waiting 30 minutes.
+#[derive(Debug, Default)]
+struct Shifted(std::sync::atomic::AtomicU64);
+
+impl Shifted {
+    fn advance(&self, secs: u64) {
+        self.0.fetch_add(secs, Ordering::Relaxed);
+    }
+}
+
+impl Clock for Shifted {
+    fn now(&self) -> std::time::Instant {
+        SystemClock.now() + Duration::from_secs(self.0.load(Ordering::Relaxed))
+    }
+    fn wall(&self) -> std::time::SystemTime {
+        SystemClock.wall() + Duration::from_secs(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// C1 as docs/design.md §2 (rules) has it, end to end: accept-all domains are accepted; an
+/// unknown sender is tempfailed only within `unknown_sender_tempfail_max` of its first
+/// attempt and accepted on a retry after it; a bare 550 and NXDOMAIN never ban.
+#[tokio::test]
+async fn server_accepts_after_the_unknown_window_and_bans_only_on_evidence() {
+    let mut w = World::start(69).await;
+    let toml = format!("{GATEKEEPER_TOML}nameservers = [\"{}\"]\nport = {}\n", w.dns, w.port);
+    let settings = Config::parse(&toml).unwrap().validate(None).unwrap();
+    assert_eq!(settings.session.policy.unknown_sender_tempfail_max, Duration::from_secs(1800), "the default");
+    let mut config = settings.config.callbacks.clone();
+    config.command_timeout = Duration::from_millis(400);
+    config.connect_timeout = Duration::from_millis(500);
+    config.budget = Duration::from_secs(3);
+    let verifier = Arc::new(w.memory_verifier(&config).with_directory(settings.directory.clone()));
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(Shifted::default());
+    let spool = MaildirSpool::open(dir.path().join("maildir"), "mx.example.test", clock.clone(), true).unwrap();
+    let limits = Limits { in_process_rate: false, shutdown_grace: Duration::from_millis(100), ..Limits::default() };
+    let server = Server::builder(settings.session.clone(), settings.directory.clone(), Arc::new(spool))
+        .clock(clock.clone())
+        .gate(settings.config.gate.clone())
+        .limits(limits)
+        .verifier(verifier)
+        .build();
+    let listener = w.gatekeeper.take().unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = {
+        let s = server.clone();
+        tokio::spawn(async move {
+            s.run(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+        })
+    };
+    let rcpt_from = |client: Ipv4Addr, sender: &'static str| async move {
+        let mut c = Client::connect(addr, client).await;
+        c.cmd("EHLO client.test").await;
+        assert!(c.cmd(&format!("MAIL FROM:<{sender}>")).await.starts_with("250"));
+        let reply = c.cmd("RCPT TO:<alice@example.test>").await;
+        (c, reply)
+    };
+
+    // An accept-all domain: valid but unverifiable, accepted at once and delivered.
+    let (mut c, reply) = rcpt_from(w.ip(110), "anyone@acceptall.test").await;
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd("Subject: hi\r\n\r\nhello\r\n.").await.starts_with("250"));
+
+    // A bare 550 from the sender's MX is no evidence: unknown (451), never a ban.
+    let (_, reply) = rcpt_from(w.ip(111), "nobody@bare.test").await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert!(!server.is_banned(w.ip(111).into()));
+
+    // NXDOMAIN: refused, never a ban, and the session goes on.
+    let (mut c, reply) = rcpt_from(w.ip(112), "someone@missing.test").await;
+    assert!(reply.starts_with("550 5.1.7"), "{reply}");
+    assert!(!server.is_banned(w.ip(112).into()));
+    assert!(c.cmd("RCPT TO:<postmaster@example.test>").await.starts_with("250"), "not closed");
+
+    // A sender whose MX always tempfails: 451 within the window of this client's first
+    // attempt, accepted on a retry after it. Another client starts its own window.
+    let retrier = w.ip(113);
+    let (_, reply) = rcpt_from(retrier, "someone@tempfail.test").await;
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    clock.advance(29 * 60);
+    let (_, reply) = rcpt_from(retrier, "someone@tempfail.test").await;
+    assert!(reply.starts_with("451 4.4.3"), "29 minutes later: {reply}");
+    clock.advance(60);
+    let (mut c, reply) = rcpt_from(retrier, "someone@tempfail.test").await;
+    assert!(reply.starts_with("250"), "30 minutes after the first attempt: {reply}");
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd("Subject: at last\r\n\r\nhello\r\n.").await.starts_with("250"));
+    let (_, reply) = rcpt_from(w.ip(114), "someone@tempfail.test").await;
+    assert!(reply.starts_with("451 4.4.3"), "another client's first attempt: {reply}");
+    assert_eq!(server.stats().bans.load(Ordering::Relaxed), 0);
+    assert_eq!(server.stats().delivered.load(Ordering::Relaxed), 2);
+
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
 }

@@ -127,6 +127,10 @@ struct LedgerSink {
 }
 
 impl BanSink for LedgerSink {
+    fn exempt(&self, addr: IpAddr) -> bool {
+        self.manager.is_allowlisted(addr)
+    }
+
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if self.manager.is_allowlisted(order.addr) {

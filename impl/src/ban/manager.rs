@@ -188,6 +188,10 @@ impl BanManager {
 }
 
 impl BanSink for BanManager {
+    fn exempt(&self, addr: IpAddr) -> bool {
+        self.is_allowlisted(addr)
+    }
+
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let (addr, reason) = (order.addr, order.reason);

@@ -97,6 +97,13 @@ impl BanOrder {
 pub trait BanSink: Send + Sync + std::fmt::Debug {
     /// Records the ban durably; the client's reply waits for this.
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()>;
+
+    /// `true` if `addr` is never banned (its network is allowlisted): the server then asks
+    /// for no ban and does not end its sessions for one.
+    fn exempt(&self, addr: IpAddr) -> bool {
+        let _ = addr;
+        false
+    }
 }
 
 /// Sees every verdict event with its client, after it is logged.

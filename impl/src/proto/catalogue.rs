@@ -53,6 +53,17 @@ impl Reply {
         Reply::new(421, Enhanced(4, 4, 2), format!("{host} Session lifetime exceeded, closing connection"))
     }
 
+    /// 421 4.7.0 after the reply that carried a ban: a ban ends the session that earned it.
+    pub fn banned_closing(host: &str) -> Reply {
+        Reply::new(421, Enhanced(4, 7, 0), format!("{host} Your address is banned, closing connection"))
+    }
+
+    /// 421 4.7.0 to DATA after an unknown recipient, when that makes a dictionary attack (E2,
+    /// ban B4): no message is taken, the session ends (RFC 5321 §3.8).
+    pub fn unknown_recipients_closing() -> Reply {
+        Reply::new(421, Enhanced(4, 7, 0), "Unknown recipients given, closing connection")
+    }
+
     /// 421 4.7.0: the client has had as many 4xx/5xx replies as a session allows.
     pub fn too_many_errors(host: &str) -> Reply {
         Reply::new(421, Enhanced(4, 7, 0), format!("{host} Too many errors, closing connection"))
@@ -185,6 +196,12 @@ impl Reply {
         Reply::new(553, Enhanced(5, 1, 3), text)
     }
 
+    /// 451 4.3.2 to MAIL on a connection without a client address (PROXY `UNKNOWN` / v2
+    /// `LOCAL`, a health check): no rule can judge a client it cannot name, so no mail.
+    pub fn no_client_address() -> Reply {
+        Reply::new(451, Enhanced(4, 3, 2), "No client address (PROXY UNKNOWN): not accepting mail, try another server")
+    }
+
     /// 250 2.1.0: MAIL FROM accepted.
     pub fn sender_ok() -> Reply {
         Reply::new(250, Enhanced(2, 1, 0), "Sender OK")
@@ -205,7 +222,7 @@ impl Reply {
         Reply::new(250, Enhanced(2, 1, 5), "Recipient OK")
     }
 
-    /// 550 5.1.1: no such local user (E2; ban B4 for a non-null sender).
+    /// 550 5.1.1: no such local user (E2; towards ban B4 for a non-null sender).
     pub fn unknown_user() -> Reply {
         Reply::new(550, Enhanced(5, 1, 1), "No such user here")
     }
@@ -220,7 +237,8 @@ impl Reply {
         Reply::new(452, Enhanced(4, 5, 3), "Too many recipients")
     }
 
-    /// 550 5.1.7: the sender's callback proved it does not exist (C1, ban B3).
+    /// 550 5.1.7: the sender's callback proved it does not exist (C1, ban B2), or its domain
+    /// cannot receive mail (NXDOMAIN: no ban).
     pub fn sender_rejected() -> Reply {
         Reply::new(550, Enhanced(5, 1, 7), "Sender address rejected: it does not exist at its domain")
     }
@@ -240,7 +258,8 @@ impl Reply {
         Reply::plain(354, vec!["End data with <CR><LF>.<CR><LF>".into()])
     }
 
-    /// 554 5.7.1 at the end of data: the scanner found `signature` (V1, ban B2).
+    /// 554 5.7.1 at the end of data: the scanner found `signature` (V1, ban B3 unless from
+    /// `<>` or to postmaster/abuse).
     pub fn virus(signature: &str) -> Reply {
         Reply::new(554, Enhanced(5, 7, 1), format!("Message rejected: virus found ({signature})"))
     }
@@ -298,6 +317,12 @@ mod tests {
             (Reply::shutting_down(h), "421 4.3.2 mx.test Service shutting down, closing connection\r\n", any),
             (Reply::idle_timeout(h), "421 4.4.2 mx.test Timeout waiting for input, closing connection\r\n", any),
             (Reply::lifetime_exceeded(h), "421 4.4.2 mx.test Session lifetime exceeded, closing connection\r\n", any),
+            (Reply::banned_closing(h), "421 4.7.0 mx.test Your address is banned, closing connection\r\n", any),
+            (
+                Reply::unknown_recipients_closing(),
+                "421 4.7.0 Unknown recipients given, closing connection\r\n",
+                &[Data],
+            ),
             (Reply::too_many_errors(h), "421 4.7.0 mx.test Too many errors, closing connection\r\n", any),
             (Reply::bye(h), "221 2.0.0 mx.test Bye\r\n", &[Quit]),
             (
@@ -336,6 +361,11 @@ mod tests {
             (Reply::bad_recipient(PathError::NoDomain), "553 5.1.3 Recipient address must have a domain\r\n", &[Rcpt]),
             (Reply::bad_recipient(PathError::TooLong), "553 5.1.3 Recipient address too long\r\n", &[Rcpt]),
             (Reply::bad_recipient(PathError::NoBrackets), "553 5.1.3 Bad recipient address syntax\r\n", &[Rcpt]),
+            (
+                Reply::no_client_address(),
+                "451 4.3.2 No client address (PROXY UNKNOWN): not accepting mail, try another server\r\n",
+                &[Mail],
+            ),
             (Reply::sender_ok(), "250 2.1.0 Sender OK\r\n", &[Mail]),
             (Reply::forged_local_sender(), "550 5.7.1 Sender is not a user of this domain\r\n", &[Mail]),
             (Reply::too_big(), "552 5.3.4 Message size exceeds fixed maximum message size\r\n", &[Mail, EndOfData]),

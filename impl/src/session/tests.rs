@@ -3,6 +3,7 @@
 //! rule or limit it names is broken.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use crate::policy::{BanReason, OnScanFailure, OnUnknown, PolicyConfig, Rule, ScanOutcome, Verification};
@@ -59,6 +60,14 @@ fn open_with(cfg: SessionConfig, unknown_before: u32) -> T {
 /// A session of the standard configuration, greeted.
 fn open() -> T {
     open_with(session_config(), 0)
+}
+
+/// A session greeted with 220 for `client` (history, exemption) with `cfg`.
+fn open_client(cfg: SessionConfig, client: ClientInfo) -> T {
+    let session = Session::new(t0(), Arc::new(cfg), directory(), client);
+    let mut t = Driver::new(session, t0(), Answers::held());
+    assert_eq!(codes(&t.replies()), [220]);
+    t
 }
 
 /// A session past EHLO.
@@ -158,7 +167,8 @@ fn helo_is_accepted_and_opens_the_session() {
 fn enhanced_status_code_on_every_other_reply() {
     let mut cfg = session_config();
     cfg.errors_max = 100;
-    let mut t = open_with(cfg, 0);
+    // Exempt from bans, so the forged sender's 550 does not end the session.
+    let mut t = open_client(cfg, ClientInfo { exempt: true, ..client(0) });
     let script = "MAIL FROM:<>\r\nEHLO c.example.org\r\nHELO c.example.org\r\nEHLO c.example.org\r\nNOOP\r\nVRFY alice\r\n\
                   HELP\r\nEXPN x\r\nSTARTTLS\r\nFOO\r\nEHLO\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n\
                   MAIL FROM:<foo>\r\nMAIL FROM:<a@b.test> X=1\r\nMAIL FROM:<a@b.test> SIZE=999999999999\r\n\
@@ -244,21 +254,40 @@ fn e1_null_sender_accepted() {
 #[test]
 fn e1_forged_local_sender_550_and_exactly_one_ban_before_the_reply() {
     let mut t = ehlo(session_config());
-    t.session.handle_input(t.now, b"MAIL FROM:<nobody@example.test>\r\n");
+    t.session.handle_input(t.now, b"MAIL FROM:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\n");
     // Driver contract: the ban is there to be recorded when the reply is there to be written.
     let actions = t.acts();
     let replies = t.replies();
-    assert_eq!(codes(&replies), [550]);
+    // A ban ends the session that earned it: 421 after the reply, and the pipelined RCPT is
+    // never answered.
+    assert_eq!(codes(&replies), [550, 421]);
     assert_eq!(enhanced(&replies[0]), "5.7.1");
-    assert_eq!(actions, [Act::Ban(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into())]);
+    assert_eq!(enhanced(&replies[1]), "4.7.0");
+    assert_eq!(actions, [Act::Ban(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into()), Act::Close]);
     let events = t.events();
     assert_eq!(rules(&events), [(Rule::E1, 550, Some(BanReason::ForgedLocalSender))]);
     assert_eq!(events[0].command, "MAIL");
     assert!(events[0].detail.contains("MAIL FROM:<nobody@example.test>"));
     assert_eq!(events[0].verdict(), "reject");
-    // No transaction: RCPT is out of sequence, and no second ban.
-    assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), [503]);
+    assert!(t.session.is_closed());
+    assert!(t.send("RSET\r\nMAIL FROM:<>\r\n").is_empty());
     assert!(t.acts().is_empty());
+}
+
+/// An allowlisted client (or a trusted proxy) gets the same replies but no ban, and its
+/// session goes on.
+#[test]
+fn exempt_clients_get_the_verdicts_but_no_ban() {
+    let mut t = open_client(session_config(), ClientInfo { exempt: true, ..client(0) });
+    let r = t.send(
+        "EHLO c\r\nMAIL FROM:<nobody@example.test>\r\nMAIL FROM:<x@elsewhere.test>\r\n\
+         RCPT TO:<n1@example.test>\r\nRCPT TO:<n2@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(codes(&r), [250, 550, 250, 550, 550, 250, 354]);
+    assert!(t.acts().is_empty());
+    let events = t.events();
+    assert!(events.iter().all(|e| e.ban.is_none()), "{events:?}");
+    assert!(events[0].detail.starts_with("not banned (B1 exempt"), "{}", events[0].detail);
 }
 
 #[test]
@@ -332,9 +361,10 @@ fn e2_postmaster_accepted_even_from_a_fake_sender_under_c1() {
     assert!(t.acts().is_empty(), "no callback for postmaster");
     assert_eq!(t.codes("RCPT TO:<alice@example.test>\r\n"), Vec::<u16>::new());
     assert_eq!(t.acts(), [Act::Verify("fake@elsewhere.test".into())]);
-    t.session.handle_verified(t.now, Verification::Invalid { evidence: "550 no such user".into() });
+    // An undeliverable sender domain: 550 without a ban, so the session goes on.
+    t.session.handle_verified(t.now, Verification::Undeliverable { evidence: "NXDOMAIN".into() }, Duration::ZERO);
     assert_eq!(codes(&t.replies()), [550]);
-    assert_eq!(t.bans(), [BanReason::FakeSender]);
+    assert!(t.bans().is_empty());
     // Still accepted after the sender failed, and the message goes to the role addresses only.
     assert_eq!(t.codes("RCPT TO:<postmaster@example.test>\r\nDATA\r\nhi\r\n.\r\n"), [250, 354]);
     match t.acts().as_slice() {
@@ -355,19 +385,92 @@ fn e2_null_sender_to_unknown_550_no_ban() {
     assert_eq!(t.session.unknown_rcpts(), 0, "<> does not count towards B4");
 }
 
+/// E2: a session with one unknown recipient that ends without DATA is probe-shaped (Postfix
+/// verifies with `MAIL FROM:<double-bounce@…>`): 550 at once, but no ban.
 #[test]
-fn e2_unknown_recipient_from_non_null_sender_550_and_b4_ban() {
+fn e2_probe_shaped_session_550_and_no_ban() {
     let mut t = ehlo(session_config());
-    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n");
-    assert_eq!(codes(&r), [250, 550]);
+    let r = t.send("MAIL FROM:<double-bounce@remote.test>\r\nRCPT TO:<q8x7z@example.test>\r\nQUIT\r\n");
+    assert_eq!(codes(&r), [250, 550, 221]);
     assert_eq!(enhanced(&r[1]), "5.1.1");
-    let actions = t.acts();
-    assert_eq!(
-        actions,
-        [Act::Ban(BanReason::UnknownRecipient, "MAIL FROM:<x@elsewhere.test> RCPT TO:<nobody@example.test>".into())]
-    );
-    assert_eq!(rules(&t.events())[1], (Rule::E2, 550, Some(BanReason::UnknownRecipient)));
+    assert_eq!(t.acts(), [Act::Close]);
+    assert_eq!(rules(&t.events())[1], (Rule::E2, 550, None));
     assert_eq!(t.session.unknown_rcpts(), 1);
+    assert!(t.session.b4_tally().is_probe(), "the driver remembers it as a probe");
+    // The same without QUIT: the client just goes away.
+    let mut t = ehlo(session_config());
+    t.send("MAIL FROM:<double-bounce@remote.test>\r\nRCPT TO:<q8x7z@example.test>\r\n");
+    t.session.handle_eof(t.now);
+    assert_eq!(t.acts(), [Act::Close]);
+    assert!(t.session.b4_tally().is_probe());
+}
+
+/// E2: the second unknown recipient of a session is a dictionary attack: banned at once, and
+/// the ban ends the session.
+#[test]
+fn e2_second_unknown_recipient_550_b4_ban_and_421() {
+    let mut t = ehlo(session_config());
+    let r = t.send(
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<n2@example.test>\r\n\
+         RCPT TO:<alice@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(codes(&r), [250, 550, 550, 421], "nothing after the ban is answered");
+    assert_eq!(
+        t.acts(),
+        [
+            Act::Ban(
+                BanReason::UnknownRecipient,
+                "MAIL FROM:<x@elsewhere.test> RCPT TO:<n2@example.test> (unknown recipient 2 of this session, 0 before)"
+                    .into()
+            ),
+            Act::Close
+        ]
+    );
+    assert_eq!(rules(&t.events())[1..], [(Rule::E2, 550, None), (Rule::E2, 550, Some(BanReason::UnknownRecipient))]);
+    assert!(!t.session.b4_tally().is_probe());
+    assert_eq!(t.session.unknown_rcpts(), 2);
+}
+
+/// E2: a client that was probe-shaped before within the B4 window is banned at its next
+/// unknown recipient.
+#[test]
+fn e2_repeated_probe_is_banned() {
+    let mut t = open_client(session_config(), ClientInfo { probes_before: 1, ..client(0) });
+    let r = t.send("EHLO c\r\nMAIL FROM:<double-bounce@remote.test>\r\nRCPT TO:<q8x7z@example.test>\r\n");
+    assert_eq!(codes(&r), [250, 250, 550, 421]);
+    assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
+}
+
+/// E2: DATA after an unknown recipient is an attack, not a probe: banned, DATA answered 421,
+/// no message taken. Also after RSET, and without valid recipients.
+#[test]
+fn e2_data_after_an_unknown_recipient_421_and_b4_ban() {
+    for script in [
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\n",
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRSET\r\nDATA\r\n",
+    ] {
+        let mut t = ehlo(session_config());
+        let r = t.send(script);
+        assert_eq!(r.last().map(|r| (r.code, enhanced(r))), Some((421, "4.7.0".into())), "{script}");
+        assert!(!codes(&r).contains(&354), "{script}");
+        match t.acts().as_slice() {
+            [Act::Ban(BanReason::UnknownRecipient, evidence), Act::Close] => {
+                assert!(evidence.ends_with("DATA after an unknown recipient"), "{evidence}");
+            }
+            other => panic!("{script}: {other:?}"),
+        }
+        assert_eq!(t.events().last().map(|e| (e.rule, e.command, e.code)), Some((Rule::E2, "DATA", 421)));
+    }
+    // A threshold above 1: DATA counts the recipient, which is not yet enough.
+    let policy = PolicyConfig { b4_threshold: 2, ..PolicyConfig::default() };
+    let mut t = ehlo(SessionConfig { policy, ..session_config() });
+    let r = t.send(
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(codes(&r), [250, 550, 250, 354]);
+    assert!(t.acts().is_empty());
+    assert!(!t.session.b4_tally().is_probe(), "counted as an offence, not a probe");
 }
 
 #[test]
@@ -378,7 +481,7 @@ fn e2_b4_threshold_counts_this_and_previous_sessions() {
     let mut t = open_with(cfg.clone(), 0);
     t.send("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\n");
     for (i, banned) in [(1, false), (2, false), (3, true)] {
-        assert_eq!(t.codes("RCPT TO:<nobody@example.test>\r\n"), [550], "{i}");
+        assert_eq!(t.codes("RCPT TO:<nobody@example.test>\r\n")[0], 550, "{i}");
         assert_eq!(!t.bans().is_empty(), banned, "unknown recipient #{i}");
     }
     // Null-sender unknowns do not count.
@@ -389,7 +492,10 @@ fn e2_b4_threshold_counts_this_and_previous_sessions() {
     assert!(t.bans().is_empty());
     // Two before this session: the first one here is the third.
     let mut t = open_with(cfg.clone(), 2);
-    assert_eq!(t.codes("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n"), [250, 250, 550]);
+    assert_eq!(
+        t.codes("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n"),
+        [250, 250, 550, 421]
+    );
     assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
     // One before: the second here.
     let mut t = open_with(cfg, 1);
@@ -721,7 +827,7 @@ fn data_smuggling_bare_lf_dot_does_not_end_data() {
 // ---------------------------------------------------------------------------------------------
 // PIPELINING (RFC 2920)
 
-const PIPELINED: &str = "EHLO c.example.org\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n\
+const PIPELINED: &str = "EHLO c.example.org\r\nMAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\n\
                          RCPT TO:<nobody@example.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\nSubject: p\r\n\r\n\
                          ..body\r\n.\r\nNOOP\r\nQUIT\r\n";
 
@@ -742,10 +848,7 @@ fn pipelining_whole_transaction_in_one_input_answers_in_order() {
     let r = t.send(PIPELINED);
     assert_eq!(codes(&r), [250, 250, 250, 550, 250, 354], "up to the end of data, in order");
     let actions = t.acts();
-    assert!(
-        matches!(actions.as_slice(), [Act::Ban(BanReason::UnknownRecipient, _), Act::Deliver { .. }]),
-        "{actions:?}"
-    );
+    assert!(matches!(actions.as_slice(), [Act::Deliver { .. }]), "{actions:?}");
     assert!(!t.session.wants_input(), "NOOP and QUIT wait behind the delivery");
     t.session.handle_delivered(t.now, Ok("Q1".into()));
     assert_eq!(codes(&t.replies()), [250, 250, 221]);
@@ -973,7 +1076,7 @@ fn c1_first_valid_rcpt_waits_for_the_callback() {
     assert_eq!(t.acts(), [Act::Verify("Someone@elsewhere.test".into())]);
     assert!(!t.session.wants_input());
     assert_eq!(t.session.poll_timeout(), None);
-    t.session.handle_verified(t.now, Verification::Valid { evidence: "250 ok".into() });
+    t.session.handle_verified(t.now, Verification::Valid { evidence: "250 ok".into() }, Duration::ZERO);
     let r = t.replies();
     assert_eq!((r[0].code, enhanced(&r[0])), (250, "2.1.5".into()));
     assert_eq!(rules(&t.events()).last(), Some(&(Rule::C1, 250, None)));
@@ -986,7 +1089,7 @@ fn c1_first_valid_rcpt_waits_for_the_callback() {
         other => panic!("{other:?}"),
     }
     // A spurious verification result is ignored.
-    t.session.handle_verified(t.now, Verification::Invalid { evidence: "late".into() });
+    t.session.handle_verified(t.now, Verification::Invalid { evidence: "late".into() }, Duration::ZERO);
     assert!(t.replies().is_empty() && t.acts().is_empty());
 }
 
@@ -995,22 +1098,47 @@ fn c1_invalid_sender_550_and_one_ban() {
     let mut t = ehlo(c1());
     t.send("MAIL FROM:<fake@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
     assert_eq!(t.acts(), [Act::Verify("fake@elsewhere.test".into())]);
-    t.session.handle_verified(t.now, Verification::Invalid { evidence: "550 5.1.1 unknown".into() });
+    // Pipelined behind the held RCPT: never answered, the ban ends the session.
+    assert!(t.send("RCPT TO:<bob@example.test>\r\nDATA\r\n").is_empty());
+    t.session.handle_verified(t.now, Verification::Invalid { evidence: "550 5.1.1 unknown".into() }, Duration::ZERO);
     let actions = t.acts();
     let r = t.replies();
     assert_eq!((r[0].code, enhanced(&r[0])), (550, "5.1.7".into()));
+    assert_eq!(codes(&r), [550, 421]);
     match actions.as_slice() {
-        [Act::Ban(BanReason::FakeSender, evidence)] => {
+        [Act::Ban(BanReason::FakeSender, evidence), Act::Close] => {
             assert!(evidence.contains("<fake@elsewhere.test>") && evidence.contains("550 5.1.1 unknown"), "{evidence}");
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(rules(&t.events()).last(), Some(&(Rule::C1, 550, Some(BanReason::FakeSender))));
-    // Every further valid recipient is refused, with no new callback and no new ban.
+    assert_eq!(rules(&t.events()), [(Rule::E1, 250, None), (Rule::C1, 550, Some(BanReason::FakeSender))]);
+}
+
+/// C1: a sender whose domain does not exist (NXDOMAIN) is refused without a ban; every
+/// further valid recipient gets the same 550, with no new callback.
+#[test]
+fn c1_undeliverable_sender_550_without_ban() {
+    let mut t = ehlo(c1());
+    t.send("MAIL FROM:<someone@nowhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.acts();
+    t.session.handle_verified(t.now, Verification::Undeliverable { evidence: "NXDOMAIN".into() }, Duration::ZERO);
+    let r = t.replies();
+    assert_eq!((r[0].code, enhanced(&r[0])), (550, "5.1.7".into()));
     let r = t.send("RCPT TO:<bob@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
     assert_eq!(codes(&r), [550, 550, 554]);
     assert!(t.acts().is_empty());
-    assert_eq!(rules(&t.events()), [(Rule::C1, 550, None), (Rule::C1, 550, None)]);
+    assert!(t.events().iter().all(|e| e.ban.is_none()));
+}
+
+/// C1: accept-all domains are valid-but-unverifiable: accepted, never tempfailed.
+#[test]
+fn c1_accept_all_is_accepted() {
+    let mut t = ehlo(c1());
+    t.send("MAIL FROM:<anyone@acceptall.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.acts();
+    t.session.handle_verified(t.now, Verification::AcceptAll { evidence: "250 to random".into() }, Duration::ZERO);
+    assert_eq!(codes(&t.replies()), [250]);
+    assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n"), [250, 354]);
 }
 
 #[test]
@@ -1018,17 +1146,34 @@ fn c1_unknown_tempfails_and_never_bans() {
     let mut t = ehlo(c1());
     t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
     t.acts();
-    t.session.handle_verified(t.now, Verification::Unknown { evidence: "timeout".into() });
+    t.session.handle_verified(
+        t.now,
+        Verification::Unknown { evidence: "timeout".into() },
+        Duration::from_secs(29 * 60),
+    );
     let r = t.replies();
     assert_eq!((r[0].code, enhanced(&r[0])), (451, "4.4.3".into()));
     assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\n"), [451]);
     assert!(t.acts().is_empty(), "no ban, no second callback");
     assert!(t.events().iter().all(|e| e.ban.is_none()));
+    // Never forever: a retry 30 minutes after this client network's first attempt is accepted.
+    let mut t = ehlo(c1());
+    t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.acts();
+    t.session.handle_verified(
+        t.now,
+        Verification::Unknown { evidence: "timeout".into() },
+        Duration::from_secs(30 * 60),
+    );
+    assert_eq!(codes(&t.replies()), [250]);
+    let events = t.events();
+    assert!(events.last().unwrap().detail.contains("unverifiable for 1800 s: accepted"), "{events:?}");
+    assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n"), [250, 354]);
     // With `on_unknown = accept` the recipient stands.
     let mut t = ehlo(SessionConfig { on_unknown: OnUnknown::Accept, ..c1() });
     t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
     t.acts();
-    t.session.handle_verified(t.now, Verification::Unknown { evidence: "timeout".into() });
+    t.session.handle_verified(t.now, Verification::Unknown { evidence: "timeout".into() }, Duration::ZERO);
     assert_eq!(codes(&t.replies()), [250]);
     assert_eq!(t.codes("RCPT TO:<bob@example.test>\r\nDATA\r\n"), [250, 354]);
     assert!(t.acts().is_empty());
@@ -1036,7 +1181,9 @@ fn c1_unknown_tempfails_and_never_bans() {
 
 #[test]
 fn c1_pipelined_commands_are_answered_after_the_held_rcpt_in_order() {
-    let mut t = open_with(c1(), 0);
+    // B4 at 2, so that DATA after the one unknown recipient is not (yet) a ban.
+    let policy = PolicyConfig { b4_threshold: 2, ..PolicyConfig::default() };
+    let mut t = open_with(SessionConfig { policy, ..c1() }, 0);
     let r = t.send(
         "EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\n\
          RCPT TO:<bob@example.test>\r\nDATA\r\n",
@@ -1046,13 +1193,10 @@ fn c1_pipelined_commands_are_answered_after_the_held_rcpt_in_order() {
     assert!(!t.session.wants_input());
     // More input while waiting is kept, not answered.
     assert!(t.send("Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n").is_empty());
-    t.session.handle_verified(t.now, Verification::Valid { evidence: "250".into() });
+    t.session.handle_verified(t.now, Verification::Valid { evidence: "250".into() }, Duration::ZERO);
     assert_eq!(codes(&t.replies()), [250, 550, 250, 354]);
     let actions = t.acts();
-    assert!(
-        matches!(actions.as_slice(), [Act::Ban(BanReason::UnknownRecipient, _), Act::Deliver { rcpts, .. }] if rcpts.len() == 2),
-        "{actions:?}"
-    );
+    assert!(matches!(actions.as_slice(), [Act::Deliver { rcpts, .. }] if rcpts.len() == 2), "{actions:?}");
     t.session.handle_delivered(t.now, Ok("Q".into()));
     assert_eq!(codes(&t.replies()), [250, 221]);
 }
@@ -1120,15 +1264,19 @@ fn v1_clean_message_is_delivered() {
 
 #[test]
 fn v1_infected_554_names_the_signature_and_bans() {
-    let mut t = scanned(v1());
+    let mut t = ehlo(v1());
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
+    assert_eq!(codes(&r), [250, 250, 354]);
+    assert!(t.send("Subject: v\r\n\r\nbody\r\n.\r\nNOOP\r\n").is_empty());
+    t.acts();
     t.session.handle_scanned(t.now, ScanOutcome::Infected { signature: "Eicar-Test-Signature".into() });
     let actions = t.acts();
     let r = t.replies();
-    assert_eq!(codes(&r), [554, 250], "then the pipelined NOOP");
+    assert_eq!(codes(&r), [554, 421], "the ban ends the session: the pipelined NOOP is not answered");
     assert_eq!(enhanced(&r[0]), "5.7.1");
     assert!(text(&r[0]).contains("Eicar-Test-Signature"));
     match actions.as_slice() {
-        [Act::Ban(BanReason::Virus, evidence)] => {
+        [Act::Ban(BanReason::Virus, evidence), Act::Close] => {
             assert!(evidence.contains("Eicar-Test-Signature"))
         }
         other => panic!("a ban and no delivery: {other:?}"),
@@ -1140,6 +1288,25 @@ fn v1_infected_554_names_the_signature_and_bans() {
         (Rule::V1, 554, Some(BanReason::Virus), "Eicar-Test-Signature")
     );
     assert_eq!(t.session.transactions(), 0);
+}
+
+/// V1: a virus from `<>` (a bounce carrying it back) or to postmaster/abuse (a report
+/// quoting it) is refused without a ban.
+#[test]
+fn v1_infected_bounce_or_abuse_report_554_no_ban() {
+    for envelope in [
+        "MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\n",
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<abuse@example.test>\r\n",
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<Postmaster>\r\n",
+    ] {
+        let mut t = ehlo(v1());
+        t.send(&format!("{envelope}DATA\r\nvirus\r\n.\r\n"));
+        t.acts();
+        t.session.handle_scanned(t.now, ScanOutcome::Infected { signature: "Eicar-Test-Signature".into() });
+        assert_eq!(codes(&t.replies()), [554], "{envelope}");
+        assert!(t.acts().is_empty(), "{envelope}");
+        assert_eq!(t.codes("NOOP\r\n"), [250], "{envelope}: the session goes on");
+    }
 }
 
 #[test]
@@ -1213,43 +1380,76 @@ fn refused_banned_554_then_503_until_quit() {
     assert_eq!(t.acts(), [Act::Close]);
 }
 
+/// PROXY `UNKNOWN` / v2 `LOCAL` (a load balancer's health check): a greeting and the
+/// dialogue a check needs, but no mail and no rule.
+#[test]
+fn unidentified_connection_greets_and_quits_but_takes_no_mail() {
+    let s = Session::unidentified(t0(), Arc::new(session_config()), directory(), ClientInfo::new(SESSION_ID, CLIENT));
+    let mut t = Driver::new(s, t0(), Answers::held());
+    assert_eq!(codes(&t.replies()), [220]);
+    let r = t.send(
+        "EHLO haproxy\r\nNOOP\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRSET\r\nQUIT\r\n",
+    );
+    assert_eq!(codes(&r), [250, 250, 451, 503, 250, 221]);
+    assert_eq!(enhanced(&r[2]), "4.3.2");
+    assert_eq!(t.acts(), [Act::Close]);
+    assert!(t.events().is_empty(), "no verdicts");
+    assert_eq!(t.session.unknown_rcpts(), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Events: one per verdict, with the deciding rule
 
 #[test]
 fn events_one_per_verdict_with_the_rule() {
-    let mut t = open_with(SessionConfig { verify_senders: true, scan: true, ..session_config() }, 0);
+    use BanReason::*;
+    let cfg = SessionConfig { verify_senders: true, scan: true, ..session_config() };
+    let collect = |t: &mut T| t.events().iter().map(|e| (e.rule, e.command, e.code, e.ban)).collect::<Vec<_>>();
+    // A forged local sender: B1, and the session ends.
+    let mut t = open_with(cfg.clone(), 0);
+    t.send("EHLO c\r\nNOOP\r\nMAIL FROM:<nobody@example.test>\r\n");
+    assert_eq!(collect(&mut t), [(Rule::E1, "MAIL", 550, Some(ForgedLocalSender))]);
+    assert_eq!(t.bans(), [ForgedLocalSender]);
+    // A transaction with every kind of verdict; B4 at 2, so one unknown recipient is no ban.
+    let lenient = SessionConfig { policy: PolicyConfig { b4_threshold: 2, ..PolicyConfig::default() }, ..cfg.clone() };
+    let mut t = open_with(lenient, 0);
     t.send(
-        "EHLO c\r\nNOOP\r\nMAIL FROM:<nobody@example.test>\r\nMAIL FROM:<x@elsewhere.test> SIZE=999999999999\r\n\
-         MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<bob@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n\
-         RCPT TO:<alice@example.test>\r\n",
+        "EHLO c\r\nMAIL FROM:<x@elsewhere.test> SIZE=999999999999\r\nMAIL FROM:<x@elsewhere.test>\r\n\
+         RCPT TO:<bob@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\n",
     );
-    t.session.handle_verified(t.now, Verification::Valid { evidence: "250".into() });
+    t.session.handle_verified(t.now, Verification::Valid { evidence: "250".into() }, Duration::ZERO);
     t.send("DATA\r\nx\r\n.\r\n");
     t.session.handle_scanned(t.now, ScanOutcome::Clean);
     t.session.handle_delivered(t.now, Ok("Q7".into()));
-    t.send("MAIL FROM:<>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n");
+    t.send("MAIL FROM:<y@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    t.session.handle_verified(t.now, Verification::Valid { evidence: "250".into() }, Duration::ZERO);
+    t.send("DATA\r\nx\r\n.\r\n");
     t.session.handle_scanned(t.now, ScanOutcome::Infected { signature: "S".into() });
     let events = t.events();
     let got: Vec<_> = events.iter().map(|e| (e.rule, e.command, e.code, e.ban)).collect();
-    use BanReason::*;
     assert_eq!(
         got,
         [
-            (Rule::E1, "MAIL", 550, Some(ForgedLocalSender)),
             (Rule::Proto, "MAIL", 552, None),
             (Rule::E1, "MAIL", 250, None),
             (Rule::E2, "RCPT", 554, None),
-            (Rule::E2, "RCPT", 550, Some(UnknownRecipient)),
+            (Rule::E2, "RCPT", 550, None),
             (Rule::C1, "RCPT", 250, None),
             (Rule::Deliver, "DATA", 250, None),
             (Rule::E1, "MAIL", 250, None),
-            (Rule::E2, "RCPT", 250, None),
+            (Rule::C1, "RCPT", 250, None),
             (Rule::V1, "DATA", 554, Some(Virus)),
         ]
     );
-    assert_eq!(events.iter().map(Event::verdict).collect::<Vec<_>>()[..4], ["reject", "reject", "accept", "reject"]);
+    assert_eq!(events.iter().map(Event::verdict).collect::<Vec<_>>()[..4], ["reject", "accept", "reject", "reject"]);
     // Every ban action has its event, and vice versa.
     let bans = t.bans();
     assert_eq!(bans, events.iter().filter_map(|e| e.ban).collect::<Vec<_>>());
+    // A dictionary attack: B4 at the second unknown recipient.
+    let mut t = open_with(cfg, 0);
+    t.send("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<n1@example.test>\r\nRCPT TO:<n2@example.test>\r\n");
+    assert_eq!(
+        collect(&mut t),
+        [(Rule::E1, "MAIL", 250, None), (Rule::E2, "RCPT", 550, None), (Rule::E2, "RCPT", 550, Some(UnknownRecipient))]
+    );
 }

@@ -94,7 +94,7 @@ struct Memory {
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS callback_results (
     address    TEXT PRIMARY KEY NOT NULL,
-    verdict    TEXT NOT NULL CHECK (verdict IN ('valid', 'invalid', 'unknown')),
+    verdict    TEXT NOT NULL CHECK (verdict IN ('valid', 'accept_all', 'invalid', 'undeliverable', 'unknown')),
     evidence   TEXT NOT NULL,
     checked_at INTEGER NOT NULL,
     expires_at INTEGER NOT NULL
@@ -117,6 +117,17 @@ impl VerifyCache {
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL;").map_err(err)?;
+        // A cache from before the `accept_all` and `undeliverable` kinds: its CHECK would
+        // refuse them, and SQLite cannot alter a constraint. It is only a cache: start afresh.
+        let old: Option<String> = conn
+            .query_row("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'callback_results'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        if old.is_some_and(|sql| !sql.contains("'undeliverable'")) {
+            conn.execute_batch("DROP TABLE callback_results;").map_err(err)?;
+        }
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(VerifyCache {
             store: Store::Sqlite(Arc::new(Mutex::new(conn))),
@@ -189,8 +200,10 @@ impl VerifyCache {
     pub async fn store(&self, address: &str, result: &Verification, now: u64) {
         let ttl = match result {
             Verification::Valid { .. } => self.ttls.positive,
+            Verification::AcceptAll { .. } => self.ttls.accept_all,
             Verification::Invalid { .. } => self.ttls.negative,
-            Verification::Unknown { .. } => self.ttls.unknown,
+            // NXDOMAIN may be a local resolver's fault: asked again as soon as an unknown.
+            Verification::Undeliverable { .. } | Verification::Unknown { .. } => self.ttls.unknown,
         };
         let expires = now.saturating_add(ttl.as_secs());
         let purge = self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1;
@@ -344,17 +357,15 @@ fn secs_i64(secs: u64) -> i64 {
 }
 
 fn to_row(v: &Verification) -> (&'static str, String) {
-    match v {
-        Verification::Valid { evidence } => ("valid", evidence.clone()),
-        Verification::Invalid { evidence } => ("invalid", evidence.clone()),
-        Verification::Unknown { evidence } => ("unknown", evidence.clone()),
-    }
+    (v.kind(), v.evidence().to_string())
 }
 
 fn from_row(verdict: &str, evidence: String) -> Option<Verification> {
     match verdict {
         "valid" => Some(Verification::Valid { evidence }),
+        "accept_all" => Some(Verification::AcceptAll { evidence }),
         "invalid" => Some(Verification::Invalid { evidence }),
+        "undeliverable" => Some(Verification::Undeliverable { evidence }),
         "unknown" => Some(Verification::Unknown { evidence }),
         _ => None,
     }
@@ -390,6 +401,14 @@ mod tests {
             Some(CacheHit::AcceptAll("RCPT TO:<random@y.test>: 250".into()))
         );
         assert_eq!(cache.lookup("new@y.test", "y.test", t0 + 86_400).await, None);
+        // Accept-all senders for a day, undeliverable (NXDOMAIN) ones as briefly as unknown.
+        let accept_all = Verification::AcceptAll { evidence: "250 to random".into() };
+        let undeliverable = Verification::Undeliverable { evidence: "NXDOMAIN".into() };
+        cache.store("d@z.test", &accept_all, t0).await;
+        cache.store("e@z.test", &undeliverable, t0).await;
+        assert_eq!(cache.lookup("d@z.test", "z.test", t0 + 86_399).await, Some(CacheHit::Result(accept_all)));
+        assert_eq!(cache.lookup("e@z.test", "z.test", t0 + 299).await, Some(CacheHit::Result(undeliverable)));
+        assert_eq!(cache.lookup("e@z.test", "z.test", t0 + 300).await, None);
         // Overwrite.
         cache.store("a@x.test", &Verification::Invalid { evidence: "now gone".into() }, t0 + 5).await;
         assert!(matches!(
@@ -415,6 +434,31 @@ mod tests {
             again.lookup("a@x.test", "x.test", 1_800_000_010).await,
             Some(CacheHit::Result(Verification::Invalid { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_cache_from_before_the_new_kinds_is_started_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callbacks.sqlite");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE callback_results (address TEXT PRIMARY KEY NOT NULL, verdict TEXT NOT NULL CHECK \
+             (verdict IN ('valid', 'invalid', 'unknown')), evidence TEXT NOT NULL, checked_at INTEGER NOT NULL, \
+             expires_at INTEGER NOT NULL);
+             INSERT INTO callback_results VALUES ('a@x.test', 'valid', '250', 0, 9999999999);",
+        )
+        .unwrap();
+        drop(old);
+        let cache = VerifyCache::open_sqlite(&path, CacheTtls::default(), 1000, false).unwrap();
+        let t0 = 1_800_000_000;
+        assert_eq!(cache.lookup("a@x.test", "x.test", t0).await, None, "dropped with its table");
+        let v = Verification::Undeliverable { evidence: "NXDOMAIN".into() };
+        cache.store("b@x.test", &v, t0).await;
+        assert_eq!(cache.lookup("b@x.test", "x.test", t0 + 1).await, Some(CacheHit::Result(v)));
+        drop(cache);
+        // Reopening the new schema keeps its rows.
+        let cache = VerifyCache::open_sqlite(&path, CacheTtls::default(), 1000, false).unwrap();
+        assert!(cache.lookup("b@x.test", "x.test", t0 + 2).await.is_some());
     }
 
     #[tokio::test]

@@ -59,10 +59,11 @@ pub struct CallbacksConfig {
     /// How long a sender that cannot exist is cached.
     #[serde(with = "humantime_serde")]
     pub negative_ttl: Duration,
-    /// How long an inconclusive result is cached.
+    /// How long an inconclusive result (and an undeliverable domain: NXDOMAIN may be our
+    /// resolver's fault) is cached.
     #[serde(with = "humantime_serde")]
     pub unknown_ttl: Duration,
-    /// How long a domain found accepting any address is remembered.
+    /// How long a domain found accepting any address (and each such sender) is remembered.
     #[serde(with = "humantime_serde")]
     pub accept_all_ttl: Duration,
     /// Concurrent probes of one domain.

@@ -9,7 +9,8 @@
 //! [`probe`] (MX lookup over the [`dns`] edge, SMTP over the [`net`] edge with lettre); cache
 //! and log the result, one `callback probe` event per probe with its evidence.
 //!
-//! The verifier only finds facts; the verdict (250, 550 + ban B2, 451) is `policy::verified`'s.
+//! The verifier only finds facts; the verdict (250, 550 with or without ban B2, 451 for a
+//! while) is `policy::verified`'s.
 //! It never reads a clock except through the [`Clock`] edge, and all its randomness (MX tie
 //! order, the accept-all check's local part) comes from a seed, so the simulation replays it.
 
@@ -169,21 +170,20 @@ impl CallbackVerifier {
         match self.edges.cache.lookup(&key, domain.as_str(), self.wall_secs()).await {
             Some(CacheHit::Result(v)) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(sender = %sender, result = name(&v), "callback cached");
+                tracing::debug!(sender = %sender, result = v.kind(), "callback cached");
+                let evidence = format!("cached: {}", v.evidence());
                 return match v {
-                    Verification::Valid { evidence } => Verification::Valid { evidence: format!("cached: {evidence}") },
-                    Verification::Invalid { evidence } => {
-                        Verification::Invalid { evidence: format!("cached: {evidence}") }
-                    }
-                    Verification::Unknown { evidence } => {
-                        Verification::Unknown { evidence: format!("cached: {evidence}") }
-                    }
+                    Verification::Valid { .. } => Verification::Valid { evidence },
+                    Verification::AcceptAll { .. } => Verification::AcceptAll { evidence },
+                    Verification::Invalid { .. } => Verification::Invalid { evidence },
+                    Verification::Undeliverable { .. } => Verification::Undeliverable { evidence },
+                    Verification::Unknown { .. } => Verification::Unknown { evidence },
                 };
             }
             Some(CacheHit::AcceptAll(evidence)) => {
                 self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(sender = %sender, result = "accept-all", "callback cached");
-                return Verification::Unknown {
+                tracing::debug!(sender = %sender, result = "accept_all", "callback cached");
+                return Verification::AcceptAll {
                     evidence: format!("cached: {domain} accepts any address ({evidence})"),
                 };
             }
@@ -213,16 +213,16 @@ impl CallbackVerifier {
         let verification = match result.finding {
             Finding::Valid => Verification::Valid { evidence: result.evidence.clone() },
             Finding::Invalid => Verification::Invalid { evidence: result.evidence.clone() },
-            Finding::AcceptAll => Verification::Unknown { evidence: format!("accept-all domain: {}", result.evidence) },
+            Finding::Undeliverable => Verification::Undeliverable { evidence: result.evidence.clone() },
+            Finding::AcceptAll => {
+                Verification::AcceptAll { evidence: format!("accept-all domain: {}", result.evidence) }
+            }
             Finding::Unknown => Verification::Unknown { evidence: result.evidence.clone() },
         };
         tracing::info!(
             sender = %sender,
             domain = %domain,
-            result = match result.finding {
-                Finding::AcceptAll => "accept-all",
-                _ => name(&verification),
-            },
+            result = verification.kind(),
             evidence = %result.evidence,
             connections = result.connections,
             elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
@@ -234,14 +234,6 @@ impl CallbackVerifier {
         }
         self.edges.cache.store(&key, &verification, now).await;
         verification
-    }
-}
-
-fn name(v: &Verification) -> &'static str {
-    match v {
-        Verification::Valid { .. } => "valid",
-        Verification::Invalid { .. } => "invalid",
-        Verification::Unknown { .. } => "unknown",
     }
 }
 

@@ -42,11 +42,14 @@ const QUIT_TIMEOUT: Duration = Duration::from_secs(2);
 pub enum Finding {
     /// The sender's MX accepted the sender and refused a random address.
     Valid,
-    /// The address cannot exist: 5xx (addressing) on RCPT, null MX, NXDOMAIN, no mail host.
+    /// The mailbox does not exist: 5xx with 5.1.1, 5.1.2 or 5.1.10 on RCPT, or a null MX.
     Invalid,
-    /// The MX accepted a random address too: the answer says nothing.
+    /// The domain cannot receive mail: NXDOMAIN, or neither MX nor address.
+    Undeliverable,
+    /// The MX accepted a random address too: valid as far as anyone can tell, unverifiable.
     AcceptAll,
-    /// No conclusion: 4xx, policy refusals, timeouts, DNS failures.
+    /// No conclusion: 4xx, policy refusals, a 5xx without an addressing enhanced code,
+    /// timeouts, DNS failures.
     Unknown,
 }
 
@@ -134,9 +137,10 @@ impl Probe<'_> {
         };
         let targets: Vec<(String, Option<Vec<IpAddr>>)> = match lookup {
             MxLookup::NullMx => return (Finding::Invalid, format!("{domain} has a null MX (RFC 7505)")),
-            MxLookup::NoDomain => return (Finding::Invalid, format!("{domain} does not exist (NXDOMAIN)")),
+            MxLookup::NoDomain => return (Finding::Undeliverable, format!("{domain} does not exist (NXDOMAIN)")),
             MxLookup::NoMailHost => {
-                return (Finding::Invalid, format!("{domain} has neither MX nor A/AAAA records (RFC 5321 §5.1)"));
+                let why = format!("{domain} has neither MX nor A/AAAA records (RFC 5321 §5.1)");
+                return (Finding::Undeliverable, why);
             }
             MxLookup::Implicit(addrs) => vec![(domain.to_string(), Some(addrs))],
             MxLookup::Hosts(hosts) => {
@@ -306,18 +310,15 @@ fn error_text(e: &lettre::transport::smtp::Error) -> String {
 }
 
 /// Whether a 5xx reply to `RCPT TO:<sender>` says the mailbox does not exist, rather than
-/// that we (or our `<>` sender) are refused by policy. Only the former is a verdict that can
-/// lead to a ban (B2); a policy refusal (RFC 3463 `5.7.x`, blocklists) says nothing about the
-/// sender. With an enhanced code: addressing status `5.1.x` except 5.1.7/5.1.8 (about *our*
-/// sender address); without one: 550, 551 or 553 (RFC 5321 §4.2.3 mailbox unavailable / not
-/// local / name not allowed).
+/// that we (or our `<>` sender) are refused. Only the former is a verdict that can lead to a
+/// ban (B2), so it takes explicit evidence: the RFC 3463 enhanced code 5.1.1 (bad destination
+/// mailbox), 5.1.2 (bad destination system) or 5.1.10 (null MX, RFC 7505). A bare `550`
+/// without an enhanced code is as often a remote policy refusal of our prober as a missing
+/// user, and a policy refusal (`5.7.x`, blocklists) says nothing about the sender: both are
+/// inconclusive.
 pub fn denies_existence(code: u16, text: &str) -> bool {
     let after_code = text.strip_prefix(&code.to_string()).unwrap_or(text).trim_start();
-    match enhanced(after_code) {
-        Some((5, 1, detail)) => detail != 7 && detail != 8,
-        Some((5, 0, 0)) | None => matches!(code, 550 | 551 | 553),
-        Some(_) => false,
-    }
+    (500..600).contains(&code) && matches!(enhanced(after_code), Some((5, 1, 1 | 2 | 10)))
 }
 
 /// The RFC 3463 enhanced status code at the start of a reply text, if any.
@@ -398,16 +399,20 @@ mod tests {
     fn which_refusals_deny_existence() {
         for (code, text, expected) in [
             (550, "550 5.1.1 <x@example.test>: Recipient address rejected: User unknown", true),
-            (550, "550 User unknown", true),
-            (553, "553 sorry, that domain isn't in my list", true),
-            (551, "551 5.1.6 moved", true),
+            (550, "550 5.1.2 Host unknown", true),
+            (556, "556 5.1.10 Recipient address has null MX", true),
+            (550, "550 User unknown", false),
+            (553, "553 sorry, that domain isn't in my list", false),
+            (551, "551 5.1.6 moved", false),
+            (550, "550 5.1.3 bad address syntax", false),
             (550, "550 5.7.1 Client host blocked using zen.spamhaus.org", false),
             (554, "554 5.7.1 Access denied", false),
             (554, "554 Transaction failed", false),
             (550, "550 5.1.7 Bad sender address", false),
             (550, "550 5.1.8 Sender domain rejected", false),
             (552, "552 5.2.2 Mailbox full", false),
-            (550, "550 5.0.0 no such user", true),
+            (550, "550 5.0.0 no such user", false),
+            (450, "450 4.1.1 try later", false),
         ] {
             assert_eq!(denies_existence(code, text), expected, "{text}");
         }
