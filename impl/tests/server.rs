@@ -1,13 +1,13 @@
-//! The real server over loopback TCP: gate, rules, durable delivery, limits, shutdown.
+//! The real server over loopback TCP: gate, rules, durable delivery, limits, shutdown, PROXY.
 //! Each test's clients bind their own source address in 127.0.0.0/8 so the gate sees
-//! distinct clients.
+//! distinct clients; IPv6 clients come through a trusted proxy's PROXY header.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use gatekeeper::edges::{MaildirSpool, SystemClock};
+use gatekeeper::edges::{Clock, MaildirSpool, SystemClock};
 use gatekeeper::server::{Limits, Server};
 use gatekeeper::testing;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -45,17 +45,25 @@ fn messages(maildir: &Path) -> Vec<String> {
 
 /// A server of the test kit's standard configuration plus `extra` (more tables).
 async fn start(extra: &str, limits: Limits) -> Running {
+    start_on("127.0.0.1:0", extra, limits).await
+}
+
+/// [`start`] on `listen` (`[::]:0` for a dual-stack listener).
+async fn start_on(listen: &str, extra: &str, limits: Limits) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let settings = testing::settings(extra);
     let maildir = dir.path().join("maildir");
-    let clock = Arc::new(SystemClock);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let spool = MaildirSpool::open(&maildir, "mx.example.test", clock.clone(), true).unwrap();
-    let server = Server::builder(settings.session.clone(), settings.directory.clone(), Arc::new(spool))
-        .clock(clock)
+    let mut builder = Server::builder(settings.session.clone(), settings.directory.clone(), Arc::new(spool))
+        .clock(clock.clone())
         .gate(settings.config.gate.clone())
-        .limits(limits)
-        .build();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        .limits(limits);
+    if settings.session.scan {
+        builder = builder.scanner(settings.config.scan.build(settings.config.rules.on_scan_failure, clock).unwrap());
+    }
+    let server = builder.build();
+    let listener = tokio::net::TcpListener::bind(listen).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let s = server.clone();
@@ -75,6 +83,9 @@ struct Client {
 
 impl Client {
     async fn connect(server: SocketAddr, source: &str) -> Client {
+        // To a dual-stack `[::]` listener over IPv4: it sees the client as `::ffff:a.b.c.d`.
+        let server =
+            if server.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], server.port())) } else { server };
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
         let stream: TcpStream = socket.connect(server).await.unwrap();
@@ -147,9 +158,12 @@ async fn forged_local_sender_is_banned_and_refused_with_554() {
     let mut c = Client::connect(s.addr, "127.0.0.3").await;
     c.reply().await;
     c.cmd("EHLO spam.test").await;
-    assert!(c.cmd("MAIL FROM:<nobody@example.test>").await.starts_with("550 5.7.1"));
+    // Pipelined: the ban ends the session after the 550, so the RCPT is never answered.
+    c.send("MAIL FROM:<nobody@example.test>\r\nRCPT TO:<alice@example.test>\r\n").await;
+    assert!(c.reply().await.starts_with("550 5.7.1"));
     assert!(s.server.is_banned("127.0.0.3".parse().unwrap()));
-    c.cmd("QUIT").await;
+    assert!(c.reply().await.starts_with("421 4.7.0"));
+    assert_eq!(c.reply().await, "", "closed");
     // G2: a 554 greeting, then 503 until QUIT (RFC 5321 §3.1).
     let mut again = Client::connect(s.addr, "127.0.0.3").await;
     assert!(again.reply().await.starts_with("554 5.7.1"));
@@ -161,15 +175,114 @@ async fn forged_local_sender_is_banned_and_refused_with_554() {
     s.stop().await;
 }
 
+/// A dictionary attack (a second unknown recipient) is banned at once, and the ban ends the
+/// session: 421 after the 550, then the connection closes.
 #[tokio::test]
-async fn unknown_recipient_with_real_sender_is_banned() {
+async fn dictionary_attack_is_banned_and_its_session_ends() {
     let s = start("", quick()).await;
     let mut c = Client::connect(s.addr, "127.0.0.5").await;
     c.reply().await;
     c.cmd("EHLO spam.test").await;
     c.cmd("MAIL FROM:<x@elsewhere.test>").await;
     assert!(c.cmd("RCPT TO:<nobody@example.test>").await.starts_with("550 5.1.1"));
+    assert!(!s.server.is_banned("127.0.0.5".parse().unwrap()), "one unknown recipient may be a probe");
+    assert!(c.cmd("RCPT TO:<n2@example.test>").await.starts_with("550 5.1.1"));
     assert!(s.server.is_banned("127.0.0.5".parse().unwrap()));
+    let reply = c.cmd("RCPT TO:<alice@example.test>").await;
+    assert!(reply.starts_with("421 4.7.0"), "{reply}");
+    assert_eq!(c.reply().await, "", "closed");
+    s.stop().await;
+}
+
+/// Postfix verifies addresses with `MAIL FROM:<double-bounce@its.domain>`: its probe of an
+/// unknown user gets 550 and no ban; the same client doing it again within the B4 window is
+/// banned.
+#[tokio::test]
+async fn double_bounce_probe_gets_550_and_no_ban_unless_repeated() {
+    let s = start("", Limits { in_process_rate: false, ..quick() }).await;
+    let probe = |source: &'static str| {
+        let addr = s.addr;
+        async move {
+            let mut c = Client::connect(addr, source).await;
+            assert!(c.reply().await.starts_with("220"));
+            c.cmd("EHLO mx.remote.test").await;
+            assert!(c.cmd("MAIL FROM:<double-bounce@remote.test>").await.starts_with("250"));
+            let reply = c.cmd("RCPT TO:<q8x7z3@example.test>").await;
+            let quit = c.cmd("QUIT").await;
+            (reply, quit)
+        }
+    };
+    let (reply, quit) = probe("127.0.0.30").await;
+    assert!(reply.starts_with("550 5.1.1"), "{reply}");
+    assert!(quit.starts_with("221"), "{quit}");
+    assert!(!s.server.is_banned("127.0.0.30".parse().unwrap()));
+    // Another prober is not affected.
+    let (reply, _) = probe("127.0.0.31").await;
+    assert!(reply.starts_with("550"));
+    assert!(!s.server.is_banned("127.0.0.31".parse().unwrap()));
+    // Repeated within the window: the second unknown recipient counts, with the first.
+    let (reply, quit) = probe("127.0.0.30").await;
+    assert!(reply.starts_with("550 5.1.1"), "{reply}");
+    assert!(quit.starts_with("421 4.7.0"), "the ban ended the session: {quit}");
+    assert!(s.server.is_banned("127.0.0.30".parse().unwrap()));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn recipient_delimiter_addresses_the_user() {
+    let s = start("", quick()).await;
+    let mut c = Client::connect(s.addr, "127.0.0.32").await;
+    c.reply().await;
+    c.cmd("EHLO newsletter.test").await;
+    c.cmd("MAIL FROM:<news@elsewhere.test>").await;
+    assert!(c.cmd("RCPT TO:<alice+x@example.test>").await.starts_with("250 2.1.5"));
+    assert!(c.cmd("DATA").await.starts_with("354"));
+    assert!(c.cmd("Subject: news\r\n\r\nhello\r\n.").await.starts_with("250 2.0.0"));
+    let spooled = s.spooled();
+    assert!(spooled[0].contains("X-Gatekeeper-Rcpt: <alice+x@example.test>\r\n"), "{}", spooled[0]);
+    // Off: the extension is part of the name.
+    let s2 = start("recipient_delimiter = \"\"\n", quick()).await;
+    let mut c = Client::connect(s2.addr, "127.0.0.33").await;
+    c.reply().await;
+    c.cmd("EHLO newsletter.test").await;
+    c.cmd("MAIL FROM:<>").await;
+    assert!(c.cmd("RCPT TO:<alice+x@example.test>").await.starts_with("550 5.1.1"));
+    s2.stop().await;
+    s.stop().await;
+}
+
+/// V1: a virus from a non-null sender gets 554 and a ban (B3), and the ban ends the session;
+/// from `<>` (a bounce carrying it back) or to postmaster, 554 and no ban.
+#[tokio::test]
+async fn eicar_bans_only_non_null_senders() {
+    let s = start("[rules]\nscan = true\n", quick()).await;
+    let eicar = r"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*";
+    let send = |source: &'static str, from: &'static str, to: &'static str| {
+        let addr = s.addr;
+        async move {
+            let mut c = Client::connect(addr, source).await;
+            c.reply().await;
+            c.cmd("EHLO bouncer.test").await;
+            assert!(c.cmd(&format!("MAIL FROM:{from}")).await.starts_with("250"));
+            assert!(c.cmd(&format!("RCPT TO:{to}")).await.starts_with("250"));
+            assert!(c.cmd("DATA").await.starts_with("354"));
+            let reply = c.cmd(&format!("Subject: returned mail\r\n\r\n{eicar}\r\n.")).await;
+            let next = c.cmd("NOOP").await;
+            (reply, next)
+        }
+    };
+    let (reply, next) = send("127.0.0.34", "<>", "<alice@example.test>").await;
+    assert!(reply.starts_with("554 5.7.1") && reply.contains("Eicar"), "{reply}");
+    assert!(next.starts_with("250"), "no ban, the session goes on: {next}");
+    assert!(!s.server.is_banned("127.0.0.34".parse().unwrap()));
+    let (reply, _) = send("127.0.0.35", "<reporter@elsewhere.test>", "<postmaster@example.test>").await;
+    assert!(reply.starts_with("554 5.7.1"), "{reply}");
+    assert!(!s.server.is_banned("127.0.0.35".parse().unwrap()));
+    let (reply, next) = send("127.0.0.36", "<sender@elsewhere.test>", "<alice@example.test>").await;
+    assert!(reply.starts_with("554 5.7.1"), "{reply}");
+    assert!(next.starts_with("421 4.7.0"), "the ban ends the session: {next}");
+    assert!(s.server.is_banned("127.0.0.36".parse().unwrap()));
+    assert!(s.spooled().is_empty());
     s.stop().await;
 }
 
@@ -259,5 +372,107 @@ async fn proxy_header_only_from_trusted_peers() {
     let mut u = Client::connect(s.addr, "127.0.0.13").await;
     u.reply().await;
     assert!(u.cmd("PROXY TCP4 192.0.2.78 127.0.0.1 1 25").await.starts_with("500"));
+    s.stop().await;
+}
+
+/// PROXY `UNKNOWN` (v1) and v2 `LOCAL` are the load balancer's own health checks: a
+/// greeting and the dialogue a check needs, never rate-limited, counted or banned as the
+/// proxy.
+#[tokio::test]
+async fn proxy_health_checks_are_served_and_never_gated_or_banned() {
+    let trusted: IpAddr = "127.0.0.40".parse().unwrap();
+    let limits = Limits { proxy_trusted: vec![trusted], max_sessions_per_ip: 1, ..quick() };
+    let s = start("", limits).await;
+    // More checks than G1 (one a minute) or the per-address limit would let the proxy make.
+    let mut open = Vec::new();
+    for i in 0..4 {
+        let mut c = Client::connect(s.addr, "127.0.0.40").await;
+        if i % 2 == 0 {
+            c.send("PROXY UNKNOWN\r\n").await;
+        } else {
+            c.w.write_all(&gatekeeper::proto::proxy_v2_local_header()).await.unwrap();
+        }
+        assert!(c.reply().await.starts_with("220 mx.example.test"), "check {i}");
+        assert!(c.cmd("EHLO haproxy").await.starts_with("250"));
+        // No client address, so no rule: no mail taken, and no ban, even for this.
+        assert!(c.cmd("MAIL FROM:<nobody@example.test>").await.starts_with("451 4.3.2"));
+        open.push(c);
+    }
+    for mut c in open {
+        assert!(c.cmd("QUIT").await.starts_with("221"));
+    }
+    assert!(!s.server.is_banned(trusted));
+    assert_eq!(s.server.stats().refused_rate.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(s.server.stats().bans.load(std::sync::atomic::Ordering::Relaxed), 0);
+    s.stop().await;
+}
+
+/// An IPv4 proxy seen as `::ffff:a.b.c.d` on a `[::]` listener is still the trusted proxy, and
+/// an IPv4-mapped PROXY source is its IPv4 client.
+#[tokio::test]
+async fn v4_mapped_proxy_matches_proxy_trusted() {
+    if std::net::TcpListener::bind("[::]:0").is_err() {
+        eprintln!("skipped: no IPv6 on this host, so no dual-stack listener");
+        return;
+    }
+    let trusted: IpAddr = "127.0.0.41".parse().unwrap();
+    let limits = Limits { proxy_trusted: vec![trusted], ..quick() };
+    let s = start_on("[::]:0", "", limits).await;
+    let mut c = Client::connect(s.addr, "127.0.0.41").await;
+    // A v2 header with an IPv6 destination carries the IPv4 source as ::ffff:192.0.2.79.
+    let header =
+        gatekeeper::proto::proxy_v2_header("192.0.2.79:4000".parse().unwrap(), "[2001:db8::25]:25".parse().unwrap());
+    c.w.write_all(&header).await.unwrap();
+    assert!(c.reply().await.starts_with("220"));
+    c.cmd("EHLO spam.test").await;
+    assert!(c.cmd("MAIL FROM:<nobody@example.test>").await.starts_with("550 5.7.1"));
+    assert!(s.server.is_banned("192.0.2.79".parse().unwrap()), "the PROXY source, as IPv4");
+    assert!(!s.server.is_banned(trusted));
+    // The ban is enforced on the client's next connection through the proxy.
+    let mut again = Client::connect(s.addr, "127.0.0.41").await;
+    again.send("PROXY TCP4 192.0.2.79 127.0.0.1 4001 25\r\n").await;
+    assert!(again.reply().await.starts_with("554 5.7.1"));
+    s.stop().await;
+}
+
+/// IPv6 clients are counted by the ban key (/64): the per-address session limit and the B4
+/// record of one address cover its whole network.
+#[tokio::test]
+async fn ipv6_counts_are_per_64_like_the_bans() {
+    let trusted: IpAddr = "127.0.0.42".parse().unwrap();
+    let limits = Limits { proxy_trusted: vec![trusted], max_sessions_per_ip: 1, in_process_rate: false, ..quick() };
+    let s = start("", limits).await;
+    let via_proxy = |source: &'static str| {
+        let addr = s.addr;
+        async move {
+            let mut c = Client::connect(addr, "127.0.0.42").await;
+            let header =
+                gatekeeper::proto::proxy_v2_header(source.parse().unwrap(), "[2001:db8::25]:25".parse().unwrap());
+            c.w.write_all(&header).await.unwrap();
+            let greeting = c.reply().await;
+            (c, greeting)
+        }
+    };
+    let (mut a, greeting) = via_proxy("[2001:db8:1:2::1]:4000").await;
+    assert!(greeting.starts_with("220"), "{greeting}");
+    let (_, greeting) = via_proxy("[2001:db8:1:2::2]:4000").await;
+    assert!(greeting.starts_with("421 4.3.2"), "same /64, one session at a time: {greeting}");
+    let (mut other, greeting) = via_proxy("[2001:db8:1:3::1]:4000").await;
+    assert!(greeting.starts_with("220"), "another /64: {greeting}");
+    other.cmd("QUIT").await;
+    // A probe from ::1, then one from ::2 in the same /64: the repeat is banned.
+    a.cmd("EHLO mx.remote.test").await;
+    a.cmd("MAIL FROM:<double-bounce@remote.test>").await;
+    assert!(a.cmd("RCPT TO:<q8x7z3@example.test>").await.starts_with("550 5.1.1"));
+    assert!(a.cmd("QUIT").await.starts_with("221"));
+    assert!(!s.server.is_banned("2001:db8:1:2::1".parse().unwrap()));
+    tokio::time::sleep(Duration::from_millis(50)).await; // the first session's end is recorded
+    let (mut b, greeting) = via_proxy("[2001:db8:1:2::2]:4000").await;
+    assert!(greeting.starts_with("220"), "{greeting}");
+    b.cmd("EHLO mx.remote.test").await;
+    b.cmd("MAIL FROM:<double-bounce@remote.test>").await;
+    assert!(b.cmd("RCPT TO:<other@example.test>").await.starts_with("550 5.1.1"));
+    assert!(b.reply().await.starts_with("421 4.7.0"));
+    assert!(s.server.is_banned("2001:db8:1:2::ffff".parse().unwrap()), "the /64 is banned");
     s.stop().await;
 }

@@ -17,7 +17,7 @@ mod verb;
 
 pub use command::{Body, Command, CommandError, MailParams, RcptParams};
 pub use path::{Domain, ForwardPath, Host, LocalPart, Mailbox, PathError, ReversePath};
-pub use proxy::{PROXY_HEADER_MAX, ProxyError, parse_proxy_header, proxy_v2_header};
+pub use proxy::{PROXY_HEADER_MAX, ProxyError, parse_proxy_header, proxy_v2_header, proxy_v2_local_header};
 pub use receiver::{DataEvent, DataReceiver, LineEvent, LineReceiver};
 pub use reply::{Enhanced, Reply, ReplyError};
 pub use text::{escape, escape_bytes, printable};

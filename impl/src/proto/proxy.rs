@@ -129,6 +129,14 @@ pub fn proxy_v2_header(source: SocketAddr, dest: SocketAddr) -> Vec<u8> {
     out
 }
 
+/// A PROXY v2 `LOCAL` header (no addresses), as a load balancer sends on its own health
+/// checks: the connection is the proxy's, not a client's.
+pub fn proxy_v2_local_header() -> Vec<u8> {
+    let mut out = V2_SIGNATURE.to_vec();
+    out.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,9 +184,7 @@ mod tests {
                 assert_eq!(parse_proxy_header(&h[..i]), Ok(None), "prefix {i}");
             }
         }
-        let mut local = V2_SIGNATURE.to_vec();
-        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
-        assert_eq!(parse_proxy_header(&local), Ok(Some((16, None))));
+        assert_eq!(parse_proxy_header(&proxy_v2_local_header()), Ok(Some((16, None))));
         let mut bad = V2_SIGNATURE.to_vec();
         bad.extend_from_slice(&[0x31, 0x11, 0, 12]);
         assert!(parse_proxy_header(&bad).is_err());
