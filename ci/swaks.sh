@@ -50,10 +50,30 @@ check "relay denied: 554 5.7.1" '<\*\* +554 5\.7\.1' "$out"
 out=$(sw 127.0.0.25 --from '<>' --to postmaster@example.test --quit-after RCPT)
 check "postmaster always accepted" '<- +250 2\.1\.5' "$out"
 
-out=$(sw 127.0.0.26 --from someone@elsewhere.test --to nobody@example.test --quit-after RCPT)
-check "unknown recipient with a real sender: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+out=$(sw 127.0.0.26 --from someone@elsewhere.test --to nobody@example.test,nobody2@example.test --quit-after RCPT)
+check "two unknown recipients with a real sender: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+check "... banned (B4) at the second: 421 ends the session" '<\*\* +421 4\.7\.0' "$out"
 out=$(sw 127.0.0.26 --from '<>' --to alice@example.test --quit-after RCPT)
-check "... and banned (B4)" '<\*\* +554 5\.7\.1' "$out"
+check "... and refused as banned: 554 greeting" '<\*\* +554 5\.7\.1' "$out"
+
+out=$(sw 127.0.0.29 --from double-bounce@remote.test --to q8x7z3@example.test --quit-after RCPT)
+check "Postfix-style probe of an unknown user: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+out=$(sw 127.0.0.29 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and no ban: the next connection is only rate limited (421, not 554)" '<\*\* +421 4\.7\.0' "$out"
+
+out=$(sw 127.0.0.30 --from news@elsewhere.test --to alice+news@example.test --quit-after RCPT)
+check "recipient delimiter: alice+news@ is alice@ (250)" '<- +250 2\.1\.5' "$out"
+
+eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
+out=$(sw 127.0.0.31 --from '<>' --to alice@example.test --header "Subject: Undelivered Mail Returned to Sender" --body "$eicar")
+check "virus in a bounce (<>): 554 5.7.1" '<\*\* +554 5\.7\.1' "$out"
+out=$(sw 127.0.0.31 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and no ban: the next connection is only rate limited (421, not 554)" '<\*\* +421 4\.7\.0' "$out"
+out=$(sw 127.0.0.32 --from someone@elsewhere.test --to alice@example.test --header "Subject: invoice" --body "$eicar")
+check "virus from a real sender: 554 5.7.1" '<\*\* +554 5\.7\.1' "$out"
+check "... banned (B3): 421 ends the session" '<\*\* +421 4\.7\.0' "$out"
+out=$(sw 127.0.0.32 --from '<>' --to alice@example.test --quit-after RCPT)
+check "... and refused as banned: 554 greeting" '<\*\* +554 5\.7\.1' "$out"
 
 out=$(sw 127.0.0.27 --pipeline --from '<>' --to alice@example.test --header "Subject: swaks ci" --body "hello from swaks")
 check "pipelined message to alice: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
