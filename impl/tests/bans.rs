@@ -189,10 +189,18 @@ async fn allowlisted_clients_are_not_banned_even_in_process() {
     let dir = tempfile::tempdir().unwrap();
     let (cfg, settings) = config(dir.path(), "allowlist = [\"127.0.0.70/31\"]\n");
     let (running, manager) = serve(&settings).await;
-    let r = dialogue(running.addr, "127.0.0.71", &["EHLO client.test", "MAIL FROM:<nobody@example.test>"]).await;
+    let r = dialogue(
+        running.addr,
+        "127.0.0.71",
+        &["EHLO client.test", "MAIL FROM:<nobody@example.test>", "MAIL FROM:<alice@example.test>"],
+    )
+    .await;
     assert!(r[2].starts_with("550 5.7.1"), "{r:?}");
+    // The server knows the allowlist (BanSink::exempt): it asks for no ban, and the session
+    // is not ended for one.
+    assert!(r[3].starts_with("250"), "{r:?}");
     assert!(manager.list_blocking().unwrap().is_empty());
-    assert_eq!(manager.stats().allowlisted.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(manager.stats().allowlisted.load(std::sync::atomic::Ordering::Relaxed), 0);
     // Not banned in process either (only G1 applies: a different address of the allowlist).
     let r = dialogue(running.addr, "127.0.0.70", &[]).await;
     assert!(r[0].starts_with("220 "), "{r:?}");
