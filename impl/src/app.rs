@@ -191,13 +191,18 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
             // Its own file, beside the ban store's: the ban manager re-reads every ban whenever
             // another connection writes to its database (PRAGMA data_version, to see
             // `gatekeeper bans add|remove`), and the cache writes per probe.
-            CacheMode::Sqlite => VerifyCache::open_sqlite(
-                &state_dir.join(CACHE_DB),
-                c.callbacks.ttls(),
-                c.callbacks.cache_entries_max,
-                offload,
-            )
-            .map_err(|e| AppError::Verifier(e.into()))?,
+            // A damaged file is moved aside (and logged): the cache must not keep port 25 down.
+            CacheMode::Sqlite => {
+                VerifyCache::open_sqlite_or_fresh(
+                    &state_dir.join(CACHE_DB),
+                    c.callbacks.ttls(),
+                    c.callbacks.cache_entries_max,
+                    offload,
+                    clock.wall(),
+                )
+                .map_err(|e| AppError::Verifier(e.into()))?
+                .0
+            }
             CacheMode::Memory => VerifyCache::memory(c.callbacks.ttls(), c.callbacks.cache_entries_max),
         };
         let edges = VerifierEdges { resolver, connector, cache: Arc::new(cache), clock };

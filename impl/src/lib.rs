@@ -29,6 +29,7 @@
 pub mod app;
 pub mod ban;
 pub mod config;
+pub mod dbfile;
 pub mod edges;
 pub mod gate;
 pub mod policy;

@@ -313,12 +313,13 @@ impl Server {
 
 /// The ban manager keeps the in-process gate in step with the ban store (bans restored on
 /// start, added or lifted by `gatekeeper bans`, expired).
+/// It is given ban keys only (it cannot hold a widened /48: `holds_prefixes` is false).
 impl crate::ban::BanMirror for Server {
-    fn ban(&self, addr: IpAddr, remaining: Duration) {
-        Server::ban(self, addr, remaining);
+    fn ban(&self, net: crate::ban::Net, remaining: Duration) {
+        Server::ban(self, net.addr(), remaining);
     }
-    fn unban(&self, addr: IpAddr) {
-        Server::unban(self, addr);
+    fn unban(&self, net: crate::ban::Net) {
+        Server::unban(self, net.addr());
     }
 }
 

@@ -12,8 +12,10 @@
 //!   so a re-applied ban keeps its remaining time.
 //!
 //! Backends are blocking (file writes, a child process): the manager calls them from the
-//! blocking pool. They never panic on kernel errors: every failure is a [`BackendError`] that
-//! the manager logs, counts and retries.
+//! blocking pool, never under its lock. They never panic on kernel errors: every failure is a
+//! [`BackendError`] that the manager logs, counts and retries. Every kernel call has a deadline
+//! (`[bans] kernel_timeout`): a hung `nft` is killed; a `/proc` write that does not return is
+//! abandoned on its thread (a write cannot be interrupted) and reported as timed out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write as _};
@@ -21,7 +23,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::config::{BackendKind, NftablesSection, XtRecentSection};
 use super::net::Net;
@@ -40,6 +42,9 @@ pub enum BackendError {
     /// The set is full (nft `ENFILE`): raise its size or wait for garbage collection.
     #[error("full: {0}")]
     Full(String),
+    /// The kernel call did not finish within `[bans] kernel_timeout` (a hung `nft` is killed).
+    #[error("timed out: {0}")]
+    TimedOut(String),
     /// Anything else (the kernel refused the address, `nft` not installed, ...).
     #[error("{0}")]
     Other(String),
@@ -73,6 +78,13 @@ pub trait BanBackend: Send + Sync + std::fmt::Debug {
     /// How many entries one table (one address family) holds before the kernel evicts.
     fn capacity(&self) -> Option<usize> {
         None
+    }
+
+    /// True if an IPv6 ban may be any prefix (an nft interval set, the in-process gate), so
+    /// that many bans in one /48 can be widened to it; false if the table's mask is fixed
+    /// (xt_recent).
+    fn holds_prefixes(&self) -> bool {
+        false
     }
 }
 
@@ -113,6 +125,9 @@ impl BanBackend for MemoryBackend {
     fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
         Ok(Some(self.entries.lock().expect("memory backend lock").keys().copied().collect()))
     }
+    fn holds_prefixes(&self) -> bool {
+        true
+    }
 }
 
 /// xt_recent through `/proc/net/xt_recent/NAME`.
@@ -123,7 +138,11 @@ pub struct XtRecentBackend {
     table6: String,
     ipv6_prefix: u8,
     capacity: usize,
+    timeout: Duration,
 }
+
+/// The deadline of one kernel call unless `[bans] kernel_timeout` says otherwise.
+pub const DEFAULT_KERNEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl XtRecentBackend {
     /// The backend for `[bans.xt_recent]`; IPv6 bans are `/ipv6_prefix` networks, which the
@@ -135,26 +154,49 @@ impl XtRecentBackend {
             table6: cfg.ban_table6.clone(),
             ipv6_prefix,
             capacity: cfg.capacity as usize,
+            timeout: DEFAULT_KERNEL_TIMEOUT,
         }
+    }
+
+    /// The same backend with another deadline per `/proc` write.
+    pub fn with_timeout(self, timeout: Duration) -> XtRecentBackend {
+        XtRecentBackend { timeout, ..self }
     }
 
     fn path(&self, net: &Net) -> PathBuf {
         self.dir.join(if net.addr().is_ipv4() { &self.table4 } else { &self.table6 })
     }
 
-    /// One command, one `write()` on a fresh open, at offset 0.
+    /// One command, one `write()` on a fresh open, at offset 0, on its own thread so that a
+    /// write that never returns costs the caller `timeout`, not forever.
     fn write(&self, net: &Net, op: char) -> Result<(), BackendError> {
         let path = self.path(net);
         let line = format!("{op}{}\n", net.addr());
-        let result = std::fs::OpenOptions::new().write(true).open(&path).and_then(|mut f| {
-            let n = f.write(line.as_bytes())?;
-            if n == line.len() {
-                Ok(())
-            } else {
-                Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write ({n} of {})", line.len())))
-            }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (p, l) = (path.clone(), line.clone());
+        let spawned = std::thread::Builder::new().name("xt-write".into()).spawn(move || {
+            let result = std::fs::OpenOptions::new().write(true).open(&p).and_then(|mut f| {
+                let n = f.write(l.as_bytes())?;
+                if n == l.len() {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(io::ErrorKind::WriteZero, format!("short write ({n} of {})", l.len())))
+                }
+            });
+            let _ = tx.send(result);
         });
-        result.map_err(|e| io_error(&path, line.trim_end(), &e))
+        if let Err(e) = spawned {
+            return Err(io_error(&path, line.trim_end(), &e));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(result) => result.map_err(|e| io_error(&path, line.trim_end(), &e)),
+            Err(_) => Err(BackendError::TimedOut(format!(
+                "{} → {}: no answer within {:?}",
+                line.trim_end(),
+                path.display(),
+                self.timeout
+            ))),
+        }
     }
 }
 
@@ -212,6 +254,7 @@ pub struct NftBackend {
     table: String,
     set4: String,
     set6: String,
+    timeout: Duration,
 }
 
 /// An nft time value in milliseconds (`1500ms`), at least 1 ms.
@@ -228,7 +271,13 @@ impl NftBackend {
             table: cfg.table.clone(),
             set4: cfg.ban_set.clone(),
             set6: cfg.ban_set6.clone(),
+            timeout: DEFAULT_KERNEL_TIMEOUT,
         }
+    }
+
+    /// The same backend with another deadline per `nft` run.
+    pub fn with_timeout(self, timeout: Duration) -> NftBackend {
+        NftBackend { timeout, ..self }
     }
 
     fn set_of(&self, net: &Net) -> &str {
@@ -255,12 +304,13 @@ impl NftBackend {
 
     /// Runs `nft -f -` with `script` on stdin.
     pub fn run(&self, script: &str) -> Result<(), BackendError> {
-        run_nft(&self.nft, &["-f", "-"], Some(script)).map(|_| ())
+        run_nft(&self.nft, &["-f", "-"], Some(script), self.timeout).map(|_| ())
     }
 }
 
-/// Runs `nft ARGS` (feeding `stdin`), returning stdout; maps failures to [`BackendError`].
-pub fn run_nft(nft: &Path, args: &[&str], stdin: Option<&str>) -> Result<String, BackendError> {
+/// Runs `nft ARGS` (feeding `stdin`), returning stdout; maps failures to [`BackendError`]. An
+/// `nft` still running after `timeout` is killed (SIGKILL) and reaped: [`BackendError::TimedOut`].
+pub fn run_nft(nft: &Path, args: &[&str], stdin: Option<&str>, timeout: Duration) -> Result<String, BackendError> {
     let mut cmd = Command::new(nft);
     cmd.args(args).stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
@@ -269,15 +319,55 @@ pub fn run_nft(nft: &Path, args: &[&str], stdin: Option<&str>) -> Result<String,
         io::ErrorKind::PermissionDenied => BackendError::PermissionDenied(format!("{}: {e}", nft.display())),
         _ => BackendError::Other(format!("{}: {e}", nft.display())),
     })?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A failure here shows up as nft's own error below.
-        let _ = pipe.write_all(text.as_bytes());
+    // Feeding and draining on their own threads: a hung nft must not hang us on a full pipe.
+    let feeder = match (stdin, child.stdin.take()) {
+        (Some(text), Some(mut pipe)) => {
+            let text = text.to_owned();
+            // A failure here shows up as nft's own error below.
+            Some(std::thread::spawn(move || drop(pipe.write_all(text.as_bytes()))))
+        }
+        _ => None,
+    };
+    let drain = |pipe: Option<Box<dyn io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn io::Read + Send>));
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Ok(status),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break Err(BackendError::TimedOut(format!(
+                    "nft {}: still running after {timeout:?}, killed",
+                    args.join(" ")
+                )));
+            }
+            Ok(None) => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => break Err(BackendError::Other(format!("{}: {e}", nft.display()))),
+        }
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
     }
-    let out = child.wait_with_output().map_err(|e| BackendError::Other(format!("{}: {e}", nft.display())))?;
-    if out.status.success() {
-        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    if status?.success() {
+        return Ok(String::from_utf8_lossy(&stdout).into_owned());
     }
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = String::from_utf8_lossy(&stderr);
     let first = err.lines().find(|l| l.contains("Error")).unwrap_or_else(|| err.lines().next().unwrap_or("")).trim();
     let detail = format!("nft {}: {first}", args.join(" "));
     Err(if err.contains("No such file or directory") {
@@ -329,8 +419,13 @@ impl BanBackend for NftBackend {
     fn apply_many(&self, items: &[(Net, Duration, Duration)]) -> Vec<Result<(), BackendError>> {
         if items.len() > 1 {
             let script: String = items.iter().map(|&(n, r, t)| self.add_line(&n, r, t)).collect();
-            if self.run(&script).is_ok() {
-                return items.iter().map(|_| Ok(())).collect();
+            // A big restore takes longer: one more deadline per 10,000 elements.
+            let timeout = self.timeout * (1 + u32::try_from(items.len() / 10_000).unwrap_or(u32::MAX));
+            match run_nft(&self.nft, &["-f", "-"], Some(&script), timeout) {
+                Ok(_) => return items.iter().map(|_| Ok(())).collect(),
+                // Hung: trying one by one would hang once per element.
+                Err(e @ BackendError::TimedOut(_)) => return items.iter().map(|_| Err(e.clone())).collect(),
+                Err(_) => {}
             }
         }
         // One transaction fails whole: find out which one by one.
@@ -348,10 +443,13 @@ impl BanBackend for NftBackend {
     fn expires_itself(&self) -> bool {
         true
     }
+    fn holds_prefixes(&self) -> bool {
+        true
+    }
     fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
         let mut out = BTreeSet::new();
         for set in [&self.set4, &self.set6] {
-            let json = run_nft(&self.nft, &["-j", "list", "set", "inet", &self.table, set], None)?;
+            let json = run_nft(&self.nft, &["-j", "list", "set", "inet", &self.table, set], None, self.timeout)?;
             out.extend(parse_nft_set_json(&json)?);
         }
         Ok(Some(out))
@@ -404,6 +502,19 @@ mod tests {
                      {"elem": {"val": "10.1.2.3", "timeout": 10, "expires": 9}}, "10.9.9.9"]}}]}"#;
         let nets: Vec<String> = parse_nft_set_json(json).unwrap().iter().map(Net::to_string).collect();
         assert_eq!(nets, ["10.1.2.3", "10.9.9.9", "2001:db8:1:2::/64"]);
+    }
+
+    #[test]
+    fn a_hung_nft_is_killed_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("nft");
+        // Reads its script, then hangs.
+        std::fs::write(&fake, "#!/bin/sh\ncat >/dev/null\nexec sleep 600\n").unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let cfg = NftablesSection { nft: fake, ..NftablesSection::default() };
+        let b = NftBackend::new(&cfg).with_timeout(Duration::from_millis(200));
+        let r = b.apply("192.0.2.1".parse().unwrap(), Duration::from_secs(1), Duration::from_secs(1));
+        assert!(matches!(r, Err(BackendError::TimedOut(_))), "{r:?}");
     }
 
     #[test]

@@ -77,6 +77,22 @@ pub struct BanConfig {
     /// Ban history older than this is deleted.
     #[serde(with = "humantime_serde")]
     pub history_keep: Duration,
+    /// The deadline of one kernel call (an `nft` run, a `/proc/net/xt_recent` write): a hung
+    /// `nft` is killed and the operation retried like any backend failure. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub kernel_timeout: Duration,
+    /// How long a session waits for its ban to be recorded before its reply goes on (the
+    /// in-process gate holds the ban already; the order completes in the background). 15 s.
+    #[serde(with = "humantime_serde")]
+    pub order_timeout: Duration,
+    /// The most active bans. Beyond it new automatic bans (B1–B4) are refused with an error
+    /// log (older bans are never evicted to make room); manual bans still go in. 1,000,000.
+    pub max_active: usize,
+    /// This many active IPv6 bans inside one /48 are widened to one ban of the /48, which
+    /// replaces them (a holder of a large prefix cannot fill the table one /64 at a time).
+    /// 0 turns it off; it is off anyway with xt_recent (its table's `--mask` is fixed) and
+    /// when `gate.ipv6_prefix` is 48 or shorter. Default 16.
+    pub widen_v6_after: usize,
 }
 
 impl Default for BanConfig {
@@ -91,9 +107,19 @@ impl Default for BanConfig {
             retry_interval: Duration::from_secs(5),
             reconcile_interval: Duration::from_secs(30),
             history_keep: Duration::from_secs(365 * 86_400),
+            kernel_timeout: super::backend::DEFAULT_KERNEL_TIMEOUT,
+            order_timeout: Duration::from_secs(15),
+            max_active: DEFAULT_MAX_ACTIVE,
+            widen_v6_after: 16,
         }
     }
 }
+
+/// `[bans] max_active` unless configured.
+pub const DEFAULT_MAX_ACTIVE: usize = 1_000_000;
+
+/// The prefix many IPv6 bans are widened to.
+pub const WIDE_V6_PREFIX: u8 = 48;
 
 /// `[bans.xt_recent]`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -290,7 +316,31 @@ impl BanConfig {
         if self.sync_interval > Duration::from_secs(60) {
             out.push("sync_interval: at most 60s (bans added by `gatekeeper bans` wait this long)".into());
         }
+        for (name, d, min, max) in [
+            ("kernel_timeout", self.kernel_timeout, Duration::from_millis(100), Duration::from_secs(600)),
+            ("order_timeout", self.order_timeout, Duration::from_millis(100), Duration::from_secs(600)),
+        ] {
+            if d < min || d > max {
+                out.push(format!(
+                    "{name}: {} is not between {} and {}",
+                    humantime_serde::re::humantime::format_duration(d),
+                    humantime_serde::re::humantime::format_duration(min),
+                    humantime_serde::re::humantime::format_duration(max)
+                ));
+            }
+        }
+        if self.max_active == 0 {
+            out.push("max_active: must be at least 1".into());
+        }
+        if self.widen_v6_after == 1 {
+            out.push("widen_v6_after: 1 would ban a /48 for its first /64; use 0 (off) or at least 2".into());
+        }
         out
+    }
+
+    /// True if many IPv6 bans in one /48 are widened to the /48 with this backend and prefix.
+    pub fn widens(&self, ipv6_prefix: u8) -> bool {
+        self.widen_v6_after >= 2 && self.backend != BackendKind::XtRecent && ipv6_prefix > WIDE_V6_PREFIX
     }
 
     /// Problems that involve `[gate]` as well, each naming its field from the top.
@@ -372,6 +422,21 @@ impl BanConfig {
                     n.table, n.ban_set, n.ban_set6, n.rate_set, n.rate_set6
                 ));
             }
+        }
+        out.push(format!(
+            "bans: at most {} active bans (bans.max_active); beyond it new automatic bans are refused and logged",
+            self.max_active
+        ));
+        if self.widens(gate.ipv6_prefix) {
+            out.push(format!(
+                "bans: {} or more IPv6 bans inside one /48 are replaced by one ban of the /48 (bans.widen_v6_after)",
+                self.widen_v6_after
+            ));
+        } else if self.backend == BackendKind::XtRecent && self.widen_v6_after >= 2 {
+            out.push(
+                "bans: IPv6 bans are not widened to /48 with xt_recent (the table's --mask is fixed);                  bans.max_active still caps them"
+                    .into(),
+            );
         }
         if self.escalation.enabled {
             out.push(format!(

@@ -1,22 +1,25 @@
 //! The ban manager's periodic maintenance: [`BanManager::tick`], run every `sync_interval` by
-//! [`BanManager::run`]. One pass holds the core lock and runs these phases, each its own
-//! function, in this order:
+//! [`BanManager::run`]. One pass runs these phases, each its own function, in this order:
 //!
 //! 1. **sync from store**: bans added or lifted by another process (`gatekeeper bans`);
 //! 2. **expire**: due bans leave the database, the kernel (xt_recent cannot expire an entry
 //!    early) and the in-process gate;
-//! 3. **retry**: backend operations that failed, every `retry_interval`;
-//! 4. **reconcile the kernel**: read the kernel table back and re-apply the bans a ruleset
-//!    reload or a flushed table lost, every `reconcile_interval`, once nothing awaits a retry;
-//! 5. **refresh long bans**: bans longer than `ban_time` (escalated) get a fresh stamp before
+//! 3. **retry**: backend operations that failed, and commits the database refused (bans in
+//!    force but unsaved), every `retry_interval`;
+//! 4. **refresh long bans**: bans longer than `ban_time` (escalated) get a fresh stamp before
 //!    the xt rule's `--seconds` (and the in-process gate, which models it) forgets them;
-//! 6. **prune history**: history older than `history_keep`, hourly.
+//! 5. **prune history**: history older than `history_keep`, hourly;
+//! 6. **reconcile the kernel**: read the kernel table back and re-apply the bans a ruleset
+//!    reload or a flushed table lost, every `reconcile_interval`, once nothing awaits a retry.
 //!
-//! The order matters: sync leaves already expired rows for the expiry phase to remove
-//! everywhere, and the kernel is reconciled only once the retry phase has left nothing pending.
-//! The in-process gate's operations the phases decide are carried out in the order decided,
-//! after the lock is released. A phase that fails (the database) ends the pass; the next tick
-//! starts over.
+//! Phases 1–5 run under the core lock and only *decide* kernel operations; the pass then
+//! releases the lock and, in its turn (a ticket, so kernel batches keep their order), carries
+//! them out, settles their results under the lock, and runs phase 6 the same way (the table
+//! is read and re-applied without the lock). The order matters: sync leaves already expired
+//! rows for the expiry phase to remove everywhere, and the kernel is reconciled only once the
+//! retries have left nothing pending. The in-process gate's operations are carried out in the
+//! order decided, after the lock is released. A phase that fails (the database) ends the
+//! pass; the next tick starts over.
 //!
 //! Maintenance must not record new bans (only re-apply recorded ones) nor decide anything a
 //! ban order decides; it reads time only from the [`Clock`](crate::edges::Clock), once a pass.
@@ -24,7 +27,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Ban, BanError, BanManager, Core, Inner, MirrorOp, Net, Pending, bump};
+use super::{Ban, BanError, BanManager, Core, HistoryEvent, Inner, KernelOp, MirrorOp, Net, Pending, bump};
 
 /// How often history older than `history_keep` is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -62,6 +65,8 @@ struct Pass {
     mono: Instant,
     /// For the in-process gate, in order, once the core lock is released.
     ops: Vec<MirrorOp>,
+    /// For the kernel, in order, once the core lock is released.
+    kernel: Vec<KernelOp>,
 }
 
 impl Pass {
@@ -80,17 +85,36 @@ impl Inner {
 
     /// The phases, in order (see the module documentation).
     fn maintain(&self) -> Result<(), BanError> {
-        let mut pass = Pass { now: self.clock.wall(), mono: self.clock.now(), ops: Vec::new() };
+        let mut pass = Pass { now: self.clock.wall(), mono: self.clock.now(), ops: Vec::new(), kernel: Vec::new() };
         let mut core = self.core.lock().expect("core lock");
-        self.sync_from_store(&mut core, &mut pass)?;
-        self.expire(&mut core, &mut pass)?;
-        self.retry(&mut core, &pass);
-        self.reconcile_kernel(&mut core, &pass);
-        self.refresh_long_bans(&mut core, &mut pass);
-        self.prune_history(&mut core, &pass)?;
+        // The decisions are carried out even if a later phase fails.
+        let decided = self
+            .sync_from_store(&mut core, &mut pass)
+            .and_then(|()| self.expire(&mut core, &mut pass))
+            .map(|()| {
+                self.retry(&mut core, &mut pass);
+                self.save_unsaved(&mut core, &pass);
+                self.refresh_long_bans(&mut core, &mut pass);
+            })
+            .and_then(|()| self.prune_history(&mut core, &pass));
+        let reconcile = decided.is_ok()
+            && self.backend.kind().is_kernel()
+            && pass.due(core.last_reconcile, self.cfg.reconcile_interval);
+        let ticket = Inner::ticket(&mut core);
         drop(core);
-        self.mirror(pass.ops);
-        Ok(())
+        self.mirror(std::mem::take(&mut pass.ops));
+        self.in_turn(ticket, || {
+            let results = self.run_ops(&pass.kernel);
+            let mut core = self.core.lock().expect("core lock");
+            self.settle_ops(&mut core, &pass.kernel, &results, pass.now);
+            // Only once the retries have left nothing pending.
+            if reconcile && core.pending.is_empty() {
+                core.last_reconcile = Some(pass.mono);
+                drop(core);
+                self.reconcile_kernel(pass.now);
+            }
+        });
+        decided
     }
 
     /// Phase 1: changes by other processes (`gatekeeper bans add|remove`), if the database
@@ -101,11 +125,14 @@ impl Inner {
         }
         let now = pass.now;
         let rows: BTreeMap<Net, Ban> = core.store.all()?.into_iter().map(|b| (b.net, b)).collect();
-        let gone: Vec<Net> = core.active.keys().filter(|n| !rows.contains_key(n)).copied().collect();
+        self.stats.bad_rows.store(core.store.bad_rows() as u64, std::sync::atomic::Ordering::Relaxed);
+        // A ban waiting for its commit is not in the database yet: not lifted.
+        let gone: Vec<Net> =
+            core.active.keys().filter(|n| !rows.contains_key(n) && !core.unsaved.contains_key(n)).copied().collect();
         for net in gone {
             core.active.remove(&net);
-            self.remove_from_backend(core, net);
-            pass.ops.push(MirrorOp::Unban(net.addr()));
+            pass.kernel.push(KernelOp::Remove(net));
+            pass.ops.push(MirrorOp::Unban(net));
             bump(&self.stats.synced);
             tracing::info!(net = %net, "ban lifted elsewhere; applied");
         }
@@ -118,8 +145,9 @@ impl Inner {
                 core.active.insert(net, ban);
                 continue;
             }
-            self.apply(core, &ban, now);
-            pass.ops.push(MirrorOp::Ban(net.addr(), ban.remaining(now)));
+            pass.kernel.push(Inner::apply_op(&ban, now));
+            pass.ops.push(MirrorOp::Ban(net, ban.remaining(now)));
+            core.unsaved.remove(&net);
             bump(&self.stats.synced);
             tracing::info!(net = %net, ban = ban.reason.as_str(), evidence = %ban.evidence, "ban added elsewhere; applied");
             core.active.insert(net, ban);
@@ -133,6 +161,7 @@ impl Inner {
         let due: Vec<Net> = core.active.values().filter(|b| b.is_expired(now)).map(|b| b.net).collect();
         for net in due {
             core.active.remove(&net);
+            core.unsaved.remove(&net);
             let removed = core.store.remove_expired(net, now)?;
             if let Some(ban) = core.store.get(net)? {
                 // Extended by another process meanwhile.
@@ -140,10 +169,10 @@ impl Inner {
                 continue;
             }
             if !self.backend.expires_itself() {
-                self.remove_from_backend(core, net);
+                pass.kernel.push(KernelOp::Remove(net));
             }
             core.applied.remove(&net);
-            pass.ops.push(MirrorOp::Unban(net.addr()));
+            pass.ops.push(MirrorOp::Unban(net));
             if removed.is_some() {
                 bump(&self.stats.expired);
                 tracing::info!(net = %net, "ban expired");
@@ -153,16 +182,16 @@ impl Inner {
     }
 
     /// Phase 3: retry failed backend operations, every `retry_interval`.
-    fn retry(&self, core: &mut Core, pass: &Pass) {
+    fn retry(&self, core: &mut Core, pass: &mut Pass) {
         if core.pending.is_empty() || !pass.due(core.last_retry, self.cfg.retry_interval) {
             return;
         }
         core.last_retry = Some(pass.mono);
         let pending: Vec<(Net, Pending)> = core.pending.iter().map(|(n, p)| (*n, *p)).collect();
         for (net, op) in pending {
-            match (op, core.active.get(&net).cloned()) {
-                (Pending::Apply, Some(ban)) => self.apply(core, &ban, pass.now),
-                (Pending::Remove, None) => self.remove_from_backend(core, net),
+            match (op, core.active.get(&net)) {
+                (Pending::Apply, Some(ban)) => pass.kernel.push(Inner::apply_op(ban, pass.now)),
+                (Pending::Remove, None) => pass.kernel.push(KernelOp::Remove(net)),
                 // Overtaken by events: nothing to do.
                 _ => {
                     core.pending.remove(&net);
@@ -171,24 +200,77 @@ impl Inner {
         }
     }
 
-    /// Phase 4: reconcile with the kernel table, every `reconcile_interval` while nothing
-    /// awaits a retry: a reloaded ruleset or a flushed table loses bans silently.
-    fn reconcile_kernel(&self, core: &mut Core, pass: &Pass) {
-        if !self.backend.kind().is_kernel()
-            || !core.pending.is_empty()
-            || !pass.due(core.last_reconcile, self.cfg.reconcile_interval)
-        {
+    /// Phase 3, continued: commit again the bans the database refused, every
+    /// `retry_interval`; each failure counts and is logged as an error (an alarm).
+    fn save_unsaved(&self, core: &mut Core, pass: &Pass) {
+        if core.unsaved.is_empty() || !pass.due(core.last_save, self.cfg.retry_interval) {
             return;
         }
-        core.last_reconcile = Some(pass.mono);
+        core.last_save = Some(pass.mono);
+        let bans: Vec<Ban> = core.unsaved.values().filter(|b| !b.is_expired(pass.now)).cloned().collect();
+        let now = pass.now;
+        let written = core.store.batch(|s| {
+            bans.iter()
+                .map(|b| {
+                    // Another process may hold a later ban of the network meanwhile.
+                    match s.get(b.net)? {
+                        Some(old) if old.expires >= b.expires => Ok(()),
+                        _ => s.put(b, HistoryEvent::Ban, now),
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        match written {
+            Ok(results) => {
+                let mut failed = None;
+                for (ban, r) in bans.iter().zip(results) {
+                    match r {
+                        Ok(()) => {
+                            core.unsaved.remove(&ban.net);
+                            bump(&self.stats.commit_recovered);
+                        }
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                core.unsaved.retain(|_, b| !b.is_expired(now));
+                match failed {
+                    None => tracing::warn!(saved = bans.len(), "bans that the database had refused are now saved"),
+                    Some(e) => {
+                        bump(&self.stats.commit_failures);
+                        tracing::error!(unsaved = core.unsaved.len(), error = %e, "BANS STILL NOT SAVED");
+                    }
+                }
+            }
+            Err(e) => {
+                bump(&self.stats.commit_failures);
+                tracing::error!(unsaved = core.unsaved.len(), error = %e, "BANS STILL NOT SAVED: the database refuses");
+            }
+        }
+    }
+
+    /// Phase 6: reconcile with the kernel table, every `reconcile_interval` while nothing
+    /// awaits a retry: a reloaded ruleset or a flushed table loses bans silently. Runs in the
+    /// pass's kernel turn, without the core lock (taken only to compare and to settle).
+    fn reconcile_kernel(&self, now: SystemTime) {
         match self.backend.list() {
             Ok(Some(present)) => {
-                let missing: Vec<Ban> = core.active.values().filter(|b| !present.contains(&b.net)).cloned().collect();
-                for ban in missing {
-                    bump(&self.stats.reapplied);
-                    tracing::warn!(net = %ban.net, "ban missing from the kernel table; re-applied");
-                    self.apply(core, &ban, pass.now);
+                let missing: Vec<KernelOp> = {
+                    let core = self.core.lock().expect("core lock");
+                    core.active
+                        .values()
+                        .filter(|b| !present.contains(&b.net) && !b.is_expired(now))
+                        .map(|b| Inner::apply_op(b, now))
+                        .collect()
+                };
+                for op in &missing {
+                    if let KernelOp::Apply(net, ..) = op {
+                        bump(&self.stats.reapplied);
+                        tracing::warn!(net = %net, "ban missing from the kernel table; re-applied");
+                    }
                 }
+                let results = self.run_ops(&missing);
+                let mut core = self.core.lock().expect("core lock");
+                self.settle_ops(&mut core, &missing, &results, now);
             }
             Ok(None) => {}
             Err(e) => {
@@ -198,7 +280,7 @@ impl Inner {
         }
     }
 
-    /// Phase 5: bans longer than the xt rule's `--seconds` (escalation) need a fresh stamp in
+    /// Phase 4: bans longer than the xt rule's `--seconds` (escalation) need a fresh stamp in
     /// time, every half `ban_time`; so do the in-process gate's (it models the same rule). A
     /// backend that expires entries itself (nft) holds the whole length already.
     fn refresh_long_bans(&self, core: &mut Core, pass: &mut Pass) {
@@ -213,15 +295,15 @@ impl Inner {
             .collect();
         for ban in stale {
             if !self.backend.expires_itself() {
-                self.apply(core, &ban, now);
-            } else {
-                core.applied.insert(ban.net, now);
+                pass.kernel.push(Inner::apply_op(&ban, now));
             }
-            pass.ops.push(MirrorOp::Ban(ban.net.addr(), ban.remaining(now)));
+            // Stamped now, so that the next pass does not pick it again before it settles.
+            core.applied.insert(ban.net, now);
+            pass.ops.push(MirrorOp::Ban(ban.net, ban.remaining(now)));
         }
     }
 
-    /// Phase 6: drop history older than `history_keep`, hourly.
+    /// Phase 5: drop history older than `history_keep`, hourly.
     fn prune_history(&self, core: &mut Core, pass: &Pass) -> Result<(), BanError> {
         if !pass.due(core.last_prune, PRUNE_EVERY) {
             return Ok(());

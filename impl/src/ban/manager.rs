@@ -1,22 +1,27 @@
 //! The ban manager's API ([`BanManager`]): open it, ban, unban, list and query, restore the
 //! stored bans on start; and the group commit behind every ban (`Inner::record`): the order is
-//! durable in SQLite before it is answered, then it goes to the backend and the in-process gate.
+//! durable in SQLite before it is answered, then it goes to the backend and the in-process gate
+//! (without the core lock). Here too: the cap on active bans and the widening of many IPv6
+//! bans into one /48, and what happens to an order the database refuses.
 //!
 //! It must not decide whether to ban (the rules did, or an administrator) nor run the periodic
 //! work (that is `maintenance.rs`); it never names the server (the gate is a [`BanMirror`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
+use super::config::WIDE_V6_PREFIX;
 use super::{
     Ban, BanBackend, BanConfig, BanError, BanMirror, BanOutcome, BanStats, BanStore, Core, HistoryEvent, HistoryRow,
-    Inner, MirrorOp, Net, Pending, Queued, RestoreReport, STATE_DB, StoreError, build_backend, bump,
+    Inner, KernelOp, MirrorOp, Net, Queued, RestoreReport, STATE_DB, StoreError, build_backend, bump,
 };
 use crate::edges::{BanOrder, BanSink, BoxFuture, Clock};
 use crate::gate::GateConfig;
+use crate::policy::BanReason;
 
 /// The ban manager. Cheap to clone; clones share state.
 #[derive(Debug, Clone)]
@@ -50,7 +55,14 @@ impl BanManager {
     ) -> Result<BanManager, BanError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|error| BanError::StateDir { path: state_dir.display().to_string(), error })?;
-        let store = BanStore::open(&state_dir.join(STATE_DB))?;
+        // A damaged database must not keep port 25 down: moved aside, started afresh.
+        let (store, _aside) = crate::dbfile::open_or_move_aside(
+            &state_dir.join(STATE_DB),
+            clock.wall(),
+            "ban database",
+            BanStore::open,
+            BanStore::is_damage,
+        )?;
         Ok(BanManager::new(cfg, gate, store, backend, clock, offload))
     }
 
@@ -69,6 +81,7 @@ impl BanManager {
                 cfg: cfg.clone(),
                 ban_time: gate.ban_time,
                 ipv6_prefix: gate.ipv6_prefix,
+                widen: cfg.widens(gate.ipv6_prefix) && backend.holds_prefixes(),
                 clock,
                 backend,
                 core: Mutex::new(Core {
@@ -76,12 +89,17 @@ impl BanManager {
                     active: BTreeMap::new(),
                     pending: BTreeMap::new(),
                     applied: BTreeMap::new(),
+                    unsaved: BTreeMap::new(),
+                    next_ticket: 0,
                     backend_down: false,
                     last_retry: None,
+                    last_save: None,
                     last_reconcile: None,
                     last_prune: None,
                 }),
                 queue: Mutex::new(Vec::new()),
+                turn: Mutex::new(0),
+                turn_cv: Condvar::new(),
                 mirror: Mutex::new(None),
                 stats: BanStats::default(),
             }),
@@ -109,13 +127,14 @@ impl BanManager {
         Net::ban_key(addr, self.inner.ipv6_prefix)
     }
 
-    /// The ban key for a CLI argument: an address, or a network that is exactly a ban key.
+    /// The ban key for a CLI argument: an address, or a network that is exactly a ban key (or,
+    /// when IPv6 bans are widened, an IPv6 /48).
     pub fn key_of(&self, net: Net) -> Result<Net, BanError> {
         if net.is_host() {
             return Ok(self.key(net.addr()));
         }
         let key = self.key(net.addr());
-        if key == net { Ok(key) } else { Err(BanError::BadNet(net, self.inner.ipv6_prefix)) }
+        if key == net || self.inner.is_wide(net) { Ok(net) } else { Err(BanError::BadNet(net, self.inner.ipv6_prefix)) }
     }
 
     /// True if `addr`'s ban network overlaps the allowlist.
@@ -159,9 +178,14 @@ impl BanManager {
     }
 
     /// Every recorded ban, read from the database (expired ones still listed until the
-    /// server's next expiry pass), ordered by network.
+    /// server's next expiry pass), ordered by network. Bad rows are skipped (and logged).
     pub fn list_blocking(&self) -> Result<Vec<Ban>, BanError> {
         Ok(self.inner.core.lock().expect("core lock").store.all()?)
+    }
+
+    /// Bans in force whose commit failed, waiting for a retry (an alarm when not zero).
+    pub fn unsaved_len(&self) -> usize {
+        self.inner.core.lock().expect("core lock").unsaved.len()
     }
 
     /// The latest `limit` history rows, newest first.
@@ -195,10 +219,22 @@ impl BanSink for BanManager {
     fn ban(&self, order: BanOrder) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             let (addr, reason) = (order.addr, order.reason);
-            let result = self.blocking(move |i| i.record(order)).await.and_then(|r| r);
-            if let Err(e) = result {
-                // The in-process gate holds the ban; only its persistence failed.
-                tracing::error!(client = %addr, ban = reason.as_str(), error = %e, "ban not recorded");
+            let wait = self.inner.cfg.order_timeout;
+            let result = match tokio::time::timeout(wait, self.blocking(move |i| i.record(order))).await {
+                Ok(result) => result.and_then(|r| r),
+                Err(_) => {
+                    // The order goes on in the background; the in-process gate holds the ban.
+                    bump(&self.inner.stats.order_timeouts);
+                    tracing::error!(client = %addr, ban = reason.as_str(), timeout = ?wait,
+                        "ban order still not recorded; the reply goes on, the order completes in the background");
+                    return;
+                }
+            };
+            match result {
+                // Logged (and retried) where it happened.
+                Err(BanError::Unsaved { .. }) => {}
+                Err(e) => tracing::error!(client = %addr, ban = reason.as_str(), error = %e, "ban not recorded"),
+                Ok(_) => {}
             }
         })
     }
@@ -218,7 +254,7 @@ impl Inner {
             bump(&self.stats.allowlisted);
             tracing::info!(net = %net, ban = order.reason.as_str(), evidence = %order.evidence, "allowlisted: not banned");
             // The server bans in process before it asks us; undo that.
-            self.mirror(vec![MirrorOp::Unban(net.addr())]);
+            self.mirror(vec![MirrorOp::Unban(net)]);
             return Ok(BanOutcome::Allowlisted(net));
         }
         let answer = Arc::new(Mutex::new(None));
@@ -229,64 +265,258 @@ impl Inner {
             return done;
         }
         let orders = std::mem::take(&mut *self.queue.lock().expect("queue lock"));
-        let ops = self.commit_orders(&mut core, orders);
+        let (now, mirror, kernel) = self.commit_orders(&mut core, orders);
+        let ticket = (!kernel.is_empty()).then(|| Inner::ticket(&mut core));
         drop(core);
-        self.mirror(ops);
+        self.mirror(mirror);
+        if let Some(ticket) = ticket {
+            // The group goes to the kernel together (nft: one `nft -f` for all), without the
+            // core lock: other sessions' bans commit meanwhile.
+            self.kernel(ticket, &kernel, now);
+        }
         answer.lock().expect("answer lock").take().expect("a queued order is answered by its commit")
     }
 
-    /// Commits `orders` in one transaction, then applies each to the backend and answers it.
-    /// Returns the in-process gate operations to carry out once the lock is released.
-    fn commit_orders(&self, core: &mut Core, orders: Vec<Queued>) -> Vec<MirrorOp> {
+    /// Commits `orders` in one transaction and answers each; an order the database refused is
+    /// enforced anyway and kept for a retry. Returns the time used and the in-process gate and
+    /// kernel operations to carry out once the lock is released.
+    fn commit_orders(&self, core: &mut Core, orders: Vec<Queued>) -> (SystemTime, Vec<MirrorOp>, Vec<KernelOp>) {
         let now = self.clock.wall();
         bump(&self.stats.commits);
-        let results = match core.store.batch(|store| orders.iter().map(|o| self.stage(store, o, now)).collect()) {
-            Ok(results) => results,
-            Err(e) if orders.len() == 1 => vec![Err(e.into())],
-            Err(e) => {
-                tracing::error!(orders = orders.len(), error = %e, "group commit of bans failed");
-                orders.iter().map(|_| Err(StoreError::GroupCommit(e.to_string()).into())).collect::<Vec<_>>()
-            }
-        };
-        let mut ops = Vec::new();
-        let mut items = BTreeMap::new();
+        // New automatic bans this group may still add.
+        let mut room = self.cfg.max_active.saturating_sub(core.active.len());
+        let results =
+            match core.store.batch(|store| orders.iter().map(|o| self.stage(store, o, now, &mut room)).collect()) {
+                Ok(results) => results,
+                Err(e) => {
+                    // Nothing of the group was kept: the room its staging took is free again.
+                    room = self.cfg.max_active.saturating_sub(core.active.len());
+                    tracing::error!(orders = orders.len(), error = %e, "commit of bans failed");
+                    orders.iter().map(|_| Err(StoreError::GroupCommit(e.to_string()).into())).collect::<Vec<_>>()
+                }
+            };
+        let (mut mirror, mut kernel) = (Vec::new(), BTreeMap::new());
+        let mut touched = BTreeSet::new();
         for (order, result) in orders.into_iter().zip(results) {
-            let result = result.map(|(ban, outcome)| {
-                bump(&self.stats.recorded);
-                tracing::info!(
-                    net = %ban.net,
-                    ban = ban.reason.as_str(),
-                    session = ban.session,
-                    evidence = %ban.evidence,
-                    offence = ban.offence,
-                    secs = ban.total().as_secs(),
-                    extended = matches!(outcome, BanOutcome::Extended(_)),
-                    "ban recorded"
-                );
-                items.insert(ban.net, (ban.remaining(now), ban.total()));
-                ops.push(MirrorOp::Ban(ban.net.addr(), ban.remaining(now)));
-                core.active.insert(ban.net, ban);
-                outcome
-            });
+            let result = match result {
+                Ok((Some(ban), outcome)) => {
+                    bump(&self.stats.recorded);
+                    tracing::info!(
+                        net = %ban.net,
+                        ban = ban.reason.as_str(),
+                        session = ban.session,
+                        evidence = %ban.evidence,
+                        offence = ban.offence,
+                        secs = ban.total().as_secs(),
+                        extended = matches!(outcome, BanOutcome::Extended(_)),
+                        "ban recorded"
+                    );
+                    core.unsaved.remove(&ban.net);
+                    touched.insert(ban.net);
+                    kernel.insert(ban.net, Inner::apply_op(&ban, now));
+                    if ban.net != order.net && !self.mirror_holds_prefixes() {
+                        // Inside a widened /48 the gate cannot hold: its own key, then.
+                        mirror.push(MirrorOp::Ban(order.net, ban.remaining(now)));
+                    }
+                    mirror.push(MirrorOp::Ban(ban.net, ban.remaining(now)));
+                    core.active.insert(ban.net, ban);
+                    Ok(outcome)
+                }
+                Ok((None, outcome)) => {
+                    if let BanOutcome::Refused(net) = outcome {
+                        self.refused(net, &order.order);
+                        // The server banned in process before it asked us; undo that.
+                        mirror.push(MirrorOp::Unban(net));
+                    }
+                    Ok(outcome)
+                }
+                Err(e) => self.unsaved(core, &order, e, now, &mut room, &mut mirror, &mut kernel),
+            };
             // Answered once committed: the kernel is best effort from here (failures retry).
             *order.answer.lock().expect("answer lock") = Some(result);
         }
-        // The group goes to the kernel together too (nft: one `nft -f` for all), each network
-        // once, as it now stands.
-        let items: Vec<_> = items.into_iter().map(|(n, (r, t))| (n, r, t)).collect();
-        let results = self.backend.apply_many(&items);
-        for (&(net, ..), result) in items.iter().zip(results) {
-            self.settle(core, net, Pending::Apply, result);
-            core.applied.insert(net, now);
+        let mut kernel: Vec<KernelOp> = kernel.into_values().collect();
+        if self.widen {
+            let wide: BTreeSet<Net> = touched
+                .into_iter()
+                .filter(|n| n.addr().is_ipv6() && n.prefix() > WIDE_V6_PREFIX)
+                .map(|n| Net::new(n.addr(), WIDE_V6_PREFIX))
+                .collect();
+            for w in wide {
+                self.maybe_widen(core, w, now, &mut mirror, &mut kernel);
+            }
         }
         self.warn_capacity(core);
-        ops
+        (now, mirror, kernel)
+    }
+
+    /// Logs a refusal for a full table: the first, then every thousandth (it is an alarm, not
+    /// a flood of its own).
+    fn refused(&self, net: Net, order: &BanOrder) {
+        let n = self.stats.refused_full.fetch_add(1, Ordering::Relaxed) + 1;
+        if n % 1000 == 1 {
+            tracing::error!(
+                net = %net,
+                ban = order.reason.as_str(),
+                max_active = self.cfg.max_active,
+                refused_so_far = n,
+                "BAN TABLE FULL: new automatic bans are refused (no older ban is evicted); raise bans.max_active \
+                 or look at who is being banned"
+            );
+        }
+    }
+
+    /// An order the database refused: enforced anyway (kernel, in-process gate), kept in
+    /// `unsaved` for the maintenance pass to commit, answered [`BanError::Unsaved`] (or with
+    /// the ban in force that already covers it, or refused if the table is full).
+    #[allow(clippy::too_many_arguments)]
+    fn unsaved(
+        &self,
+        core: &mut Core,
+        queued: &Queued,
+        error: BanError,
+        now: SystemTime,
+        room: &mut usize,
+        mirror: &mut Vec<MirrorOp>,
+        kernel: &mut BTreeMap<Net, KernelOp>,
+    ) -> Result<BanOutcome, BanError> {
+        bump(&self.stats.commit_failures);
+        let order = &queued.order;
+        let mut net = queued.net;
+        if self.widen && net.addr().is_ipv6() {
+            let wide = Net::new(net.addr(), WIDE_V6_PREFIX);
+            if core.active.get(&wide).is_some_and(|b| !b.is_expired(now)) {
+                net = wide;
+            }
+        }
+        let at = order.at.unwrap_or(now);
+        let expires = at + order.duration.unwrap_or(self.ban_time);
+        let existing = core.active.get(&net).filter(|b| !b.is_expired(now)).cloned();
+        if let Some(old) = &existing
+            && old.expires >= expires
+        {
+            // A ban in force covers it already (saved or waiting for its retry).
+            return Ok(BanOutcome::Extended(old.clone()));
+        }
+        if existing.is_none() && order.reason != BanReason::Manual {
+            if *room == 0 {
+                self.refused(net, order);
+                mirror.push(MirrorOp::Unban(net));
+                return Ok(BanOutcome::Refused(net));
+            }
+            *room -= 1;
+        }
+        let ban = Ban {
+            net,
+            reason: order.reason,
+            session: order.session,
+            evidence: order.evidence.clone(),
+            start: at,
+            expires,
+            offence: existing.map_or(1, |b| b.offence),
+        };
+        tracing::error!(
+            net = %net,
+            ban = ban.reason.as_str(),
+            evidence = %ban.evidence,
+            error = %error,
+            "BAN NOT SAVED: the database refused it; in force now, committed again every retry_interval"
+        );
+        kernel.insert(net, Inner::apply_op(&ban, now));
+        mirror.push(MirrorOp::Ban(net, ban.remaining(now)));
+        core.unsaved.insert(net, ban.clone());
+        core.active.insert(net, ban);
+        Err(BanError::Unsaved { net, error: error.to_string() })
+    }
+
+    /// True if `net` is a /48 this manager bans in place of the IPv6 bans inside it.
+    pub(super) fn is_wide(&self, net: Net) -> bool {
+        self.widen && net.addr().is_ipv6() && net.prefix() == WIDE_V6_PREFIX
+    }
+
+    /// If `widen_v6_after` or more bans in force lie inside `wide`, replaces them by one ban of
+    /// `wide` (committed in one transaction): its expiry the latest of theirs. Not if `wide`
+    /// overlaps the allowlist. A failure leaves the narrow bans as they are (the next ban in
+    /// `wide` tries again).
+    fn maybe_widen(
+        &self,
+        core: &mut Core,
+        wide: Net,
+        now: SystemTime,
+        mirror: &mut Vec<MirrorOp>,
+        kernel: &mut Vec<KernelOp>,
+    ) {
+        let range = Net::new(wide.addr(), WIDE_V6_PREFIX)..=Net::new(wide.last(), 128);
+        let narrow: Vec<Ban> = core
+            .active
+            .range(range)
+            .map(|(_, b)| b)
+            .filter(|b| b.net.prefix() > WIDE_V6_PREFIX && !b.is_expired(now))
+            .cloned()
+            .collect();
+        if narrow.len() < self.cfg.widen_v6_after || self.allowlisted(wide) {
+            return;
+        }
+        let Some(last) = narrow.iter().max_by_key(|b| (b.start, b.net)) else {
+            return;
+        };
+        let ban = Ban {
+            net: wide,
+            reason: last.reason,
+            session: last.session,
+            evidence: format!("widened: {} bans inside {wide} (last: {})", narrow.len(), last.evidence),
+            start: now,
+            expires: narrow.iter().map(|b| b.expires).max().unwrap_or(now),
+            offence: narrow.iter().map(|b| b.offence).max().unwrap_or(1),
+        };
+        let written = core.store.batch(|s| {
+            for b in &narrow {
+                s.remove(b.net, HistoryEvent::Widen, now)?;
+            }
+            s.put(&ban, HistoryEvent::Ban, now)
+        });
+        if let Err(e) = written.and_then(|r| r) {
+            bump(&self.stats.commit_failures);
+            tracing::error!(net = %wide, error = %e, "widening to /48 not saved; the narrow bans stay");
+            return;
+        }
+        bump(&self.stats.widened);
+        tracing::warn!(net = %wide, replaced = narrow.len(), secs = ban.total().as_secs(), evidence = %ban.evidence,
+            "many IPv6 bans in one /48: widened to the /48");
+        // A gate that cannot hold the /48 keeps the narrow bans until they run out.
+        let gate_widens = self.mirror_holds_prefixes();
+        for b in &narrow {
+            core.active.remove(&b.net);
+            core.unsaved.remove(&b.net);
+            kernel.retain(|op| !matches!(op, KernelOp::Apply(n, ..) if *n == b.net));
+            kernel.push(KernelOp::Remove(b.net));
+            if gate_widens {
+                mirror.push(MirrorOp::Unban(b.net));
+            }
+        }
+        kernel.push(Inner::apply_op(&ban, now));
+        mirror.push(MirrorOp::Ban(wide, ban.remaining(now)));
+        core.active.insert(wide, ban);
     }
 
     /// The database part of one order, inside the group's transaction: the ban as it now
-    /// stands, and what happened to it.
-    fn stage(&self, store: &mut BanStore, queued: &Queued, now: SystemTime) -> Result<(Ban, BanOutcome), BanError> {
-        let (net, order) = (queued.net, &queued.order);
+    /// stands and what happened to it, or no ban if the table is full (`room` new automatic
+    /// bans may still go in).
+    fn stage(
+        &self,
+        store: &mut BanStore,
+        queued: &Queued,
+        now: SystemTime,
+        room: &mut usize,
+    ) -> Result<(Option<Ban>, BanOutcome), BanError> {
+        let (mut net, order) = (queued.net, &queued.order);
+        if self.widen && net.addr().is_ipv6() {
+            // Inside a widened /48: the order extends that ban.
+            let wide = Net::new(net.addr(), WIDE_V6_PREFIX);
+            if store.get(wide)?.is_some_and(|b| !b.is_expired(now)) {
+                net = wide;
+            }
+        }
         let at = order.at.unwrap_or(now);
         let base = order.duration.unwrap_or(self.ban_time);
         let earlier = if self.cfg.escalation.enabled {
@@ -297,6 +527,12 @@ impl Inner {
         };
         let length = self.cfg.escalation.duration(base, earlier);
         let existing = store.get(net)?.filter(|b| !b.is_expired(now));
+        if existing.is_none() && order.reason != BanReason::Manual {
+            if *room == 0 {
+                return Ok((None, BanOutcome::Refused(net)));
+            }
+            *room -= 1;
+        }
         let candidate = Ban {
             net,
             reason: order.reason,
@@ -307,14 +543,14 @@ impl Inner {
             offence: earlier + 1,
         };
         Ok(match existing {
-            Some(old) if old.expires >= candidate.expires => (old.clone(), BanOutcome::Extended(old)),
+            Some(old) if old.expires >= candidate.expires => (Some(old.clone()), BanOutcome::Extended(old)),
             Some(_) => {
                 store.put(&candidate, HistoryEvent::Extend, now)?;
-                (candidate.clone(), BanOutcome::Extended(candidate))
+                (Some(candidate.clone()), BanOutcome::Extended(candidate))
             }
             None => {
                 store.put(&candidate, HistoryEvent::Ban, now)?;
-                (candidate.clone(), BanOutcome::Banned(candidate))
+                (Some(candidate.clone()), BanOutcome::Banned(candidate))
             }
         })
     }
@@ -324,13 +560,16 @@ impl Inner {
         let mut core = self.core.lock().expect("core lock");
         let old = core.store.remove(net, event, now)?;
         core.active.remove(&net);
-        self.remove_from_backend(&mut core, net);
+        let unsaved = core.unsaved.remove(&net);
+        let ticket = Inner::ticket(&mut core);
         drop(core);
+        let old = old.or(unsaved);
         if old.is_some() {
             bump(&self.stats.removed);
             tracing::info!(net = %net, "ban lifted");
         }
-        self.mirror(vec![MirrorOp::Unban(net.addr())]);
+        self.mirror(vec![MirrorOp::Unban(net)]);
+        self.kernel(ticket, &[KernelOp::Remove(net)], now);
         Ok(old)
     }
 
@@ -339,11 +578,13 @@ impl Inner {
         let mut core = self.core.lock().expect("core lock");
         core.store.changed()?;
         let mut report = RestoreReport::default();
-        let mut items = Vec::new();
+        let mut kernel = Vec::new();
         let mut ops = Vec::new();
-        for mut ban in core.store.all()? {
+        let bans = core.store.all()?;
+        self.stats.bad_rows.store(core.store.bad_rows() as u64, Ordering::Relaxed);
+        for mut ban in bans {
             let key = Net::ban_key(ban.net.addr(), self.ipv6_prefix);
-            if key != ban.net {
+            if key != ban.net && !self.is_wide(ban.net) {
                 // The IPv6 prefix changed since the ban was recorded: re-key it.
                 core.store.remove(ban.net, HistoryEvent::Remove, now)?;
                 ban.net = key;
@@ -352,28 +593,24 @@ impl Inner {
             if ban.is_expired(now) {
                 core.store.remove(ban.net, HistoryEvent::Expire, now)?;
                 if !self.backend.expires_itself() {
-                    self.remove_from_backend(&mut core, ban.net);
+                    kernel.push(KernelOp::Remove(ban.net));
                 }
                 bump(&self.stats.expired);
                 report.expired += 1;
                 continue;
             }
-            items.push((ban.net, ban.remaining(now), ban.total()));
-            ops.push(MirrorOp::Ban(ban.net.addr(), ban.remaining(now)));
+            kernel.push(Inner::apply_op(&ban, now));
+            ops.push(MirrorOp::Ban(ban.net, ban.remaining(now)));
             core.active.insert(ban.net, ban);
+            report.restored += 1;
         }
-        let results = self.backend.apply_many(&items);
-        for (&(net, ..), result) in items.iter().zip(results) {
-            if result.is_err() {
-                report.failed += 1;
-            }
-            self.settle(&mut core, net, Pending::Apply, result);
-            core.applied.insert(net, now);
-        }
-        report.restored = items.len();
         self.warn_capacity(&core);
+        let ticket = Inner::ticket(&mut core);
         drop(core);
         self.mirror(ops);
+        let results = self.kernel(ticket, &kernel, now);
+        report.failed =
+            kernel.iter().zip(&results).filter(|(op, r)| matches!(op, KernelOp::Apply(..)) && r.is_err()).count();
         tracing::info!(
             restored = report.restored,
             expired = report.expired,

@@ -10,10 +10,25 @@
 //!   (`<state_dir>/state.sqlite`, [`store`]) before the server replies to the client, so a
 //!   kill -9 loses nothing. Concurrent bans are group-committed: one transaction, one fsync,
 //!   for every order queued while the previous commit ran (a flood of forged senders).
+//! - **When the database refuses** (disk full, I/O error): the ban is still enforced (the
+//!   kernel, the in-process gate) but its order is answered [`BanError::Unsaved`], counted
+//!   (`commit_failures`) and logged as an error, and the ban is kept in memory and committed
+//!   again every `retry_interval` until the database takes it (`commit_recovered`). The
+//!   client's reply ("your address is banned") stays true: the ban is in force; only a
+//!   restart before the retry succeeds would lose it. A session waits for its order at most
+//!   `order_timeout`. A damaged `state.sqlite` is moved aside at start ([`crate::dbfile`]);
+//!   bad rows are skipped and counted.
+//! - **Bounded.** At most `max_active` bans: beyond it new automatic bans are refused
+//!   ([`BanOutcome::Refused`], an error log), never older ones evicted. `widen_v6_after` IPv6
+//!   bans inside one /48 are replaced by one ban of the /48 (not with xt_recent, whose mask is
+//!   fixed): the kernel and the in-process gate ([`BanMirror`] carries networks) see the /48.
 //! - **Then the kernel.** The ban goes to one [`BanBackend`] (`memory`, `xt_recent`,
-//!   `nftables`, [`backend`]). A backend failure (table missing, permission denied, set full)
-//!   is logged and counted, never fatal: the ban stays recorded and is retried every
-//!   `retry_interval` until the backend takes it.
+//!   `nftables`, [`backend`]). A backend failure (table missing, permission denied, set full,
+//!   timed out) is logged and counted, never fatal: the ban stays recorded and is retried every
+//!   `retry_interval` until the backend takes it. Kernel calls are never made under the
+//!   manager's lock: the work is decided under it, carried out without it (in the order it
+//!   was decided: a ticket per batch), and its results settled under it again; each call has
+//!   a deadline (`kernel_timeout`).
 //! - **And the in-process gate.** The server's own gate (which answers 554 to banned clients)
 //!   is reached through [`BanMirror`], attached by the binary; so are bans added or removed by
 //!   `gatekeeper bans` in another process, picked up within `sync_interval` (1 s).
@@ -45,9 +60,8 @@ pub mod rules;
 pub mod store;
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 pub use backend::{BackendError, BanBackend, MemoryBackend, NftBackend, XtRecentBackend};
@@ -100,11 +114,22 @@ impl Ban {
 
 /// The server's in-process gate, as the ban manager sees it. The binary implements it on top
 /// of `Server::ban` / `Server::unban` (the manager lives below the server and never names it).
+///
+/// It is given networks: a ban key (an IPv4 address, an IPv6 `/gate.ipv6_prefix`) or, when
+/// many IPv6 bans were widened (`[bans] widen_v6_after`), an IPv6 /48 that covers every ban key
+/// inside it.
 pub trait BanMirror: Send + Sync + std::fmt::Debug {
-    /// Bans `addr` (a network address) for `remaining`.
-    fn ban(&self, addr: IpAddr, remaining: Duration);
-    /// Lifts the ban of `addr`.
-    fn unban(&self, addr: IpAddr);
+    /// Bans `net` for `remaining`.
+    fn ban(&self, net: Net, remaining: Duration);
+    /// Lifts the ban of `net` (exactly that network: a /48's lifting does not touch the ban
+    /// keys inside it, which the manager lifted when it widened).
+    fn unban(&self, net: Net);
+    /// True if [`BanMirror::ban`] can hold a network wider than a ban key (a /48). If not, the
+    /// manager gives it only ban keys: a widened /48 stays, in process, the ban keys banned
+    /// before it (they run out on their own), and a later offence inside it bans its own key.
+    fn holds_prefixes(&self) -> bool {
+        false
+    }
 }
 
 /// Counters, monotonically increasing.
@@ -130,6 +155,18 @@ pub struct BanStats {
     pub removed: AtomicU64,
     /// Changes picked up from other processes (`gatekeeper bans`).
     pub synced: AtomicU64,
+    /// Commits of bans the database refused (each retry that fails counts again): an alarm.
+    pub commit_failures: AtomicU64,
+    /// Bans committed by a retry after their first commit failed.
+    pub commit_recovered: AtomicU64,
+    /// Automatic bans refused because `max_active` bans are in force.
+    pub refused_full: AtomicU64,
+    /// IPv6 /48s banned in place of the many bans inside them.
+    pub widened: AtomicU64,
+    /// Ban orders a session stopped waiting for after `order_timeout`.
+    pub order_timeouts: AtomicU64,
+    /// Bad rows skipped by the last full read of the database (a gauge).
+    pub bad_rows: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -145,6 +182,9 @@ pub enum BanOutcome {
     Extended(Ban),
     /// The network is allowlisted: nothing was banned.
     Allowlisted(Net),
+    /// `max_active` bans are in force: this automatic ban was refused (older bans are never
+    /// evicted to make room).
+    Refused(Net),
 }
 
 /// What [`BanManager::restore`] did.
@@ -178,6 +218,15 @@ pub enum BanError {
     /// The blocking task panicked or was cancelled.
     #[error("ban task: {0}")]
     Task(String),
+    /// The database refused the ban: it is in force (the kernel, the in-process gate of this
+    /// process) but not saved; a running server commits it again every `retry_interval`.
+    #[error("ban of {net} in force but NOT saved (retried every retry_interval by a running server): {error}")]
+    Unsaved {
+        /// The network banned.
+        net: Net,
+        /// SQLite's refusal.
+        error: String,
+    },
 }
 
 /// A backend operation to retry.
@@ -190,9 +239,24 @@ enum Pending {
 /// The in-process gate operations to carry out once the lock is released.
 #[derive(Debug)]
 enum MirrorOp {
-    Ban(IpAddr, Duration),
-    Unban(IpAddr),
+    Ban(Net, Duration),
+    Unban(Net),
 }
+
+/// A kernel operation decided under the core lock, carried out without it.
+#[derive(Debug, Clone, Copy)]
+enum KernelOp {
+    /// Network, remaining time, whole length.
+    Apply(Net, Duration, Duration),
+    Remove(Net),
+}
+
+/// The turn to carry out one batch of kernel operations, taken under the core lock so that
+/// batches reach the kernel (and are settled) in the order they were decided. Every ticket
+/// taken must be passed to [`Inner::in_turn`], or the batches after it wait forever.
+#[derive(Debug)]
+#[must_use]
+struct Ticket(u64);
 
 #[derive(Debug)]
 struct Core {
@@ -203,9 +267,14 @@ struct Core {
     pending: BTreeMap<Net, Pending>,
     /// When each ban was last written to the backend (for refreshing long xt bans).
     applied: BTreeMap<Net, SystemTime>,
+    /// Bans in force whose commit failed, to be committed again (see [`BanError::Unsaved`]).
+    unsaved: BTreeMap<Net, Ban>,
+    /// The next kernel batch's [`Ticket`].
+    next_ticket: u64,
     /// The backend failed last time: log its recovery once.
     backend_down: bool,
     last_retry: Option<Instant>,
+    last_save: Option<Instant>,
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
 }
@@ -215,12 +284,17 @@ struct Inner {
     cfg: BanConfig,
     ban_time: Duration,
     ipv6_prefix: u8,
+    /// Many IPv6 bans in one /48 are widened ([`BanConfig::widens`]).
+    widen: bool,
     allowlist: Vec<Net>,
     clock: Arc<dyn Clock>,
     backend: Box<dyn BanBackend>,
     core: Mutex<Core>,
     /// Ban orders waiting for the next group commit (see [`Inner::record`]).
     queue: Mutex<Vec<Queued>>,
+    /// The ticket whose kernel batch may run now.
+    turn: Mutex<u64>,
+    turn_cv: Condvar,
     mirror: Mutex<Option<Arc<dyn BanMirror>>>,
     stats: BanStats,
 }
@@ -238,8 +312,10 @@ struct Queued {
 pub fn build_backend(cfg: &BanConfig, ipv6_prefix: u8) -> Box<dyn BanBackend> {
     match cfg.backend {
         BackendKind::Memory => Box::new(MemoryBackend::new()),
-        BackendKind::XtRecent => Box::new(XtRecentBackend::new(&cfg.xt_recent, ipv6_prefix)),
-        BackendKind::Nftables => Box::new(NftBackend::new(&cfg.nftables)),
+        BackendKind::XtRecent => {
+            Box::new(XtRecentBackend::new(&cfg.xt_recent, ipv6_prefix).with_timeout(cfg.kernel_timeout))
+        }
+        BackendKind::Nftables => Box::new(NftBackend::new(&cfg.nftables).with_timeout(cfg.kernel_timeout)),
     }
 }
 
@@ -255,25 +331,107 @@ impl Inner {
         let Some(m) = self.mirror.lock().expect("mirror lock").clone() else {
             return;
         };
+        let wide = m.holds_prefixes();
         for op in ops {
             match op {
-                MirrorOp::Ban(a, d) => m.ban(a, d),
-                MirrorOp::Unban(a) => m.unban(a),
+                MirrorOp::Ban(n, _) | MirrorOp::Unban(n) if !wide && !self.is_key(n) => {}
+                MirrorOp::Ban(n, d) => m.ban(n, d),
+                MirrorOp::Unban(n) => m.unban(n),
             }
         }
     }
 
-    /// Pushes a ban to the backend; a failure is logged, counted and queued.
-    fn apply(&self, core: &mut Core, ban: &Ban, now: SystemTime) {
-        let result = self.backend.apply(ban.net, ban.remaining(now), ban.total());
-        self.settle(core, ban.net, Pending::Apply, result);
-        core.applied.insert(ban.net, now);
+    /// True if `net` is a ban key (what a ban of one client covers).
+    fn is_key(&self, net: Net) -> bool {
+        Net::ban_key(net.addr(), self.ipv6_prefix) == net
     }
 
-    fn remove_from_backend(&self, core: &mut Core, net: Net) {
-        let result = self.backend.remove(net);
-        self.settle(core, net, Pending::Remove, result);
-        core.applied.remove(&net);
+    /// True if the attached in-process gate can hold a /48 ([`BanMirror::holds_prefixes`]).
+    fn mirror_holds_prefixes(&self) -> bool {
+        self.mirror.lock().expect("mirror lock").as_ref().is_some_and(|m| m.holds_prefixes())
+    }
+
+    /// The kernel operation that puts `ban` in the table at `now`.
+    fn apply_op(ban: &Ban, now: SystemTime) -> KernelOp {
+        KernelOp::Apply(ban.net, ban.remaining(now), ban.total())
+    }
+
+    /// The next kernel batch's turn; call with the core lock held, then [`Inner::in_turn`]
+    /// (or [`Inner::kernel`]) without it.
+    fn ticket(core: &mut Core) -> Ticket {
+        core.next_ticket += 1;
+        Ticket(core.next_ticket - 1)
+    }
+
+    /// Waits for `ticket`'s turn, runs `f`, and passes the turn on (also if `f` panics). Call
+    /// it without the core lock: the batch before may need it to settle.
+    fn in_turn<T>(&self, ticket: Ticket, f: impl FnOnce() -> T) -> T {
+        struct PassOn<'a>(&'a Inner);
+        impl Drop for PassOn<'_> {
+            fn drop(&mut self) {
+                *self.0.turn.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+                self.0.turn_cv.notify_all();
+            }
+        }
+        let mut turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+        while *turn != ticket.0 {
+            turn = self.turn_cv.wait(turn).unwrap_or_else(PoisonError::into_inner);
+        }
+        drop(turn);
+        let _pass_on = PassOn(self);
+        f()
+    }
+
+    /// Carries out `ops` in `ticket`'s turn, without the core lock, and settles their results
+    /// under it (still in turn, so that results settle in the order the work was decided).
+    fn kernel(&self, ticket: Ticket, ops: &[KernelOp], now: SystemTime) -> Vec<Result<(), BackendError>> {
+        self.in_turn(ticket, || {
+            let results = self.run_ops(ops);
+            let mut core = self.core.lock().expect("core lock");
+            self.settle_ops(&mut core, ops, &results, now);
+            results
+        })
+    }
+
+    /// The kernel calls themselves: consecutive applies as one batch (nft: one `nft -f`).
+    fn run_ops(&self, ops: &[KernelOp]) -> Vec<Result<(), BackendError>> {
+        let mut out = Vec::with_capacity(ops.len());
+        let mut i = 0;
+        while i < ops.len() {
+            let run: Vec<(Net, Duration, Duration)> = ops[i..]
+                .iter()
+                .map_while(|op| match *op {
+                    KernelOp::Apply(n, r, t) => Some((n, r, t)),
+                    KernelOp::Remove(_) => None,
+                })
+                .collect();
+            if run.is_empty() {
+                if let KernelOp::Remove(net) = ops[i] {
+                    out.push(self.backend.remove(net));
+                }
+                i += 1;
+            } else {
+                i += run.len();
+                out.extend(self.backend.apply_many(&run));
+            }
+        }
+        out
+    }
+
+    /// Books the results of `ops`: failures queued for retry, recoveries counted.
+    fn settle_ops(&self, core: &mut Core, ops: &[KernelOp], results: &[Result<(), BackendError>], now: SystemTime) {
+        for (op, result) in ops.iter().zip(results) {
+            match *op {
+                KernelOp::Apply(net, ..) => {
+                    self.settle(core, net, Pending::Apply, result.clone());
+                    core.applied.insert(net, now);
+                }
+                KernelOp::Remove(net) => {
+                    self.settle(core, net, Pending::Remove, result.clone());
+                    core.applied.remove(&net);
+                }
+            }
+        }
     }
 
     fn settle(&self, core: &mut Core, net: Net, op: Pending, result: Result<(), BackendError>) {
@@ -338,5 +496,7 @@ impl Inner {
     }
 }
 
+#[cfg(test)]
+mod fault_tests;
 #[cfg(test)]
 mod tests;

@@ -49,6 +49,14 @@ impl Net {
         self.addr
     }
 
+    /// The last address of the network (all host bits set).
+    pub fn last(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) | !mask32(self.prefix))),
+            IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) | !mask128(self.prefix))),
+        }
+    }
+
     /// The prefix length.
     pub fn prefix(&self) -> u8 {
         self.prefix

@@ -49,6 +49,8 @@ pub enum HistoryEvent {
     Remove,
     /// Ran out.
     Expire,
+    /// Replaced by the ban of the IPv6 /48 around it (`[bans] widen_v6_after`).
+    Widen,
 }
 
 impl HistoryEvent {
@@ -59,6 +61,7 @@ impl HistoryEvent {
             HistoryEvent::Extend => "extend",
             HistoryEvent::Remove => "remove",
             HistoryEvent::Expire => "expire",
+            HistoryEvent::Widen => "widen",
         }
     }
 }
@@ -127,16 +130,35 @@ pub fn parse_reason(s: &str) -> Option<BanReason> {
 pub struct BanStore {
     conn: Connection,
     data_version: Option<i64>,
+    /// Bad rows skipped by the last full read, and the count last logged (logged once per
+    /// change, not on every read).
+    bad_rows: usize,
+    bad_rows_logged: usize,
 }
 
 impl BanStore {
-    /// Opens (creating if needed) the database at `path`: WAL, full sync, 5 s busy timeout.
+    /// Opens (creating if needed) the database at `path`: WAL, full sync, 5 s busy timeout,
+    /// checked with `PRAGMA quick_check`. A damaged file is an error here that
+    /// [`crate::dbfile::is_damage`] recognises ([`BanStore::is_damage`]): the ban manager then
+    /// moves it aside and starts afresh.
     pub fn open(path: &Path) -> Result<BanStore, StoreError> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // WAL may be refused on some filesystems; the rollback journal is correct too.
         let _: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        crate::dbfile::quick_check(&conn)?;
         BanStore::init(conn)
+    }
+
+    /// True if `e` says the database file is damaged or unreadable (a fresh file would do).
+    pub fn is_damage(e: &StoreError) -> bool {
+        matches!(e, StoreError::Sqlite(e) if crate::dbfile::is_damage(e))
+    }
+
+    /// Bad rows (unparseable network or reason, wrong column types) the last full read of the
+    /// bans skipped.
+    pub fn bad_rows(&self) -> usize {
+        self.bad_rows
     }
 
     /// A private database in memory (tests, and the simulation when it needs no restart).
@@ -147,12 +169,24 @@ impl BanStore {
     fn init(conn: Connection) -> Result<BanStore, StoreError> {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        let mut store = BanStore { conn, data_version: None };
+        let mut store = BanStore { conn, data_version: None, bad_rows: 0, bad_rows_logged: 0 };
         store.changed()?;
         Ok(store)
     }
 
+    /// A row as a ban, or why it is bad (a value that does not parse or has the wrong type);
+    /// an `Err` of the outer result is SQLite's own failure.
     fn row_to_ban(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<Result<Ban, String>> {
+        use rusqlite::Error::{FromSqlConversionFailure, IntegralValueOutOfRange, InvalidColumnType};
+        match BanStore::parse_row(r, base) {
+            Err(e @ (InvalidColumnType(..) | FromSqlConversionFailure(..) | IntegralValueOutOfRange(..))) => {
+                Ok(Err(e.to_string()))
+            }
+            other => other,
+        }
+    }
+
+    fn parse_row(r: &rusqlite::Row<'_>, base: usize) -> rusqlite::Result<Result<Ban, String>> {
         let net: String = r.get(base)?;
         let reason: String = r.get(base + 1)?;
         let session: i64 = r.get(base + 2)?;
@@ -181,14 +215,36 @@ impl BanStore {
     }
 
     /// Every active ban (expired ones included until [`BanStore::remove`]), ordered by network.
-    pub fn all(&self) -> Result<Vec<Ban>, StoreError> {
+    /// Bad rows are skipped and counted ([`BanStore::bad_rows`]); a change in their number is
+    /// logged once, as an error: one row written by hand or by a newer version must not keep
+    /// the server from starting or from seeing the other bans.
+    pub fn all(&mut self) -> Result<Vec<Ban>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans ORDER BY net",
         )?;
         let rows = stmt.query_map([], |r| BanStore::row_to_ban(r, 0))?;
         let mut out = Vec::new();
+        let (mut bad, mut first) = (0, None);
         for row in rows {
-            out.push(row?.map_err(StoreError::BadRow)?);
+            match row? {
+                Ok(ban) => out.push(ban),
+                Err(why) => {
+                    bad += 1;
+                    first.get_or_insert(why);
+                }
+            }
+        }
+        drop(stmt);
+        self.bad_rows = bad;
+        if bad != self.bad_rows_logged {
+            self.bad_rows_logged = bad;
+            if bad > 0 {
+                tracing::error!(
+                    bad_rows = bad,
+                    first = %crate::proto::escape(first.as_deref().unwrap_or("")),
+                    "ban database: bad rows skipped (not applied; `gatekeeper bans remove` or sqlite3 to fix)"
+                );
+            }
         }
         out.sort_by_key(|b| b.net);
         Ok(out)
@@ -200,7 +256,8 @@ impl BanStore {
             "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans WHERE net = ?1",
         )?;
         let row = stmt.query_row([net.to_string()], |r| BanStore::row_to_ban(r, 0)).optional()?;
-        row.transpose().map_err(StoreError::BadRow)
+        // A bad row counts as no ban: the next ban of the network replaces it.
+        Ok(row.and_then(Result::ok))
     }
 
     /// Runs `f` inside one write transaction and commits once: one fsync for all the writes
@@ -235,7 +292,8 @@ impl BanStore {
         Ok(())
     }
 
-    /// Deletes the ban of `net` and logs `event`; returns it if there was one.
+    /// Deletes the ban of `net` and logs `event`; returns it if there was one. Inside
+    /// [`BanStore::batch`] it writes under a savepoint, like [`BanStore::put`].
     pub fn remove(&mut self, net: Net, event: HistoryEvent, at: SystemTime) -> Result<Option<Ban>, StoreError> {
         self.remove_if(net, event, at, None)
     }
@@ -248,22 +306,17 @@ impl BanStore {
         at: SystemTime,
         expired_by: Option<SystemTime>,
     ) -> Result<Option<Ban>, StoreError> {
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let old = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans
-                 WHERE net = ?1 AND (?2 IS NULL OR expires_ms <= ?2)",
-            )?;
-            stmt.query_row(params![net.to_string(), expired_by.map(to_ms)], |r| BanStore::row_to_ban(r, 0))
-                .optional()?
-        };
-        let old = old.transpose().map_err(StoreError::BadRow)?;
-        if let Some(b) = &old {
-            tx.execute("DELETE FROM bans WHERE net = ?1", [net.to_string()])?;
-            log(&tx, b, event, at)?;
+        if self.conn.is_autocommit() {
+            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let old = remove_in(&tx, net, event, at, expired_by)?;
+            tx.commit()?;
+            Ok(old)
+        } else {
+            let sp = self.conn.savepoint()?;
+            let old = remove_in(&sp, net, event, at, expired_by)?;
+            sp.commit()?;
+            Ok(old)
         }
-        tx.commit()?;
-        Ok(old)
     }
 
     /// Deletes the ban of `net` if it has expired by `now` (another process may have extended
@@ -292,9 +345,12 @@ impl BanStore {
             let event: String = r.get(1)?;
             Ok(BanStore::row_to_ban(r, 2)?.map(|ban| HistoryRow { at: from_ms(at), event, ban }))
         })?;
+        // Bad history rows are left out of the listing (they never stop it).
         let mut out = Vec::new();
         for row in rows {
-            out.push(row?.map_err(StoreError::BadRow)?);
+            if let Ok(row) = row? {
+                out.push(row);
+            }
         }
         Ok(out)
     }
@@ -325,6 +381,37 @@ fn ban_values(ban: &Ban) -> [Value; 7] {
         Value::Integer(to_ms(ban.expires)),
         Value::Integer(i64::from(ban.offence)),
     ]
+}
+
+/// The body of [`BanStore::remove_if`] inside its transaction or savepoint.
+fn remove_in(
+    tx: &Connection,
+    net: Net,
+    event: HistoryEvent,
+    at: SystemTime,
+    expired_by: Option<SystemTime>,
+) -> Result<Option<Ban>, StoreError> {
+    let old = {
+        let mut stmt = tx.prepare_cached(
+            "SELECT net, reason, session, evidence, start_ms, expires_ms, offence FROM bans
+                 WHERE net = ?1 AND (?2 IS NULL OR expires_ms <= ?2)",
+        )?;
+        stmt.query_row(params![net.to_string(), expired_by.map(to_ms)], |r| BanStore::row_to_ban(r, 0)).optional()?
+    };
+    // A bad row is deleted without a history line (it cannot be written back as a ban).
+    let (old, bad) = match old {
+        Some(Ok(b)) => (Some(b), false),
+        Some(Err(_)) => (None, expired_by.is_none()),
+        None => (None, false),
+    };
+    if bad {
+        tx.execute("DELETE FROM bans WHERE net = ?1", [net.to_string()])?;
+    }
+    if let Some(b) = &old {
+        tx.execute("DELETE FROM bans WHERE net = ?1", [net.to_string()])?;
+        log(tx, b, event, at)?;
+    }
+    Ok(old)
 }
 
 fn write_ban(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {

@@ -1,6 +1,7 @@
 //! Ban manager tests: persistence across a simulated kill -9, expiry, allowlist, IPv6
 //! masking, escalation, backend failure and recovery, sync between processes, reconcile.
 
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::UNIX_EPOCH;
@@ -12,15 +13,15 @@ use crate::policy::BanRequest;
 
 /// A clock that moves only when told to.
 #[derive(Debug)]
-struct TestClock {
+pub(super) struct TestClock {
     at: Mutex<(Instant, SystemTime)>,
 }
 
 impl TestClock {
-    fn new() -> Arc<TestClock> {
+    pub(super) fn new() -> Arc<TestClock> {
         Arc::new(TestClock { at: Mutex::new((Instant::now(), UNIX_EPOCH + Duration::from_secs(1_800_000_000))) })
     }
-    fn advance(&self, d: Duration) {
+    pub(super) fn advance(&self, d: Duration) {
         let mut at = self.at.lock().unwrap();
         at.0 += d;
         at.1 += d;
@@ -36,40 +37,49 @@ impl Clock for TestClock {
     }
 }
 
-/// Records what the in-process gate was told.
+/// Records what the in-process gate was told (a network wider than a ban key by its prefix).
 #[derive(Debug, Default)]
-struct Recorder {
-    ops: Mutex<Vec<String>>,
+pub(super) struct Recorder {
+    pub(super) ops: Mutex<Vec<String>>,
+    /// It can hold a /48.
+    pub(super) wide: bool,
+}
+
+pub(super) fn shown(net: Net) -> String {
+    if net.prefix() == 48 { net.to_string() } else { net.addr().to_string() }
 }
 
 impl Recorder {
-    fn take(&self) -> Vec<String> {
+    pub(super) fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.ops.lock().unwrap())
     }
 }
 
 impl BanMirror for Recorder {
-    fn ban(&self, addr: IpAddr, remaining: Duration) {
-        self.ops.lock().unwrap().push(format!("ban {addr} {}", remaining.as_secs()));
+    fn ban(&self, net: Net, remaining: Duration) {
+        self.ops.lock().unwrap().push(format!("ban {} {}", shown(net), remaining.as_secs()));
     }
-    fn unban(&self, addr: IpAddr) {
-        self.ops.lock().unwrap().push(format!("unban {addr}"));
+    fn unban(&self, net: Net) {
+        self.ops.lock().unwrap().push(format!("unban {}", shown(net)));
+    }
+    fn holds_prefixes(&self) -> bool {
+        self.wide
     }
 }
 
-const DAY: Duration = Duration::from_secs(86_400);
+pub(super) const DAY: Duration = Duration::from_secs(86_400);
 
-fn ip(s: &str) -> IpAddr {
+pub(super) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn gate() -> GateConfig {
+pub(super) fn gate() -> GateConfig {
     GateConfig::default()
 }
 
 /// A stand-in for `/proc/net/xt_recent` under `dir` with empty SMTPBAN/SMTPBAN6 tables, as
 /// loading the rules creates them; returns its path.
-fn fake_xt_proc(dir: &Path) -> std::path::PathBuf {
+pub(super) fn fake_xt_proc(dir: &Path) -> std::path::PathBuf {
     let proc_dir = dir.join("xt_recent");
     install_xt_tables(&proc_dir);
     proc_dir
@@ -83,22 +93,22 @@ fn install_xt_tables(proc_dir: &Path) {
     }
 }
 
-fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
+pub(super) fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
     BanManager::open(cfg, &gate(), dir, clock.clone(), false).unwrap()
 }
 
 /// A manager with an in-memory store and the memory backend (no restart to survive).
-fn in_memory(cfg: &BanConfig, gate: &GateConfig, clock: &Arc<TestClock>) -> BanManager {
+pub(super) fn in_memory(cfg: &BanConfig, gate: &GateConfig, clock: &Arc<TestClock>) -> BanManager {
     BanManager::new(cfg, gate, BanStore::in_memory().unwrap(), Box::new(MemoryBackend::new()), clock.clone(), false)
 }
 
 /// What the rules hand over with a ban.
-fn request(reason: BanReason, evidence: String) -> BanRequest {
+pub(super) fn request(reason: BanReason, evidence: String) -> BanRequest {
     BanRequest { reason, evidence }
 }
 
 /// A B1 ban order as the server gives it (decided now, for 4 days).
-fn order(addr: &str, clock: &TestClock) -> BanOrder {
+pub(super) fn order(addr: &str, clock: &TestClock) -> BanOrder {
     let b1 = request(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into());
     BanOrder::from_request(ip(addr), 42, b1).decided_at(clock.wall()).lasting(4 * DAY)
 }
@@ -211,7 +221,12 @@ async fn ipv6_bans_cover_the_64_and_ipv4_mapped_is_ipv4() {
     let nets: Vec<String> = m.list_blocking().unwrap().iter().map(|b| b.net.to_string()).collect();
     assert_eq!(nets, ["203.0.113.9", "2001:db8:1:2::/64"]);
     assert_eq!(m.key_of("2001:db8:1:2::/64".parse().unwrap()).unwrap().to_string(), "2001:db8:1:2::/64");
-    assert!(m.key_of("2001:db8::/48".parse().unwrap()).is_err());
+    assert!(m.key_of("2001:db8::/56".parse().unwrap()).is_err());
+    assert!(m.key_of("2001:db8::/47".parse().unwrap()).is_err());
+    // A widened /48 can be named (to lift it).
+    assert_eq!(m.key_of("2001:db8::/48".parse().unwrap()).unwrap().to_string(), "2001:db8::/48");
+    let no_widening = in_memory(&BanConfig { widen_v6_after: 0, ..BanConfig::default() }, &gate(), &clock);
+    assert!(no_widening.key_of("2001:db8::/48".parse().unwrap()).is_err());
     // A /48 prefix configured: keys follow it.
     let g = GateConfig { ipv6_prefix: 48, ..gate() };
     let m48 = in_memory(&BanConfig::default(), &g, &clock);

@@ -5,14 +5,16 @@
 //! Times are wall-clock seconds since the epoch, supplied by the caller from the clock edge,
 //! so a cached result survives a restart and expires on the same schedule in simulated time.
 //! The cache is an optimisation: a database error is logged and treated as a miss, never as a
-//! verdict. SQLite calls block; with `offload` they run on tokio's blocking pool
-//! (production), without it inline (the simulation, which has no real threads).
+//! verdict, and a damaged file is moved aside at start ([`VerifyCache::open_sqlite_or_fresh`],
+//! [`crate::dbfile`]). SQLite calls block; with `offload` they run on tokio's blocking pool
+//! (production), without it inline (the simulation, which has no real threads). In memory,
+//! entries are indexed by expiry too, so that a full cache evicts in O(log n), not by a scan.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -85,10 +87,59 @@ enum Store {
 
 #[derive(Debug, Default)]
 struct Memory {
-    /// address → (result, expires_at).
-    results: BTreeMap<String, (Verification, u64)>,
-    /// domain → (evidence, expires_at).
-    accept_all: BTreeMap<String, (String, u64)>,
+    /// address → result.
+    results: Expiring<Verification>,
+    /// domain → evidence.
+    accept_all: Expiring<String>,
+}
+
+/// Values by key with an expiry each, also indexed by (expiry, key): purging what expired and
+/// evicting what expires first cost O(log n) per entry removed, never a scan of all.
+#[derive(Debug)]
+struct Expiring<V> {
+    /// key → (value, expires_at).
+    map: BTreeMap<String, (V, u64)>,
+    /// (expires_at, key) for every entry of `map`.
+    order: BTreeSet<(u64, String)>,
+}
+
+impl<V> Default for Expiring<V> {
+    fn default() -> Self {
+        Expiring { map: BTreeMap::new(), order: BTreeSet::new() }
+    }
+}
+
+impl<V> Expiring<V> {
+    fn get(&self, key: &str, now: u64) -> Option<&V> {
+        self.map.get(key).filter(|(_, exp)| *exp > now).map(|(v, _)| v)
+    }
+
+    /// Stores `value` under `key` until `expires`; then, if over `max` entries, drops the
+    /// expired ones and then those that expire first.
+    fn insert(&mut self, key: &str, value: V, expires: u64, now: u64, max: usize) {
+        if let Some((_, old)) = self.map.insert(key.to_string(), (value, expires)) {
+            self.order.remove(&(old, key.to_string()));
+        }
+        self.order.insert((expires, key.to_string()));
+        if self.map.len() > max {
+            while self.order.first().is_some_and(|(exp, _)| *exp <= now) {
+                self.pop_first();
+            }
+        }
+        while self.map.len() > max {
+            self.pop_first();
+        }
+    }
+
+    fn pop_first(&mut self) {
+        if let Some((_, key)) = self.order.pop_first() {
+            self.map.remove(&key);
+        }
+    }
+
+    fn live(&self, now: u64) -> usize {
+        self.map.len() - self.order.range(..(now.saturating_add(1), String::new())).count()
+    }
 }
 
 const SCHEMA: &str = "
@@ -117,6 +168,7 @@ impl VerifyCache {
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)).map_err(err)?;
         conn.execute_batch("PRAGMA synchronous = NORMAL;").map_err(err)?;
+        crate::dbfile::quick_check(&conn).map_err(err)?;
         // A cache from before the `accept_all` and `undeliverable` kinds: its CHECK would
         // refuse them, and SQLite cannot alter a constraint. It is only a cache: start afresh.
         let old: Option<String> = conn
@@ -136,6 +188,25 @@ impl VerifyCache {
             offload,
             writes: AtomicU64::new(0),
         })
+    }
+
+    /// [`VerifyCache::open_sqlite`], but a file SQLite finds damaged or unreadable is moved aside
+    /// (`<path>.corrupt-<now>`, a loud error log) and a fresh cache opened: the cache must never
+    /// keep the server down. Returns where the damaged file went, if it was moved.
+    pub fn open_sqlite_or_fresh(
+        path: &Path,
+        ttls: CacheTtls,
+        max_entries: usize,
+        offload: bool,
+        now: SystemTime,
+    ) -> Result<(Self, Option<PathBuf>), CacheError> {
+        crate::dbfile::open_or_move_aside(
+            path,
+            now,
+            "callback cache",
+            |p| VerifyCache::open_sqlite(p, ttls, max_entries, offload),
+            |CacheError::Open { source, .. }| crate::dbfile::is_damage(source),
+        )
     }
 
     /// An in-memory cache holding at most `max_entries` addresses.
@@ -161,10 +232,10 @@ impl VerifyCache {
         match &self.store {
             Store::Memory(m) => {
                 let m = m.lock().expect("cache lock");
-                if let Some((result, _)) = m.results.get(&address).filter(|(_, exp)| *exp > now) {
+                if let Some(result) = m.results.get(&address, now) {
                     return Some(CacheHit::Result(result.clone()));
                 }
-                m.accept_all.get(&domain).filter(|(_, exp)| *exp > now).map(|(ev, _)| CacheHit::AcceptAll(ev.clone()))
+                m.accept_all.get(&domain, now).map(|ev| CacheHit::AcceptAll(ev.clone()))
             }
             Store::Sqlite(conn) => {
                 let result = self
@@ -210,21 +281,9 @@ impl VerifyCache {
         let max = self.max_entries;
         match &self.store {
             Store::Memory(m) => {
-                let mut m = m.lock().expect("cache lock");
-                m.results.insert(address.to_string(), (result.clone(), expires));
-                if m.results.len() > max {
-                    m.results.retain(|_, (_, exp)| *exp > now);
-                    m.accept_all.retain(|_, (_, exp)| *exp > now);
-                }
-                while m.results.len() > max {
-                    // Still full of live entries: drop the one that expires first.
-                    let first =
-                        m.results.iter().min_by_key(|(k, (_, exp))| (*exp, (*k).clone())).map(|(k, _)| k.clone());
-                    match first {
-                        Some(k) => m.results.remove(&k),
-                        None => break,
-                    };
-                }
+                // Full: the expired go first, then (still full of live entries) those that
+                // expire first.
+                m.lock().expect("cache lock").results.insert(address, result.clone(), expires, now, max);
             }
             Store::Sqlite(conn) => {
                 let (address, (verdict, evidence)) = (address.to_string(), to_row(result));
@@ -263,10 +322,7 @@ impl VerifyCache {
         match &self.store {
             Store::Memory(m) => {
                 let mut m = m.lock().expect("cache lock");
-                m.accept_all.insert(domain.to_string(), (evidence.to_string(), expires));
-                if m.accept_all.len() > self.max_entries {
-                    m.accept_all.retain(|_, (_, exp)| *exp > now);
-                }
+                m.accept_all.insert(domain, evidence.to_string(), expires, now, self.max_entries);
             }
             Store::Sqlite(conn) => {
                 let (domain, evidence) = (domain.to_string(), evidence.to_string());
@@ -297,7 +353,7 @@ impl VerifyCache {
     /// Addresses with a live entry at `now` (for tests and status output).
     pub async fn len(&self, now: u64) -> usize {
         match &self.store {
-            Store::Memory(m) => m.lock().expect("cache lock").results.values().filter(|(_, exp)| *exp > now).count(),
+            Store::Memory(m) => m.lock().expect("cache lock").results.live(now),
             Store::Sqlite(conn) => self
                 .blocking(conn, move |c| {
                     c.query_row(
@@ -459,6 +515,39 @@ mod tests {
         // Reopening the new schema keeps its rows.
         let cache = VerifyCache::open_sqlite(&path, CacheTtls::default(), 1000, false).unwrap();
         assert!(cache.lookup("b@x.test", "x.test", t0 + 2).await.is_some());
+    }
+
+    #[test]
+    fn a_full_memory_cache_evicts_by_expiry_index() {
+        let mut e: Expiring<u32> = Expiring::default();
+        e.insert("a", 1, 100, 0, 3);
+        e.insert("b", 2, 50, 0, 3);
+        e.insert("c", 3, 200, 0, 3);
+        // Overwriting moves the entry in the index.
+        e.insert("b", 4, 300, 0, 3);
+        e.insert("d", 5, 150, 0, 3);
+        // Full of live entries: the one that expires first (a, at 100) went.
+        assert_eq!(e.map.keys().map(String::as_str).collect::<Vec<_>>(), ["b", "c", "d"]);
+        assert_eq!(e.map.len(), e.order.len());
+        // At 160 d has expired: it goes first, and the new entry fits.
+        e.insert("f", 6, 400, 160, 3);
+        assert_eq!(e.map.keys().map(String::as_str).collect::<Vec<_>>(), ["b", "c", "f"]);
+        assert_eq!(e.live(250), 2);
+        assert_eq!(e.get("c", 199), Some(&3));
+        assert_eq!(e.get("c", 200), None);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_cache_file_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("callbacks.sqlite");
+        std::fs::write(&path, vec![7u8; 4096]).unwrap();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert!(VerifyCache::open_sqlite(&path, CacheTtls::default(), 10, false).is_err());
+        let (cache, aside) = VerifyCache::open_sqlite_or_fresh(&path, CacheTtls::default(), 10, false, now).unwrap();
+        assert_eq!(aside, Some(dir.path().join("callbacks.sqlite.corrupt-1800000000")));
+        cache.store("a@x.test", &valid("250"), 1_800_000_000).await;
+        assert!(cache.lookup("a@x.test", "x.test", 1_800_000_001).await.is_some());
     }
 
     #[tokio::test]

@@ -135,7 +135,7 @@ pub fn firewall(cmd: FirewallCommand) -> ExitCode {
             match which(backend, b)? {
                 KernelBackend::Nftables => {
                     let script = nft_script(&b.nftables, &params(&s, port));
-                    gatekeeper::ban::backend::run_nft(&b.nftables.nft, &["-f", "-"], Some(&script))
+                    gatekeeper::ban::backend::run_nft(&b.nftables.nft, &["-f", "-"], Some(&script), b.kernel_timeout)
                         .map_err(|e| anyhow::anyhow!("{e}"))?;
                     println!("installed table inet {}", b.nftables.table);
                 }
@@ -214,6 +214,8 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
                 let net = m.key_of(addr)?;
                 match m.ban_blocking(BanOrder { duration: for_, ..BanOrder::manual(net.addr(), reason) })? {
                     BanOutcome::Allowlisted(n) => bail!("{n} is allowlisted (bans.allowlist): not banned"),
+                    // Manual bans are never refused; kept for completeness.
+                    BanOutcome::Refused(n) => bail!("{n}: the ban table is full (bans.max_active): not banned"),
                     BanOutcome::Banned(b) | BanOutcome::Extended(b) => {
                         println!(
                             "banned {} until {} ({})",
