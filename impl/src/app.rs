@@ -158,6 +158,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         shutdown_grace: c.server.shutdown_grace,
         // G1 in process only when the kernel does not gate.
         in_process_rate: !c.bans.backend.is_kernel(),
+        rate_sources_max: c.server.rate_sources_max,
         proxy_trusted: settings.proxy_trusted.clone(),
     };
     let ban_sink = match ban_sink {

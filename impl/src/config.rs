@@ -67,6 +67,10 @@ pub struct ServerSection {
     pub max_sessions: usize,
     /// Concurrent sessions from one address.
     pub max_sessions_per_ip: usize,
+    /// Sources the in-process G1 table remembers (embedded default, no kernel gate). When it
+    /// is full of sources inside their window, the least recently seen is forgotten: G1
+    /// fails open for that source, with a warning. Bans never live there.
+    pub rate_sources_max: u32,
     /// On SIGTERM/SIGINT: how long running sessions may go on before they get 421.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -83,6 +87,7 @@ impl Default for ServerSection {
             state_dir: PathBuf::from("state"),
             max_sessions: 2000,
             max_sessions_per_ip: 10,
+            rate_sources_max: crate::server::DEFAULT_RATE_SOURCES_MAX,
             shutdown_grace: Duration::from_secs(30),
             proxy_trusted: Vec::new(),
         }
@@ -162,6 +167,11 @@ pub struct RulesSection {
     /// B4 counting window.
     #[serde(with = "humantime_serde")]
     pub b4_window: Duration,
+    /// B4's share test: no ban while unknown recipients are below this percentage of the
+    /// client's local recipients in the window ...
+    pub b4_unknown_share_max: u32,
+    /// ... once it gave at least this many.
+    pub b4_share_min_recipients: u32,
     /// Callback verification of external senders (C1), configured in `[callbacks]`.
     pub verify_senders: bool,
     /// An inconclusive callback: `tempfail` (451, for at most `unknown_sender_tempfail_max`)
@@ -184,6 +194,8 @@ impl Default for RulesSection {
         RulesSection {
             b4_threshold: p.b4_threshold,
             b4_window: p.b4_window,
+            b4_unknown_share_max: p.b4_unknown_share_max,
+            b4_share_min_recipients: p.b4_share_min_recipients,
             verify_senders: false,
             on_unknown_sender: OnUnknown::Tempfail,
             unknown_sender_tempfail_max: p.unknown_sender_tempfail_max,
@@ -431,6 +443,13 @@ impl Config {
         if self.server.max_sessions_per_ip == 0 {
             problems.push("server.max_sessions_per_ip: must be at least 1".into());
         }
+        if self.server.rate_sources_max < 1000 || self.server.rate_sources_max > crate::gate::MAX_TABLE_ENTRIES {
+            problems.push(format!(
+                "server.rate_sources_max: {} is not between 1000 and {} (G1 must remember every source of a window)",
+                self.server.rate_sources_max,
+                crate::gate::MAX_TABLE_ENTRIES
+            ));
+        }
         let mut proxy_trusted = Vec::new();
         for p in &self.server.proxy_trusted {
             match p.parse() {
@@ -464,6 +483,15 @@ impl Config {
         }
         if self.rules.b4_threshold == 0 {
             problems.push("rules.b4_threshold: must be at least 1".into());
+        }
+        if self.rules.b4_unknown_share_max > 100 {
+            problems.push(format!(
+                "rules.b4_unknown_share_max: {} % is over 100 (0 turns the share test off)",
+                self.rules.b4_unknown_share_max
+            ));
+        }
+        if self.rules.b4_share_min_recipients == 0 {
+            problems.push("rules.b4_share_min_recipients: must be at least 1".into());
         }
         let mut domains = Vec::new();
         if self.domains.local.is_empty() {
@@ -535,6 +563,8 @@ impl Config {
             policy: PolicyConfig {
                 b4_threshold: config.rules.b4_threshold,
                 b4_window: config.rules.b4_window,
+                b4_unknown_share_max: config.rules.b4_unknown_share_max,
+                b4_share_min_recipients: config.rules.b4_share_min_recipients,
                 unknown_sender_tempfail_max: config.rules.unknown_sender_tempfail_max,
             },
         };

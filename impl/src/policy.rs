@@ -268,6 +268,11 @@ pub struct PolicyConfig {
     pub b4_threshold: u32,
     /// The B4 counting window (1 h); also how long a probe-shaped session is remembered.
     pub b4_window: Duration,
+    /// B4's share test: a client whose unknown recipients are below this percentage of all
+    /// the local recipients it gave within the window (50) ...
+    pub b4_unknown_share_max: u32,
+    /// ... once it gave at least this many (10), is an MTA whose users mistype: not banned.
+    pub b4_share_min_recipients: u32,
     /// C1: an unknown sender is tempfailed (451) only this long after the first attempt of the
     /// same (client network, sender); a retry after that is accepted (30 min).
     pub unknown_sender_tempfail_max: Duration,
@@ -278,6 +283,8 @@ impl Default for PolicyConfig {
         PolicyConfig {
             b4_threshold: 1,
             b4_window: Duration::from_secs(3600),
+            b4_unknown_share_max: 50,
+            b4_share_min_recipients: 10,
             unknown_sender_tempfail_max: Duration::from_secs(30 * 60),
         }
     }
@@ -341,6 +348,10 @@ pub struct B4Tally {
     pub session: u32,
     /// DATA was given after this session's first unknown recipient.
     pub data: bool,
+    /// Valid local recipients from earlier sessions within the window (any sender).
+    pub earlier_valid: u32,
+    /// Valid local recipients in this session so far.
+    pub session_valid: u32,
 }
 
 impl B4Tally {
@@ -355,12 +366,22 @@ impl B4Tally {
     pub fn offences(&self) -> u32 {
         if self.is_probe() { 0 } else { self.earlier + self.earlier_probes + self.session }
     }
+
+    /// B4's share test: the client gave at least `b4_share_min_recipients` local recipients
+    /// within the window, and fewer than `b4_unknown_share_max` % of them were unknown — an
+    /// MTA whose users mistype, not a dictionary attacker (docs/design.md §2, B4).
+    pub fn mostly_valid(&self, cfg: &PolicyConfig) -> bool {
+        let unknown = u64::from(self.earlier) + u64::from(self.earlier_probes) + u64::from(self.session);
+        let seen = unknown + u64::from(self.earlier_valid) + u64::from(self.session_valid);
+        seen >= u64::from(cfg.b4_share_min_recipients) && unknown * 100 < u64::from(cfg.b4_unknown_share_max) * seen
+    }
 }
 
 /// B4: a ban once the counted unknown recipients reach the threshold (never while the session
-/// is probe-shaped, never for a session without unknown recipients).
+/// is probe-shaped, never for a session without unknown recipients, never for a client whose
+/// recipients were mostly valid).
 pub fn b4(cfg: &PolicyConfig, tally: &B4Tally, evidence: impl FnOnce() -> String) -> Option<BanRequest> {
-    (tally.session > 0 && tally.offences() >= cfg.b4_threshold)
+    (tally.session > 0 && tally.offences() >= cfg.b4_threshold && !tally.mostly_valid(cfg))
         .then(|| BanRequest { reason: BanReason::UnknownRecipient, evidence: evidence() })
 }
 

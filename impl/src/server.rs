@@ -2,6 +2,12 @@
 //! [`Session`] per connection as a task, carries out its actions through the edges, and shuts
 //! down gracefully. It moves bytes and time; every decision is the session's or the gate's.
 //!
+//! G2 is enforced here from the server's own [`ActiveBans`], which holds every active ban
+//! (the ban manager mirrors its store into it) whatever a kernel table evicted: a banned
+//! client that reaches the server is refused with 554. The in-process [`Gate`] does G1 only
+//! (when no kernel gates): an LRU table of `rate_sources_max` sources whose overflow forgets
+//! the least recently seen source — G1 fails open for it, with a warning — and never a ban.
+//!
 //! Generic over its [`Listener`] and built from trait objects for the other edges, so the same
 //! code serves real TCP in production and turmoil sockets in the simulation.
 //!
@@ -25,9 +31,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::ban::Net;
+use crate::ban::{ActiveBans, Net};
 use crate::edges::{BanOrder, BanSink, Clock, Downstream, Listener, Observer, Scanner, SystemClock, Verifier};
-use crate::gate::{Gate, GateConfig, GateDecision};
+use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
 use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
 use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Refusal, Session, SessionConfig};
@@ -43,9 +49,16 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Enforce G1 in process (embedded default). Off when the kernel gates connections.
     pub in_process_rate: bool,
+    /// Sources the in-process G1 table remembers; when full, the least recently seen is
+    /// forgotten (G1 fails open for it, counted in [`Stats::rate_overflow`] and warned).
+    pub rate_sources_max: u32,
     /// Peers whose PROXY protocol header is honoured; never banned.
     pub proxy_trusted: Vec<IpAddr>,
 }
+
+/// The in-process G1 table's default size: a day of the seed's worst spike (4,500 sources an
+/// hour) fits many times over, in about 5 MiB.
+pub const DEFAULT_RATE_SOURCES_MAX: u32 = 65_536;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -54,6 +67,7 @@ impl Default for Limits {
             max_sessions_per_ip: 10,
             shutdown_grace: Duration::from_secs(30),
             in_process_rate: true,
+            rate_sources_max: DEFAULT_RATE_SOURCES_MAX,
             proxy_trusted: Vec::new(),
         }
     }
@@ -70,6 +84,9 @@ pub struct Stats {
     pub refused_banned: AtomicU64,
     /// Refused for lack of capacity.
     pub refused_busy: AtomicU64,
+    /// Sources accepted although the full in-process G1 table had to forget a source still
+    /// inside its window (G1 failed open for that one).
+    pub rate_overflow: AtomicU64,
     /// Messages handed off.
     pub delivered: AtomicU64,
     /// Bans decided.
@@ -135,6 +152,7 @@ impl ServerBuilder {
         let tallies = Tallies {
             offences: OffenceCounter::new(policy.b4_window, TALLY_KEYS_MAX),
             probes: OffenceCounter::new(policy.b4_window, TALLY_KEYS_MAX),
+            valid: OffenceCounter::new(policy.b4_window, TALLY_KEYS_MAX),
             unknown_senders: UnknownSenders::new(
                 policy.unknown_sender_tempfail_max + UNKNOWN_SENDER_KEEP,
                 TALLY_KEYS_MAX,
@@ -144,9 +162,17 @@ impl ServerBuilder {
         for p in &mut limits.proxy_trusted {
             *p = p.to_canonical();
         }
+        // G1 only, so always the fail-open LRU semantics of xt_recent (an nft set refuses new
+        // sources when full: fail closed), sized for the traffic rather than the kernel.
+        let rate_gate = GateConfig {
+            kind: GateKind::XtRecent { ip_list_tot: limits.rate_sources_max.max(1), hz: self.gate.kind.hz() },
+            ..self.gate.clone()
+        };
         Server {
             shared: Arc::new(Shared {
-                gate: Mutex::new(Gate::new(self.gate.clone(), origin)),
+                gate: Mutex::new(Gate::new(rate_gate, origin)),
+                bans: Mutex::new(ActiveBans::new()),
+                rate_warned: Mutex::new(None),
                 gate_config: self.gate,
                 tallies: Mutex::new(tallies),
                 active: Mutex::new(HashMap::new()),
@@ -180,7 +206,12 @@ struct Shared {
     downstream: Arc<dyn Downstream>,
     clock: Arc<dyn Clock>,
     gate_config: GateConfig,
+    /// G1 in process (see the module doc).
     gate: Mutex<Gate>,
+    /// G2: every active ban.
+    bans: Mutex<ActiveBans>,
+    /// When the G1 overflow was last warned about (at most once a minute).
+    rate_warned: Mutex<Option<Instant>>,
     tallies: Mutex<Tallies>,
     limits: Limits,
     verifier: Option<Arc<dyn Verifier>>,
@@ -208,6 +239,8 @@ struct Tallies {
     offences: OffenceCounter,
     /// B4: probe-shaped sessions, not counted unless repeated.
     probes: OffenceCounter,
+    /// B4's share test: valid local recipients.
+    valid: OffenceCounter,
     /// C1: first attempts of (client network, sender) with an unknown result.
     unknown_senders: UnknownSenders,
 }
@@ -247,21 +280,37 @@ impl Server {
         &self.shared.stats
     }
 
-    /// `true` if `addr` is banned in the in-process gate now.
+    /// `true` if a ban covers `addr` now.
     pub fn is_banned(&self, addr: IpAddr) -> bool {
         let now = self.shared.clock.now();
-        self.shared.gate.lock().expect("gate lock").is_banned(now, addr)
+        self.shared.bans.lock().expect("bans lock").is_banned(now, addr)
     }
 
-    /// Bans `addr` for `duration` (administrator or re-applied from storage).
+    /// Bans `addr`'s ban key (its IPv4 address, its IPv6 network) for `duration`.
     pub fn ban(&self, addr: IpAddr, duration: Duration) {
-        let now = self.shared.clock.now();
-        self.shared.gate.lock().expect("gate lock").ban(now, addr, duration);
+        self.ban_net(self.shared.ban_key(addr), duration);
     }
 
-    /// Lifts a ban; `true` if there was one.
+    /// Bans `net` for `duration`.
+    pub fn ban_net(&self, net: Net, duration: Duration) {
+        let now = self.shared.clock.now();
+        self.shared.bans.lock().expect("bans lock").ban(now, net, duration);
+    }
+
+    /// Lifts the ban of `addr`'s ban key; `true` if there was one.
     pub fn unban(&self, addr: IpAddr) -> bool {
-        self.shared.gate.lock().expect("gate lock").unban(addr)
+        self.unban_net(self.shared.ban_key(addr))
+    }
+
+    /// Lifts the ban of `net`; `true` if there was one.
+    pub fn unban_net(&self, net: Net) -> bool {
+        self.shared.bans.lock().expect("bans lock").unban(net)
+    }
+
+    /// Active bans held now (IPv4, IPv6).
+    pub fn active_bans(&self) -> (usize, usize) {
+        let now = self.shared.clock.now();
+        self.shared.bans.lock().expect("bans lock").active(now)
     }
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting,
@@ -311,15 +360,18 @@ impl Server {
     }
 }
 
-/// The ban manager keeps the in-process gate in step with the ban store (bans restored on
-/// start, added or lifted by `gatekeeper bans`, expired).
-/// It is given ban keys only (it cannot hold a widened /48: `holds_prefixes` is false).
+/// The ban manager keeps the server's ban table in step with the ban store (bans restored on
+/// start, decided, added or lifted by `gatekeeper bans`, expired).
 impl crate::ban::BanMirror for Server {
-    fn ban(&self, net: crate::ban::Net, remaining: Duration) {
-        Server::ban(self, net.addr(), remaining);
+    fn ban(&self, net: Net, remaining: Duration) {
+        self.ban_net(net, remaining);
     }
-    fn unban(&self, net: crate::ban::Net) {
-        Server::unban(self, net.addr());
+    fn unban(&self, net: Net) {
+        self.unban_net(net);
+    }
+    /// [`ActiveBans`] finds any banned prefix: a widened IPv6 /48 is held as such.
+    fn holds_prefixes(&self) -> bool {
+        true
     }
 }
 
@@ -348,7 +400,42 @@ impl Shared {
     /// The key of every per-client count: what a ban of `addr` covers (the IPv4 address, or
     /// the IPv6 network of the gate's prefix).
     fn client_key(&self, addr: IpAddr) -> IpAddr {
-        Net::ban_key(addr, self.gate_config.ipv6_prefix).addr()
+        self.ban_key(addr).addr()
+    }
+
+    /// The network a ban of `addr` covers.
+    fn ban_key(&self, addr: IpAddr) -> Net {
+        Net::ban_key(addr, self.gate_config.ipv6_prefix)
+    }
+
+    /// G2 from the ban table, then G1 in the in-process gate (counted there even when the
+    /// kernel gates: it is not consulted then). Warns, at most once a minute, when G1 had to
+    /// forget a source inside its window.
+    fn gate_check(&self, now: Instant, addr: IpAddr) -> GateDecision {
+        if self.bans.lock().expect("bans lock").is_banned(now, addr) {
+            return GateDecision::DropBanned;
+        }
+        if !self.limits.in_process_rate {
+            return GateDecision::Accept;
+        }
+        let mut gate = self.gate.lock().expect("gate lock");
+        let overflow = gate.rate_would_forget_live(now, addr);
+        let decision = gate.check(now, addr);
+        drop(gate);
+        if overflow && decision == GateDecision::Accept {
+            self.stats.rate_overflow.fetch_add(1, Ordering::Relaxed);
+            let mut warned = self.rate_warned.lock().expect("rate_warned lock");
+            if warned.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60)) {
+                *warned = Some(now);
+                tracing::warn!(
+                    rate_sources_max = self.limits.rate_sources_max,
+                    overflows = self.stats.rate_overflow.load(Ordering::Relaxed),
+                    "the in-process G1 table is full of sources inside their window: the least recently seen \
+                     is forgotten and may reconnect early (bans are not affected); raise server.rate_sources_max"
+                );
+            }
+        }
+        decision
     }
 
     /// A session slot: overall, and per client key unless `key` is `None`.
@@ -464,19 +551,20 @@ impl Shared {
             tracing::debug!("PROXY UNKNOWN/LOCAL: no client address; greeting only");
             return Session::unidentified(now, cfg, dir, ClientInfo { exempt: true, ..ClientInfo::new(id, addr) });
         };
-        let decision = self.gate.lock().expect("gate lock").check(now, addr);
+        let decision = self.gate_check(now, addr);
         let client = {
             let t = self.tallies.lock().expect("tallies lock");
             ClientInfo {
                 unknown_before: t.offences.count(now, key),
                 probes_before: t.probes.count(now, key),
+                valid_before: t.valid.count(now, key),
                 exempt: self.exempt(addr),
                 ..ClientInfo::new(id, addr)
             }
         };
         let refusal = match decision {
             GateDecision::DropBanned => Some(Refusal::Banned),
-            GateDecision::DropRate if self.limits.in_process_rate => Some(Refusal::RateLimited),
+            GateDecision::DropRate => Some(Refusal::RateLimited),
             _ if !has_slot => Some(Refusal::Busy),
             _ => None,
         };
@@ -499,11 +587,18 @@ impl Shared {
     /// recipient.
     fn record_b4(&self, session: &Session, key: IpAddr) {
         let tally = session.b4_tally();
-        if tally.session == 0 {
+        if tally.session == 0 && tally.session_valid == 0 {
             return;
         }
         let now = self.clock.now();
         let mut t = self.tallies.lock().expect("tallies lock");
+        // The counter keeps 64 stamps a client at most: enough for any share it judges.
+        for _ in 0..tally.session_valid.min(64) {
+            t.valid.record(now, key);
+        }
+        if tally.session == 0 {
+            return;
+        }
         if tally.is_probe() {
             t.probes.record(now, key);
         } else {
@@ -525,7 +620,8 @@ impl Shared {
                         continue;
                     }
                     let duration = self.gate_config.ban_time;
-                    self.gate.lock().expect("gate lock").ban(self.clock.now(), addr, duration);
+                    // In force at once; the manager's mirror then sets its escalated length.
+                    self.bans.lock().expect("bans lock").ban(self.clock.now(), self.ban_key(addr), duration);
                     self.stats.bans.fetch_add(1, Ordering::Relaxed);
                     tracing::info!(reason = request.reason.as_str(), evidence = %escape(&request.evidence), ?duration, "ban");
                     if let Some(sink) = &self.ban_sink {

@@ -97,6 +97,9 @@ pub struct ClientInfo {
     pub unknown_before: u32,
     /// Probe-shaped sessions of this client within the B4 window before this one.
     pub probes_before: u32,
+    /// Valid local recipients this client gave within the B4 window before this session
+    /// (B4's share test).
+    pub valid_before: u32,
     /// Never banned (an allowlisted network, a trusted PROXY peer): its verdicts are given,
     /// but no ban is requested and the session is not ended for one.
     pub exempt: bool,
@@ -105,7 +108,7 @@ pub struct ClientInfo {
 impl ClientInfo {
     /// A client with no history that may be banned.
     pub fn new(id: u64, addr: IpAddr) -> Self {
-        ClientInfo { id, addr, unknown_before: 0, probes_before: 0, exempt: false }
+        ClientInfo { id, addr, unknown_before: 0, probes_before: 0, valid_before: 0, exempt: false }
     }
 }
 
@@ -336,7 +339,12 @@ impl Session {
     }
 
     fn blank(now: Instant, cfg: Arc<SessionConfig>, dir: Arc<Directory>, client: ClientInfo, state: State) -> Self {
-        let b4 = B4Tally { earlier: client.unknown_before, earlier_probes: client.probes_before, ..B4Tally::default() };
+        let b4 = B4Tally {
+            earlier: client.unknown_before,
+            earlier_probes: client.probes_before,
+            earlier_valid: client.valid_before,
+            ..B4Tally::default()
+        };
         Session {
             cfg,
             dir,
@@ -677,6 +685,8 @@ impl Session {
         let verdict = policy::rcpt_to(&self.dir, &self.cfg.policy, &tx.from, &to, &self.b4);
         if policy::is_b4_unknown(&tx.from, &verdict) {
             self.b4.session += 1;
+        } else if verdict.rule == Rule::E2 && verdict.reply.is_positive() {
+            self.b4.session_valid += 1;
         }
         if !verdict.reply.is_positive() {
             return self.verdict_reply("RCPT", verdict);

@@ -273,3 +273,78 @@ fn model_replay_opens_one_jiffy_later_for_xt_recent_than_for_nft() {
     let v6 = "1000 2001:db8::1\n1001 2001:db8::2\n1002 2001:db8:0:1::1\n";
     assert_eq!(replay("xt_recent", v6), ["accept", "drop_rate", "accept"]);
 }
+
+/// Issue 11's "Done when", as an administrator would try it: the real binary on the shipped
+/// example configuration, 150 bans added with `gatekeeper bans add` while it serves (more than
+/// the 100 entries of an xt_recent table), every one of them refused with 554 — and still after
+/// a restart — while a client without a ban is greeted.
+#[test]
+fn a_hundred_and_fifty_manual_bans_are_all_enforced_on_the_shipped_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gatekeeper.toml");
+    let example = example.to_str().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let serve = || {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", example, "--listen", &listen, "--state-dir", state])
+            .env("RUST_LOG", "warn")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = listen.parse().unwrap();
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return (child, addr);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("gatekeeper serve did not listen on {addr}");
+    };
+    let greeting = |addr: SocketAddr, source: &str| {
+        let socket = connect_from(addr, source);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(socket), &mut line).unwrap();
+        line
+    };
+    let (mut child, addr) = serve();
+    for i in 0..150 {
+        let (ok, out, err) = run(&["bans", "add", &format!("127.0.20.{i}"), "--config", example, "--state-dir", state]);
+        assert!(ok && out.starts_with("banned "), "{out}{err}");
+    }
+    // Applied within `bans.sync_interval` (1 s in the example).
+    std::thread::sleep(Duration::from_millis(2500));
+    let (_, list, _) = run(&["bans", "list", "--config", example, "--state-dir", state]);
+    assert_eq!(list.lines().filter(|l| l.starts_with("127.0.20.")).count(), 150, "{list}");
+    for i in 0..150 {
+        let line = greeting(addr, &format!("127.0.20.{i}"));
+        assert!(line.starts_with("554 5.7.1"), "127.0.20.{i}: {line}");
+    }
+    assert!(greeting(addr, "127.0.21.1").starts_with("220 "));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (mut child, addr) = serve();
+    for i in [0, 1, 50, 99, 100, 149] {
+        let line = greeting(addr, &format!("127.0.20.{i}"));
+        assert!(line.starts_with("554 5.7.1"), "after a restart, 127.0.20.{i}: {line}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// A blocking connection to `addr` from `source` (port chosen by the kernel).
+fn connect_from(addr: SocketAddr, source: &str) -> std::net::TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let stream = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source.parse().unwrap(), 0)).unwrap();
+        socket.connect(addr).await.unwrap().into_std().unwrap()
+    });
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+}

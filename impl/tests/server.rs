@@ -476,3 +476,68 @@ async fn ipv6_counts_are_per_64_like_the_bans() {
     assert!(s.server.is_banned("2001:db8:1:2::ffff".parse().unwrap()), "the /64 is banned");
     s.stop().await;
 }
+
+/// Issue 11: a ban is never forgotten. More bans than a kernel's `ip_list_tot` (100) are all
+/// refused with 554; a G1 table too small for the traffic forgets the least recently seen
+/// source (fails open for G1 only, counted) and never a ban.
+#[tokio::test]
+async fn bans_outlive_any_table_and_g1_overflow_fails_open_for_g1_only() {
+    let limits = Limits { rate_sources_max: 4, ..quick() };
+    let s = start("", limits).await;
+    for i in 0..150u8 {
+        s.server.ban(format!("127.0.10.{i}").parse().unwrap(), Duration::from_secs(3600));
+    }
+    assert_eq!(s.server.active_bans(), (150, 0));
+    for i in [0u8, 1, 99, 100, 149] {
+        let mut c = Client::connect(s.addr, &format!("127.0.10.{i}")).await;
+        assert_eq!(code(&c.reply().await), "554", "ban of 127.0.10.{i}");
+    }
+    // Five fresh sources through a four-entry G1 table: the fifth forgets the first while it
+    // is still inside its window, so the first gets in again — counted, and only G1's loss.
+    for i in 1..=5u8 {
+        let mut c = Client::connect(s.addr, &format!("127.0.11.{i}")).await;
+        assert_eq!(code(&c.reply().await), "220");
+        c.cmd("QUIT").await;
+    }
+    assert_eq!(s.server.stats().rate_overflow.load(std::sync::atomic::Ordering::Relaxed), 1);
+    let mut again = Client::connect(s.addr, "127.0.11.1").await;
+    assert_eq!(code(&again.reply().await), "220", "forgotten by the full G1 table");
+    let mut held = Client::connect(s.addr, "127.0.11.5").await;
+    assert_eq!(code(&held.reply().await), "421", "still remembered: one per window");
+    let mut banned = Client::connect(s.addr, "127.0.10.0").await;
+    assert_eq!(code(&banned.reply().await), "554", "the ban outlives every G1 eviction");
+    s.stop().await;
+}
+
+/// B4's share test over TCP: an MTA whose recipients are mostly valid (here 10 valid, then 2
+/// typos in the same transaction: 17 % unknown) gets its 550s and goes on, unbanned, and its
+/// message is delivered; a second client with the same two unknown recipients and no valid
+/// ones is a dictionary attacker and is banned.
+#[tokio::test]
+async fn b4_spares_an_mta_whose_recipients_are_mostly_valid() {
+    let s = start("", quick()).await;
+    let mut c = Client::connect(s.addr, "127.0.0.40").await;
+    c.reply().await;
+    c.cmd("EHLO big-provider.test").await;
+    c.cmd("MAIL FROM:<list@big-provider.test>").await;
+    for i in 0..10 {
+        let user = if i % 2 == 0 { "alice" } else { "bob" };
+        assert_eq!(code(&c.cmd(&format!("RCPT TO:<{user}+{i}@example.test>")).await), "250");
+    }
+    assert!(c.cmd("RCPT TO:<alcie@example.test>").await.starts_with("550 5.1.1"));
+    assert!(c.cmd("RCPT TO:<bbo@example.test>").await.starts_with("550 5.1.1"));
+    assert!(!s.server.is_banned("127.0.0.40".parse().unwrap()), "mostly valid recipients: no B4");
+    assert_eq!(code(&c.cmd("DATA").await), "354");
+    assert_eq!(code(&c.cmd("Subject: news\r\n\r\nhello\r\n.").await), "250");
+    c.cmd("QUIT").await;
+    assert_eq!(s.spooled().len(), 1);
+
+    let mut d = Client::connect(s.addr, "127.0.0.41").await;
+    d.reply().await;
+    d.cmd("EHLO spam.test").await;
+    d.cmd("MAIL FROM:<list@spam.test>").await;
+    assert!(d.cmd("RCPT TO:<alcie@example.test>").await.starts_with("550 5.1.1"));
+    assert!(d.cmd("RCPT TO:<bbo@example.test>").await.starts_with("550 5.1.1"));
+    assert!(s.server.is_banned("127.0.0.41".parse().unwrap()));
+    s.stop().await;
+}

@@ -51,6 +51,7 @@
 //! blocking pool (production); without it, inline (the simulation). The `*_blocking` methods
 //! are for synchronous callers (the CLI). All time comes from the [`Clock`].
 
+mod active;
 pub mod backend;
 pub mod config;
 mod maintenance;
@@ -64,6 +65,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
+pub use active::ActiveBans;
 pub use backend::{BackendError, BanBackend, MemoryBackend, NftBackend, XtRecentBackend};
 pub use config::{BackendKind, BanConfig, Escalation, NftablesSection, XtRecentSection};
 pub use manager::BanManager;
@@ -112,8 +114,9 @@ impl Ban {
     }
 }
 
-/// The server's in-process gate, as the ban manager sees it. The binary implements it on top
-/// of `Server::ban` / `Server::unban` (the manager lives below the server and never names it).
+/// The server's own ban table ([`ActiveBans`]), as the ban manager sees it: every active ban
+/// is mirrored there, whatever a kernel table holds. The server implements it (the manager
+/// lives below the server and never names it).
 ///
 /// It is given networks: a ban key (an IPv4 address, an IPv6 `/gate.ipv6_prefix`) or, when
 /// many IPv6 bans were widened (`[bans] widen_v6_after`), an IPv6 /48 that covers every ban key
@@ -480,8 +483,9 @@ impl Inner {
                     family,
                     active = n,
                     capacity = cap,
-                    "more active bans than the xt_recent table holds: the kernel has evicted bans; raise \
-                     xt_recent.ip_list_tot (see `gatekeeper check-config`)"
+                    "more active bans than the xt_recent table holds: the kernel has evicted some and lets those \
+                     clients connect (the server still refuses them with 554); raise xt_recent.ip_list_tot (see \
+                     `gatekeeper check-config`)"
                 );
             } else if n >= warn_at {
                 bump(&self.stats.capacity_warnings);

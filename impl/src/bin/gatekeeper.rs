@@ -105,6 +105,9 @@ fn main() -> ExitCode {
                 for note in s.config.bans.notes(&s.config.gate) {
                     println!("  - {note}");
                 }
+                for warning in bans::table_warnings(&s) {
+                    println!("  - WARNING: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -337,6 +337,26 @@ impl Gate {
         }
     }
 
+    /// Would a SYN from `addr` at `now`, if G1 let it in, make a full rate table forget a
+    /// source that is still inside its window? True for xt_recent when the family's table is
+    /// full, `addr` is not in it and the least recently stamped entry (the eviction victim) was
+    /// stamped within the window; always false for nft, whose full set refuses instead. (No
+    /// side effects.)
+    pub fn rate_would_forget_live(&self, now: Instant, addr: IpAddr) -> bool {
+        let j = self.jiffies(now).max(self.last_jiffies);
+        let addr = addr.to_canonical();
+        match &self.backend {
+            GateBackend::XtRecent { rate4, rate6, rules, .. } => {
+                let t = if addr.is_ipv4() { rate4 } else { rate6 };
+                let window = u64::from(rules.window_secs) * u64::from(self.hz);
+                t.len() >= t.capacity()
+                    && t.get(addr).is_none()
+                    && t.iter().next().is_some_and(|victim| j.saturating_sub(victim.last_seen()) < window)
+            }
+            GateBackend::Nft { .. } => false,
+        }
+    }
+
     /// Occupancy of the rate tables (both families), counted like [`Gate::banned_len`].
     pub fn rate_len(&self) -> usize {
         match &self.backend {

@@ -103,7 +103,13 @@ fn b4_probe_shaped_sessions() {
     let cfg = PolicyConfig::default();
     let from = rp("<double-bounce@remote.test>");
     let to = fp("<q8x7z@example.test>");
-    let t = |earlier, earlier_probes, session, data| B4Tally { earlier, earlier_probes, session, data };
+    let t = |earlier, earlier_probes, session, data| B4Tally {
+        earlier,
+        earlier_probes,
+        session,
+        data,
+        ..B4Tally::default()
+    };
     // First unknown recipient of a clean client: 550, no ban.
     let v = rcpt_to(&d, &cfg, &from, &to, &t(0, 0, 0, false));
     assert_eq!((v.reply.code, v.ban.is_some()), (550, false));
@@ -240,4 +246,32 @@ fn offence_counter_window_and_capacity() {
     assert_eq!(c.count(t0 + Duration::from_secs(50), a), 0);
     c.record(t0 + Duration::from_secs(7300), a);
     assert_eq!(c.len(), 1);
+}
+
+/// B4's share test (docs/design.md §2): a client whose local recipients in the window were
+/// mostly valid (unknown share < 50 %, at least 10 seen) is an MTA whose users mistype: 550,
+/// no ban. Below 10 recipients, or at half unknown, the threshold rules as before. (Each
+/// client here already gave one unknown recipient, so none of these is probe-shaped.)
+#[test]
+fn b4_share_test_spares_mtas_whose_recipients_are_mostly_valid() {
+    let d = dir();
+    let cfg = PolicyConfig::default();
+    let from = rp("<newsletter@big.test>");
+    let to = fp("<alcie@example.test>");
+    let t =
+        |earlier, earlier_valid, session_valid| B4Tally { earlier, earlier_valid, session_valid, ..B4Tally::default() };
+    // 2 unknown with 8 valid (10 seen, 20 %): spared, still 550.
+    let v = rcpt_to(&d, &cfg, &from, &to, &t(1, 5, 3));
+    assert_eq!((v.reply.code, v.ban.is_some()), (550, false));
+    // 2 unknown with 7 valid: 9 seen, too few to judge a share: banned at threshold 1.
+    assert!(rcpt_to(&d, &cfg, &from, &to, &t(1, 7, 0)).ban.is_some());
+    // 6 unknown with 6 valid: 50 % unknown is not "below 50 %".
+    assert!(rcpt_to(&d, &cfg, &from, &to, &t(5, 6, 0)).ban.is_some());
+    // 6 unknown with 7 valid: 46 %: spared.
+    assert!(rcpt_to(&d, &cfg, &from, &to, &t(5, 7, 0)).ban.is_none());
+    // 0 % turns the test off.
+    let off = PolicyConfig { b4_unknown_share_max: 0, ..cfg.clone() };
+    assert!(rcpt_to(&d, &off, &from, &to, &t(1, 50, 50)).ban.is_some());
+    // A dictionary attack that salts itself with a few valid users is still banned.
+    assert!(rcpt_to(&d, &cfg, &from, &to, &t(20, 3, 0)).ban.is_some());
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gatekeeper::ban::rules::{RuleParams, nft_script, xt_rules, xt_script};
-use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, Net};
+use gatekeeper::ban::{BackendKind, BanConfig, BanManager, BanOutcome, BanStore, Net, STATE_DB};
 use gatekeeper::config::{Overrides, Settings};
 use gatekeeper::edges::{BanOrder, Clock, SystemClock, rfc5322_date};
 use gatekeeper::gate::{DEFAULT_IP_LIST_TOT, Gate, GateConfig, GateKind};
@@ -295,4 +295,47 @@ pub fn model_replay(kind: ModelKind, window: Duration, hz: u32, ipv6_prefix: u8,
         }
         Ok(())
     })())
+}
+
+/// `check-config`'s warnings about the ban tables: a kernel table (xt_recent) smaller than the
+/// active bans already in the state database evicts some of them at the next restore, and the
+/// kernel then lets those clients in (the server still refuses them with 554).
+pub fn table_warnings(s: &Settings) -> Vec<String> {
+    let c = &s.config;
+    if c.bans.backend != BackendKind::XtRecent {
+        return Vec::new();
+    }
+    let mut capacity = c.bans.xt_recent.capacity as usize;
+    let mut source = "bans.xt_recent.capacity".to_string();
+    let sys = Path::new("/sys/module/xt_recent/parameters/ip_list_tot");
+    if let Some(kernel) = std::fs::read_to_string(sys).ok().and_then(|t| t.trim().parse::<usize>().ok())
+        && kernel < capacity
+    {
+        capacity = kernel;
+        source = format!("{} on this machine", sys.display());
+    }
+    let db = c.server.state_dir.join(STATE_DB);
+    if !db.exists() {
+        return Vec::new();
+    }
+    let bans = match BanStore::open(&db).and_then(|mut store| store.all()) {
+        Ok(bans) => bans,
+        Err(e) => return vec![format!("cannot read the active bans in {}: {e}", db.display())],
+    };
+    let now = std::time::SystemTime::now();
+    let live = bans.iter().filter(|b| !b.is_expired(now));
+    let (v4, v6) = live.fold((0, 0), |(v4, v6), b| if b.net.addr().is_ipv4() { (v4 + 1, v6) } else { (v4, v6 + 1) });
+    [("IPv4", v4), ("IPv6", v6)]
+        .into_iter()
+        .filter(|&(_, n)| n > capacity)
+        .map(|(family, n)| {
+            format!(
+                "{n} active {family} bans in {} but the xt_recent table holds {capacity} ({source}): the kernel \
+                 will evict {} of them and let those clients connect (the server still answers them 554); raise \
+                 ip_list_tot (see the note above)",
+                db.display(),
+                n - capacity
+            )
+        })
+        .collect()
 }
