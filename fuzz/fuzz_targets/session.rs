@@ -143,6 +143,8 @@ struct Run<'a> {
     baseline: usize,
     largest_read: usize,
     wire: Vec<u8>,
+    /// The message being received, assembled from its `Append`s as the server's file is.
+    message: Vec<u8>,
     /// Everything produced, in order, when a mismatch is being explained.
     transcript: Option<Vec<String>>,
 }
@@ -173,6 +175,7 @@ impl<'a> Run<'a> {
             transcript: transcript.then(Vec::new),
             largest_read: 0,
             wire,
+            message: Vec::new(),
         };
         run.drive();
         run
@@ -246,14 +249,36 @@ impl<'a> Run<'a> {
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
             }
-            Action::Scan { message } => {
+            // How the content is cut into `Append`s follows the reads: it is hashed as the
+            // message each scan and handoff names, and checked as it grows.
+            Action::Receive { envelope } => {
+                self.message.clear();
+                assert_eq!((envelope.session, envelope.client), (testing::SESSION_ID, testing::CLIENT));
+                "receive".hash(&mut self.actions);
+                self.log(|| "action receive".into());
+            }
+            Action::Append { chunk } => {
+                // Content comes in whole lines: each chunk is checked, and the total.
+                check_message(cfg, &chunk);
+                self.message.extend_from_slice(&chunk);
+                assert!(self.message.len() as u64 <= cfg.size_max, "message over {}", cfg.size_max);
+            }
+            Action::Discard => {
+                self.message.clear();
+                "discard".hash(&mut self.actions);
+                self.log(|| "action discard".into());
+            }
+            Action::Scan => {
                 assert!(cfg.scan, "scan without scan");
+                let message = std::mem::take(&mut self.message);
                 check_message(cfg, &message);
                 let item = ("scan", &message[..]);
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
+                self.message = message;
             }
-            Action::Deliver { envelope, message } => {
+            Action::Deliver { envelope } => {
+                let message = std::mem::take(&mut self.message);
                 check_message(cfg, &message);
                 assert!(!envelope.rcpts.is_empty() && envelope.rcpts.len() <= cfg.rcpt_max, "{envelope:?}");
                 assert_eq!((envelope.session, envelope.client), (testing::SESSION_ID, testing::CLIENT));
@@ -261,6 +286,7 @@ impl<'a> Run<'a> {
                 let item = ("deliver", envelope.from.to_string(), rcpts, &envelope.helo, &message[..]);
                 item.hash(&mut self.actions);
                 self.log(|| format!("action {item:?}"));
+                self.message = message;
             }
             Action::Close => {
                 *closes += 1;
@@ -295,8 +321,9 @@ impl<'a> Run<'a> {
             return; // the transcript itself grows with the stream
         }
         let held = LIVE.load(Ordering::Relaxed).saturating_sub(self.baseline);
-        // The message being received (Vec growth: twice its bound), plus buffers and queues
-        // sized by the largest single read (pending input, replies to one read's commands).
+        // The message being received, assembled here (the session itself holds none of it:
+        // Vec growth, twice its bound), plus buffers and queues sized by the largest single
+        // read (pending input, content handed out, replies to one read's commands).
         let bound = 2 * self.setup.cfg.size_max as usize + 64 * self.largest_read + 64 * 1024;
         assert!(held <= bound, "session holds {held} heap octets, bound {bound}");
     }

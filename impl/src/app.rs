@@ -78,12 +78,22 @@ impl fmt::Debug for Edges {
 impl Edges {
     /// The production edges of `settings`: the system clock, `server.state_dir`, the ban
     /// backend `[bans]` names, the relay of `[delivery]` or a Maildir spool under
-    /// `<state_dir>/maildir`, hickory on tokio, tokio TCP. Call it inside a tokio runtime.
+    /// `<state_dir>/maildir` (messages arrive into its `tmp/`, or into `<state_dir>/tmp` for
+    /// the relay), hickory on tokio, tokio TCP. Call it inside a tokio runtime.
     pub fn production(settings: &Settings) -> Result<Edges, AppError> {
         let c = &settings.config;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let downstream: Arc<dyn Downstream> = match settings.relay {
-            Some(addr) => Arc::new(SmtpRelay::new(addr, &c.server.hostname, c.delivery.relay_timeout, clock.clone())),
+            Some(addr) => {
+                // Messages arrive into files on the state dir's filesystem, like the Maildir's.
+                let path = c.server.state_dir.join("tmp");
+                let timeout = c.delivery.relay_timeout;
+                let memory = c.smtp.size_max.saturating_mul(2);
+                match SmtpRelay::new(addr, &c.server.hostname, timeout, clock.clone(), path.clone(), memory) {
+                    Ok(relay) => Arc::new(relay),
+                    Err(error) => return Err(AppError::Spool { path, error }),
+                }
+            }
             None => {
                 let path = c.server.state_dir.join("maildir");
                 match MaildirSpool::open(&path, &c.server.hostname, clock.clone(), true) {
@@ -155,6 +165,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
     let limits = Limits {
         max_sessions: c.server.max_sessions,
         max_sessions_per_ip: c.server.max_sessions_per_ip,
+        queue_minfree: c.server.queue_minfree,
         shutdown_grace: c.server.shutdown_grace,
         // G1 in process only when the kernel does not gate.
         in_process_rate: !c.bans.backend.is_kernel(),

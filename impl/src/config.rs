@@ -53,6 +53,9 @@ pub struct Config {
     pub callbacks: CallbacksConfig,
 }
 
+/// `server.queue_minfree` by default: 256 MiB, ten largest messages of the default size.
+pub const DEFAULT_QUEUE_MINFREE: u64 = 256 * 1024 * 1024;
+
 /// `[server]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -71,6 +74,10 @@ pub struct ServerSection {
     /// is full of sources inside their window, the least recently seen is forgotten: G1
     /// fails open for that source, with a warning. Bans never live there.
     pub rate_sources_max: u32,
+    /// Octets that must stay free on the state dir's filesystem (where messages are written as
+    /// they arrive, beside the ban database): below it MAIL gets 452 4.3.1, so mail stops
+    /// while bans (a few hundred octets each) can still be saved. 0: no threshold.
+    pub queue_minfree: u64,
     /// On SIGTERM/SIGINT: how long running sessions may go on before they get 421.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -88,6 +95,7 @@ impl Default for ServerSection {
             max_sessions: 2000,
             max_sessions_per_ip: 10,
             rate_sources_max: crate::server::DEFAULT_RATE_SOURCES_MAX,
+            queue_minfree: DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
             proxy_trusted: Vec::new(),
         }
@@ -113,6 +121,8 @@ pub struct SmtpSection {
     /// Longest session.
     #[serde(with = "humantime_serde")]
     pub session_max: Duration,
+    /// Messages per session; a MAIL beyond gets 421 4.7.0 and the session closes.
+    pub messages_max: u64,
 }
 
 impl Default for SmtpSection {
@@ -125,6 +135,7 @@ impl Default for SmtpSection {
             command_timeout: s.command_timeout,
             penalty_timeout: s.penalty_timeout,
             session_max: s.session_max,
+            messages_max: s.messages_max,
         }
     }
 }
@@ -466,6 +477,9 @@ impl Config {
         if self.smtp.errors_max == 0 {
             problems.push("smtp.errors_max: must be at least 1".into());
         }
+        if self.smtp.messages_max == 0 {
+            problems.push("smtp.messages_max: must be at least 1".into());
+        }
         for (name, d) in [
             ("smtp.command_timeout", self.smtp.command_timeout),
             ("smtp.penalty_timeout", self.smtp.penalty_timeout),
@@ -556,6 +570,7 @@ impl Config {
             command_timeout: config.smtp.command_timeout,
             penalty_timeout: config.smtp.penalty_timeout,
             session_max: config.smtp.session_max,
+            messages_max: config.smtp.messages_max,
             verify_senders: config.rules.verify_senders,
             on_unknown: config.rules.on_unknown_sender,
             scan: config.rules.scan,

@@ -17,6 +17,10 @@
 //! gate's `ipv6_prefix`. A PROXY `UNKNOWN` / v2 `LOCAL` connection (a health check) names no
 //! client: it gets a greeting and no rule, and is neither gated, counted nor banned as the
 //! proxy.
+//!
+//! A message is written to a file (the downstream's [`MessageFile`]) as it arrives, scanned
+//! and handed off from there: no connection holds more than one read of it in memory. Below
+//! `queue_minfree` free octets (the downstream says how many there are) MAIL gets 452 4.3.1.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -32,7 +36,9 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::ban::{ActiveBans, Net};
-use crate::edges::{BanOrder, BanSink, Clock, Downstream, Listener, Observer, Scanner, SystemClock, Verifier};
+use crate::edges::{
+    BanOrder, BanSink, Clock, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Verifier,
+};
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
 use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
 use crate::proto::{PROXY_HEADER_MAX, escape};
@@ -45,6 +51,9 @@ pub struct Limits {
     pub max_sessions: usize,
     /// Concurrent sessions per client address.
     pub max_sessions_per_ip: usize,
+    /// Free octets the downstream must keep ([`Downstream::available`]); below, MAIL gets
+    /// 452 4.3.1. 0: no threshold.
+    pub queue_minfree: u64,
     /// How long sessions may go on after shutdown begins.
     pub shutdown_grace: Duration,
     /// Enforce G1 in process (embedded default). Off when the kernel gates connections.
@@ -65,6 +74,7 @@ impl Default for Limits {
         Limits {
             max_sessions: 2000,
             max_sessions_per_ip: 10,
+            queue_minfree: crate::config::DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
             in_process_rate: true,
             rate_sources_max: DEFAULT_RATE_SOURCES_MAX,
@@ -176,6 +186,7 @@ impl ServerBuilder {
                 gate_config: self.gate,
                 tallies: Mutex::new(tallies),
                 active: Mutex::new(HashMap::new()),
+                storage: Mutex::new(None),
                 total: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 stats: Stats::default(),
@@ -220,10 +231,25 @@ struct Shared {
     observer: Option<Arc<dyn Observer>>,
     /// Sessions per client key.
     active: Mutex<HashMap<IpAddr, usize>>,
+    /// The last free-space check: when, and whether it was below `queue_minfree`.
+    storage: Mutex<Option<(Instant, bool)>>,
     total: AtomicUsize,
     next_id: AtomicU64,
     stats: Stats,
 }
+
+/// How long a free-space check holds (a statvfs per read would be wasted).
+const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Socket reads while no message is coming in: commands are short, and an idle connection
+/// must stay small.
+const READ_IDLE: usize = 1024;
+/// Socket reads while a message is coming in: fewer, bigger writes to its file.
+const READ_DATA: usize = 16 * 1024;
+
+/// The message being received: its file, or why there is none (it could not be created or
+/// written; the end of data is then answered 452 4.3.1).
+type Incoming = Option<Result<MessageFile, String>>;
 
 /// Keys each per-client table holds at most (the least recently seen go first).
 const TALLY_KEYS_MAX: usize = 100_000;
@@ -497,10 +523,11 @@ impl Shared {
         };
         let slot = self.take_slot(key);
         let mut session = self.open_session(now, id, addr, key, slot.is_some());
-        let mut buf = [0u8; 1024];
+        let mut buf = vec![0u8; READ_IDLE];
         let mut out = Vec::with_capacity(512);
+        let mut incoming: Incoming = None;
         loop {
-            let closing = self.carry_out(&mut session, addr, id).await;
+            let closing = self.carry_out(&mut session, addr, id, &mut incoming).await;
             self.log_events(&mut session, addr, id);
             out.clear();
             while let Some(reply) = session.poll_reply() {
@@ -517,6 +544,10 @@ impl Shared {
                 let _ = stream.shutdown().await;
                 break;
             }
+            let want = if incoming.is_some() { READ_DATA } else { READ_IDLE };
+            if buf.len() != want {
+                buf = vec![0u8; want];
+            }
             let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
@@ -527,7 +558,11 @@ impl Shared {
                 }
                 read = stream.read(&mut buf) => match read {
                     Ok(0) | Err(_) => session.handle_eof(self.clock.now()),
-                    Ok(n) => session.handle_input(self.clock.now(), &buf[..n]),
+                    Ok(n) => {
+                        let now = self.clock.now();
+                        session.set_storage_short(self.storage_short(now));
+                        session.handle_input(now, &buf[..n]);
+                    }
                 },
                 () = sleep_until_opt(deadline) => session.handle_timeout(self.clock.now()),
             }
@@ -608,8 +643,33 @@ impl Shared {
         }
     }
 
+    /// `true` while the downstream's free space is below `queue_minfree` (checked at most
+    /// once per [`STORAGE_CHECK_EVERY`]; a downstream that cannot tell is never short).
+    fn storage_short(&self, now: Instant) -> bool {
+        if self.limits.queue_minfree == 0 {
+            return false;
+        }
+        let mut last = self.storage.lock().expect("storage lock");
+        if let Some((at, short)) = *last
+            && now.saturating_duration_since(at) < STORAGE_CHECK_EVERY
+        {
+            return short;
+        }
+        let available = self.downstream.available();
+        let short = available.is_some_and(|free| free < self.limits.queue_minfree);
+        if short != last.is_some_and(|(_, was)| was) {
+            if short {
+                tracing::warn!(available, queue_minfree = self.limits.queue_minfree, "free space low: refusing mail");
+            } else {
+                tracing::info!(available, queue_minfree = self.limits.queue_minfree, "free space back: accepting mail");
+            }
+        }
+        *last = Some((now, short));
+        short
+    }
+
     /// Carries out every pending action; returns `true` once the session asked to close.
-    async fn carry_out(&self, session: &mut Session, addr: IpAddr, id: u64) -> bool {
+    async fn carry_out(&self, session: &mut Session, addr: IpAddr, id: u64, incoming: &mut Incoming) -> bool {
         let mut closing = false;
         while let Some(action) = session.poll_action() {
             match action {
@@ -649,20 +709,53 @@ impl Shared {
                     };
                     session.handle_verified(now, result, waited);
                 }
-                Action::Scan { message } => {
-                    let outcome = match &self.scanner {
-                        Some(s) => s.scan(message).await,
-                        None => ScanOutcome::Failed { reason: "no scanner configured".into() },
-                    };
-                    session.handle_scanned(self.clock.now(), outcome);
+                Action::Receive { envelope } => {
+                    *incoming = Some(if self.storage_short(self.clock.now()) {
+                        Err("free space below server.queue_minfree".into())
+                    } else {
+                        self.downstream.create(&envelope).map_err(|e| {
+                            tracing::warn!(error = %e, "cannot create the message file");
+                            format!("cannot create the message file: {e}")
+                        })
+                    });
                 }
-                Action::Deliver { envelope, message } => {
-                    let result = self.downstream.deliver(&envelope, message).await;
-                    if result.is_ok() {
-                        self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                Action::Append { chunk } => {
+                    if let Some(Ok(file)) = incoming
+                        && let Err(e) = file.append(&chunk)
+                    {
+                        // Dropping the file removes it; the rest of the message is discarded.
+                        tracing::warn!(error = %e, file = %file.path().display(), "cannot write the message");
+                        *incoming = Some(Err(format!("cannot write the message: {e}")));
                     }
-                    session.handle_delivered(self.clock.now(), result);
                 }
+                Action::Discard => *incoming = None,
+                Action::Scan => match incoming {
+                    Some(Ok(file)) => {
+                        let outcome = match &self.scanner {
+                            Some(s) => s.scan(file).await,
+                            None => ScanOutcome::Failed { reason: "no scanner configured".into() },
+                        };
+                        session.handle_scanned(self.clock.now(), outcome);
+                    }
+                    _ => {
+                        let why = match incoming.take() {
+                            Some(Err(why)) => why,
+                            _ => "no message file".into(),
+                        };
+                        session.handle_store_failed(self.clock.now(), why);
+                    }
+                },
+                Action::Deliver { envelope } => match incoming.take() {
+                    Some(Ok(file)) => {
+                        let result = self.downstream.deliver(&envelope, file).await;
+                        if result.is_ok() {
+                            self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        session.handle_delivered(self.clock.now(), result);
+                    }
+                    Some(Err(why)) => session.handle_store_failed(self.clock.now(), why),
+                    None => session.handle_store_failed(self.clock.now(), "no message file".into()),
+                },
                 Action::Close => closing = true,
             }
             self.log_events(session, addr, id);

@@ -11,6 +11,12 @@
 //! 2. Then write every [`Session::poll_reply`]. Replies come in command order (RFC 2920).
 //! 3. While [`Session::wants_input`] is `false` (a probe, scan or delivery is pending), stop
 //!    reading from the socket: pipelined input waits in the kernel, not in memory.
+//!
+//! A message is never held whole: after DATA the session asks for a file
+//! ([`Action::Receive`]), hands the content out as it arrives ([`Action::Append`]), and at the
+//! end of data asks for the scan and the handoff of that file, or for its removal
+//! ([`Action::Discard`]). The driver tells the session when storage runs short
+//! ([`Session::set_storage_short`], [`Session::handle_store_failed`]): 452 4.3.1.
 //! 4. Stop after [`Action::Close`].
 //! 5. When the session is over, record its [`Session::b4_tally`] (a probe-shaped session, or
 //!    its counted unknown recipients) under the client's ban key; the next session of that
@@ -54,6 +60,9 @@ pub struct SessionConfig {
     pub penalty_timeout: Duration,
     /// Longest a whole session may take.
     pub session_max: Duration,
+    /// Messages one session may give: a MAIL beyond gets 421 4.7.0 and the session closes
+    /// (the client goes on in a new one), so one connection cannot fill the spool at will.
+    pub messages_max: u64,
     /// Run callback verification (C1) of external senders.
     pub verify_senders: bool,
     /// What an inconclusive callback means.
@@ -76,6 +85,7 @@ impl Default for SessionConfig {
             command_timeout: Duration::from_secs(300),
             penalty_timeout: Duration::from_secs(30),
             session_max: Duration::from_secs(1800),
+            messages_max: 100,
             verify_senders: false,
             on_unknown: OnUnknown::Tempfail,
             scan: false,
@@ -165,17 +175,26 @@ pub enum Action {
         /// The external sender.
         sender: Mailbox,
     },
-    /// Scan the message (V1) and call [`Session::handle_scanned`].
-    Scan {
-        /// The message as received.
-        message: Bytes,
+    /// A message follows (DATA was accepted): create the file it is written to (at the
+    /// downstream, which may stamp the envelope in it). If that fails, go on and answer the
+    /// end of data with [`Session::handle_store_failed`].
+    Receive {
+        /// Envelope.
+        envelope: Envelope,
     },
-    /// Hand the message off durably and call [`Session::handle_delivered`].
+    /// Append content to the message's file: dot-unstuffed, CRLF line endings, in order.
+    Append {
+        /// The next octets of the message.
+        chunk: Bytes,
+    },
+    /// Drop the message being received (too big): remove its file.
+    Discard,
+    /// Scan the message received (V1) and call [`Session::handle_scanned`].
+    Scan,
+    /// Hand the message received off durably and call [`Session::handle_delivered`].
     Deliver {
         /// Envelope.
         envelope: Envelope,
-        /// Content, dot-unstuffed, CRLF line endings.
-        message: Bytes,
     },
     /// Close the connection after writing the replies.
     Close,
@@ -243,9 +262,7 @@ enum Pending {
     Verify {
         rcpt: ForwardPath,
     },
-    Scan {
-        message: Bytes,
-    },
+    Scan,
     Deliver,
 }
 
@@ -266,6 +283,9 @@ struct Transaction {
     sender: SenderCheck,
 }
 
+/// Input capacity kept between reads; a bigger buffer (a message's reads) is let go once empty.
+const INPUT_KEEP: usize = 4096;
+
 /// One SMTP connection's state machine. No IO, no clock: `now` is always an argument.
 #[derive(Debug)]
 pub struct Session {
@@ -285,6 +305,8 @@ pub struct Session {
     eof: bool,
     /// B4: the client's record before this session, and this session's unknown recipients.
     b4: B4Tally,
+    /// The driver says free space is below its threshold: MAIL gets 452 4.3.1.
+    storage_short: bool,
     /// No client address (PROXY `UNKNOWN` / v2 `LOCAL`, a health check): greeting, EHLO,
     /// NOOP, RSET and QUIT only; no transaction, so no rule ever applies.
     unidentified: bool,
@@ -360,6 +382,7 @@ impl Session {
             had_5xx: false,
             eof: false,
             b4,
+            storage_short: false,
             unidentified: false,
             started: now,
             last_input: now,
@@ -375,6 +398,30 @@ impl Session {
         }
         self.last_input = now;
         self.input.extend_from_slice(bytes);
+        self.process(now);
+        if self.input.is_empty() && self.input.capacity() > INPUT_KEEP {
+            // A big read (a message's) is not kept for an idle session.
+            self.input = Vec::new();
+        }
+    }
+
+    /// Whether free space is below the driver's threshold (`server.queue_minfree`): while it
+    /// is, MAIL gets 452 4.3.1. Call it before handing over input; it holds until changed.
+    pub fn set_storage_short(&mut self, short: bool) {
+        self.storage_short = short;
+    }
+
+    /// The message being received could not be stored (its file could not be created or
+    /// written: disk full, an I/O error): the pending scan or handoff it asked for is not
+    /// carried out, and its end of data gets 452 4.3.1. Spurious calls are no-ops.
+    pub fn handle_store_failed(&mut self, now: Instant, why: String) {
+        if !matches!(self.state, State::Waiting(_, Pending::Scan | Pending::Deliver)) {
+            return;
+        }
+        self.state = State::Ready;
+        let verdict = Verdict { rule: Rule::Deliver, reply: Reply::insufficient_storage(), ban: None };
+        self.verdict_reply_with("DATA", verdict, why);
+        self.last_input = now;
         self.process(now);
     }
 
@@ -420,10 +467,10 @@ impl Session {
 
     /// The result of a scan requested with [`Action::Scan`].
     pub fn handle_scanned(&mut self, now: Instant, outcome: ScanOutcome) {
-        if !matches!(self.state, State::Waiting(_, Pending::Scan { .. })) {
+        if !matches!(self.state, State::Waiting(_, Pending::Scan)) {
             return;
         }
-        let State::Waiting(tx, Pending::Scan { message }) = std::mem::replace(&mut self.state, State::Closed) else {
+        let State::Waiting(tx, Pending::Scan) = std::mem::replace(&mut self.state, State::Closed) else {
             unreachable!()
         };
         let detail = match &outcome {
@@ -434,11 +481,12 @@ impl Session {
         match policy::scanned(&self.dir, &outcome, self.cfg.on_scan_failure, &tx.from, &tx.rcpts) {
             Some(verdict) => {
                 self.state = State::Ready;
+                self.actions.push_back(Action::Discard);
                 self.verdict_reply_with("DATA", verdict, detail);
                 self.last_input = now;
                 self.process(now);
             }
-            None => self.deliver(tx, message),
+            None => self.deliver(tx),
         }
     }
 
@@ -559,10 +607,17 @@ impl Session {
         loop {
             match &mut self.state {
                 State::Closed | State::Waiting(..) => break,
-                State::Data(_, receiver) => match receiver.next(&mut rest) {
-                    Some(event) => self.end_of_data(event),
-                    None => break,
-                },
+                State::Data(_, receiver) => {
+                    let event = receiver.next(&mut rest);
+                    let content = receiver.take_content();
+                    if !content.is_empty() {
+                        self.actions.push_back(Action::Append { chunk: Bytes::from(content) });
+                    }
+                    match event {
+                        Some(event) => self.end_of_data(event),
+                        None => break,
+                    }
+                }
                 _ => match self.lines.next(&mut rest) {
                     Some(LineEvent::Line(line)) => self.command(now, &line),
                     Some(LineEvent::TooLong) => {
@@ -663,6 +718,14 @@ impl Session {
         if size.is_some_and(|s| s > self.cfg.size_max) {
             return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply: Reply::too_big(), ban: None });
         }
+        if self.transactions >= self.cfg.messages_max {
+            let reply = Reply::too_many_messages(&self.cfg.hostname);
+            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
+        }
+        if self.storage_short {
+            let reply = Reply::insufficient_storage();
+            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
+        }
         let verdict = policy::mail_from(&self.dir, &from);
         if verdict.reply.is_positive() {
             let sender = match &from {
@@ -742,6 +805,7 @@ impl Session {
             _ => return self.reply_error(Reply::need_mail_and_rcpt()),
         }
         let State::Mail(tx) = std::mem::replace(&mut self.state, State::Closed) else { unreachable!() };
+        self.actions.push_back(Action::Receive { envelope: self.envelope(&tx) });
         self.state = State::Data(tx, DataReceiver::new(self.cfg.size_max));
         self.replies.push_back(Reply::start_data());
     }
@@ -749,32 +813,36 @@ impl Session {
     fn end_of_data(&mut self, event: DataEvent) {
         let State::Data(tx, _) = std::mem::replace(&mut self.state, State::Ready) else { unreachable!() };
         let reply = match event {
-            DataEvent::Message(message) => {
-                let message = Bytes::from(message);
+            DataEvent::Complete { .. } => {
                 if self.cfg.scan {
-                    self.state = State::Waiting(tx, Pending::Scan { message: message.clone() });
-                    self.actions.push_back(Action::Scan { message });
+                    self.state = State::Waiting(tx, Pending::Scan);
+                    self.actions.push_back(Action::Scan);
                 } else {
-                    self.deliver(tx, message);
+                    self.deliver(tx);
                 }
                 return;
             }
             DataEvent::TooBig { .. } => Reply::too_big(),
         };
+        self.actions.push_back(Action::Discard);
         self.verdict_reply("DATA", Verdict { rule: Rule::Proto, reply, ban: None });
     }
 
-    fn deliver(&mut self, tx: Transaction, message: Bytes) {
-        let envelope = Envelope {
+    fn envelope(&self, tx: &Transaction) -> Envelope {
+        Envelope {
             session: self.client.id,
             client: self.client.addr,
             helo: self.helo.clone().unwrap_or_default(),
             from: tx.from.clone(),
             rcpts: tx.rcpts.clone(),
-        };
+        }
+    }
+
+    fn deliver(&mut self, tx: Transaction) {
+        let envelope = self.envelope(&tx);
         self.transactions += 1;
         self.state = State::Waiting(tx, Pending::Deliver);
-        self.actions.push_back(Action::Deliver { envelope, message });
+        self.actions.push_back(Action::Deliver { envelope });
     }
 
     fn quit(&mut self) {

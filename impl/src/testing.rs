@@ -182,6 +182,10 @@ pub struct Driver {
     replies: Vec<Reply>,
     actions: Vec<Action>,
     events: Vec<Event>,
+    /// The message being received, assembled from [`Action::Append`] as the server's file is.
+    message: Vec<u8>,
+    /// The message as it was at each [`Action::Scan`] and [`Action::Deliver`], in order.
+    contents: Vec<Vec<u8>>,
     verifies: usize,
     scans: usize,
     deliveries: usize,
@@ -198,6 +202,8 @@ impl Driver {
             replies: Vec::new(),
             actions: Vec::new(),
             events: Vec::new(),
+            message: Vec::new(),
+            contents: Vec::new(),
             verifies: 0,
             scans: 0,
             deliveries: 0,
@@ -230,12 +236,18 @@ impl Driver {
     pub fn pump(&mut self) {
         while let Some(action) = self.session.poll_action() {
             match &action {
+                Action::Scan | Action::Deliver { .. } => self.contents.push(self.message.clone()),
+                Action::Receive { .. } | Action::Discard => self.message.clear(),
+                Action::Append { chunk } => self.message.extend_from_slice(chunk),
+                _ => {}
+            }
+            match &action {
                 Action::Verify { .. } => {
                     if let Some(result) = pick(&self.answers.verify, &mut self.verifies) {
                         self.session.handle_verified(self.now, result.clone(), Duration::ZERO);
                     }
                 }
-                Action::Scan { .. } => {
+                Action::Scan => {
                     if let Some(outcome) = pick(&self.answers.scan, &mut self.scans) {
                         self.session.handle_scanned(self.now, outcome.clone());
                     }
@@ -246,8 +258,13 @@ impl Driver {
                         self.session.handle_delivered(self.now, result);
                     }
                 }
-                // The ban sink only records; closing is the caller's to check.
-                Action::Ban { .. } | Action::Close => {}
+                // The ban sink only records, the message's file is the caller's to assemble
+                // from the actions, closing is the caller's to check.
+                Action::Ban { .. }
+                | Action::Close
+                | Action::Receive { .. }
+                | Action::Append { .. }
+                | Action::Discard => {}
             }
             self.actions.push(action);
         }
@@ -269,6 +286,14 @@ impl Driver {
     pub fn actions(&mut self) -> Vec<Action> {
         self.pump();
         std::mem::take(&mut self.actions)
+    }
+
+    /// The content of each message scanned or handed off since the last call: one per
+    /// [`Action::Scan`] and [`Action::Deliver`], in the actions' order, assembled from the
+    /// [`Action::Append`]s before it.
+    pub fn contents(&mut self) -> Vec<Vec<u8>> {
+        self.pump();
+        std::mem::take(&mut self.contents)
     }
 
     /// The verdict events since the last call, in order.

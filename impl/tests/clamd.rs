@@ -20,9 +20,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use gatekeeper::config::Config;
-use gatekeeper::edges::{Clock, MaildirSpool, Scanner, SystemClock};
+use gatekeeper::edges::{Clock, MaildirSpool, MessageFile, Scanner, SystemClock};
 use gatekeeper::policy::{OnScanFailure, ScanOutcome};
 use gatekeeper::scan::{BuiltinScanner, ClamdAddr, ClamdError, ClamdScanner, EICAR, EICAR_NAME};
 use gatekeeper::server::{Limits, Server};
@@ -206,21 +205,28 @@ fn clamd_client_against_real_clamd() {
     };
     let mut clamd = Clamd::start(&clamd_bin);
     let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    // Scanners read messages from their files.
+    let mut file = |content: &[u8]| {
+        n += 1;
+        MessageFile::with_content(dir.path(), &format!("m{n}"), content).unwrap()
+    };
     for addr in [clamd.tcp(), clamd.unix()] {
         let s = ClamdScanner::new(addr.clone(), clock()).timeout(Duration::from_secs(20)).chunk_bytes(16 * 1024);
         rt.block_on(async {
             s.ping().await.unwrap();
-            assert_eq!(s.scan(Bytes::from_static(CLEAN)).await, ScanOutcome::Clean, "{addr}");
+            assert_eq!(s.scan(&file(CLEAN)).await, ScanOutcome::Clean, "{addr}");
             let infected = ScanOutcome::Infected { signature: CLAMD_EICAR.into() };
-            assert_eq!(s.scan(Bytes::from(inline_eicar())).await, infected, "{addr} inline");
-            assert_eq!(s.scan(Bytes::from(attached_eicar())).await, infected, "{addr} attachment");
+            assert_eq!(s.scan(&file(&inline_eicar())).await, infected, "{addr} inline");
+            assert_eq!(s.scan(&file(&attached_eicar())).await, infected, "{addr} attachment");
             // Over clamd's StreamMaxLength (our own limit is higher): its size-limit error.
-            let big = vec![b'a'; CLAMD_STREAM_MAX + 1];
-            assert!(matches!(s.instream(&big).await, Err(ClamdError::TooLarge { .. })), "{addr}");
-            let outcome = s.scan(Bytes::from(big.clone())).await;
+            let big = file(&vec![b'a'; CLAMD_STREAM_MAX + 1]);
+            assert!(matches!(s.instream(big.content().unwrap()).await, Err(ClamdError::TooLarge { .. })), "{addr}");
+            let outcome = s.scan(&big).await;
             assert!(matches!(outcome, ScanOutcome::Failed { .. }), "{addr}: {outcome:?}");
             let lenient = ClamdScanner::new(addr.clone(), clock()).on_oversize(OnScanFailure::Accept);
-            assert_eq!(lenient.scan(Bytes::from(big)).await, ScanOutcome::Clean, "{addr}: accepted unscanned");
+            assert_eq!(lenient.scan(&big).await, ScanOutcome::Clean, "{addr}: accepted unscanned");
         });
     }
 
@@ -229,17 +235,17 @@ fn clamd_client_against_real_clamd() {
     let builtin = BuiltinScanner::new(clock());
     let sys = SystemClock;
     let line = b"All work and no play makes Jack a dull boy.\r\n";
-    let large = Bytes::from([CLEAN, &line.repeat(12_000)].concat());
-    for (message, rounds) in [(Bytes::from_static(CLEAN), 200u32), (large, 20)] {
+    let large = file(&[CLEAN, &line.repeat(12_000)].concat());
+    for (message, rounds) in [(file(CLEAN), 200u32), (large, 20)] {
         let (clamd_avg, builtin_avg) = rt.block_on(async {
             let start = sys.now();
             for _ in 0..rounds {
-                assert_eq!(clamd_scanner.scan(message.clone()).await, ScanOutcome::Clean);
+                assert_eq!(clamd_scanner.scan(&message).await, ScanOutcome::Clean);
             }
             let clamd_avg = (sys.now() - start) / rounds;
             let start = sys.now();
             for _ in 0..rounds {
-                assert_eq!(builtin.scan(message.clone()).await, ScanOutcome::Clean);
+                assert_eq!(builtin.scan(&message).await, ScanOutcome::Clean);
             }
             (clamd_avg, (sys.now() - start) / rounds)
         });
@@ -251,7 +257,7 @@ fn clamd_client_against_real_clamd() {
     let s = ClamdScanner::new(clamd.tcp(), clock());
     rt.block_on(async {
         assert!(matches!(s.ping().await, Err(ClamdError::Connect { .. })));
-        let outcome = s.scan(Bytes::from_static(CLEAN)).await;
+        let outcome = s.scan(&file(CLEAN)).await;
         assert!(matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("cannot connect")), "{outcome:?}");
     });
 }

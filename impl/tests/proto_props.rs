@@ -8,7 +8,7 @@ use gatekeeper::proto::{
     Body, COMMAND_LINE_MAX, Command, DataEvent, DataReceiver, Domain, ForwardPath, Host, LineEvent, LineReceiver,
     LocalPart, MailParams, Mailbox, RcptParams, Reply, ReversePath, TEXT_LINE_MAX,
 };
-use gatekeeper::session::SessionConfig;
+use gatekeeper::session::{Action, SessionConfig};
 use gatekeeper::testing::{self, Answers, Driver};
 use proptest::prelude::*;
 
@@ -247,21 +247,34 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..12),
         size_max in prop_oneof![Just(64u64), Just(4096), Just(1 << 20)],
     ) {
+        // The outcome, the input consumed, and the content handed out (taken after every read,
+        // as the session does).
         let feed = |chunks: Vec<&[u8]>| {
             let mut r = DataReceiver::new(size_max);
             let mut consumed = 0;
+            let mut content = Vec::new();
             for chunk in chunks {
                 let mut rest = chunk;
-                if let Some(ev) = r.next(&mut rest) {
-                    return (Some(ev), consumed + chunk.len() - rest.len());
+                let ev = r.next(&mut rest);
+                content.extend(r.take_content());
+                if let Some(ev) = ev {
+                    return (Some(ev), consumed + chunk.len() - rest.len(), content);
                 }
                 consumed += chunk.len();
             }
-            (None, consumed)
+            (None, consumed, content)
         };
         let whole = feed(vec![&input]);
-        prop_assert_eq!(&whole, &feed(split_at(&input, cuts)));
-        if let Some(DataEvent::Message(m)) = &whole.0 {
+        let split = feed(split_at(&input, cuts));
+        // The outcome and the input consumed always agree; the content must where it counts,
+        // for a complete message (once too big, what was handed out is discarded, and a read
+        // may have handed out lines before the limit was found).
+        prop_assert_eq!((&whole.0, whole.1), (&split.0, split.1));
+        if matches!(whole.0, Some(DataEvent::Complete { .. })) {
+            prop_assert_eq!(&whole.2, &split.2);
+        }
+        if let (Some(DataEvent::Complete { size }), m) = (&whole.0, &whole.2) {
+            prop_assert_eq!(*size, m.len() as u64);
             prop_assert!(m.len() as u64 <= size_max);
             prop_assert!(m.is_empty() || m.ends_with(b"\r\n"));
             for line in m.split_inclusive(|&b| b == b'\n') {
@@ -310,8 +323,10 @@ proptest! {
         }
         body.extend_from_slice(b"\r\n"); // the data ends after a CRLF, whatever came before
         let input = [&b"Subject: long\r\n\r\n"[..], &body, b".\r\n"].concat();
-        let event = DataReceiver::new(1 << 20).next(&mut &input[..]);
-        let Some(DataEvent::Message(m)) = event else {
+        let mut r = DataReceiver::new(1 << 20);
+        let event = r.next(&mut &input[..]);
+        let m = r.take_content();
+        let Some(DataEvent::Complete { .. }) = event else {
             return Err(TestCaseError::fail(format!("{event:?}")));
         };
         let stored = m.strip_prefix(&b"Subject: long\r\n\r\n"[..]).expect("headers kept");
@@ -328,9 +343,11 @@ proptest! {
         text in prop::collection::vec(prop::sample::select(vec![b'a', b' ', b'\r', b'\n', b'\r', b':']), 0..300),
     ) {
         let input = [&text[..], b"\r\n.\r\n"].concat();
-        let event = DataReceiver::new(1 << 20).next(&mut &input[..]);
+        let mut r = DataReceiver::new(1 << 20);
+        let event = r.next(&mut &input[..]);
         let expected = normalized(&[&text[..], b"\r\n"].concat());
-        prop_assert_eq!(event, Some(DataEvent::Message(expected)));
+        prop_assert_eq!(event, Some(DataEvent::Complete { size: expected.len() as u64 }));
+        prop_assert_eq!(r.take_content(), expected);
     }
 }
 
@@ -369,7 +386,9 @@ fn session(k: &Knobs) -> Driver {
     Driver::standard(cfg, 0, Answers { deliver: vec![testing::delivery(0)], ..Answers::cycling() })
 }
 
-/// What a driven session wrote and did.
+/// What a driven session wrote and did. The content handed out ([`Action::Append`]) is not
+/// an action of its own (how it is chunked follows the reads): it is compared as the message
+/// each scan and handoff names.
 #[derive(Debug, Default)]
 struct Outcome {
     wire: Vec<u8>,
@@ -379,7 +398,18 @@ struct Outcome {
 impl Outcome {
     /// Takes what `d` collected since the last call.
     fn collect(&mut self, d: &mut Driver) {
-        self.actions.extend(d.actions().iter().map(|a| format!("{a:?}")));
+        let actions = d.actions();
+        let mut contents = d.contents().into_iter();
+        for a in actions {
+            match a {
+                Action::Append { .. } => {}
+                Action::Scan | Action::Deliver { .. } => {
+                    let content = contents.next().expect("a content per scan and handoff");
+                    self.actions.push(format!("{a:?} {:?}", String::from_utf8_lossy(&content)));
+                }
+                a => self.actions.push(format!("{a:?}")),
+            }
+        }
         self.wire.extend(testing::wire(&d.replies()));
         d.events();
     }

@@ -541,3 +541,74 @@ async fn b4_spares_an_mta_whose_recipients_are_mostly_valid() {
     assert!(s.server.is_banned("127.0.0.41".parse().unwrap()));
     s.stop().await;
 }
+
+/// Files in the Maildir's tmp/.
+fn tmp_files(maildir: &Path) -> usize {
+    std::fs::read_dir(maildir.join("tmp")).unwrap().count()
+}
+
+#[tokio::test]
+async fn messages_stream_into_tmp_and_nothing_is_left_behind() {
+    let s = start("[smtp]\nsize_max = 100000\n", quick()).await;
+    let mut c = Client::connect(s.addr, "127.0.0.50").await;
+    c.reply().await;
+    c.cmd("EHLO client.test").await;
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RCPT TO:<alice@example.test>").await;
+    assert_eq!(code(&c.cmd("DATA").await), "354");
+    // Part of the message is in tmp/ before its end is sent: it is written as it arrives.
+    c.send("Subject: streamed\r\n\r\nfirst part\r\n").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let file = loop {
+        let found = std::fs::read_dir(s.maildir.join("tmp")).unwrap().next().map(|e| e.unwrap().path());
+        if let Some(path) = found
+            && std::fs::read_to_string(&path).unwrap().ends_with("first part\r\n")
+        {
+            break path;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the first part never reached tmp/");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(file.is_file());
+    let reply = c.cmd("second part\r\n.").await;
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert_eq!(tmp_files(&s.maildir), 0, "renamed into new/");
+    assert!(s.spooled()[0].ends_with("Subject: streamed\r\n\r\nfirst part\r\nsecond part\r\n"));
+    // Too big: 552, and its partial file is removed.
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RCPT TO:<alice@example.test>").await;
+    c.cmd("DATA").await;
+    let line = format!("{}\r\n", "x".repeat(900));
+    for _ in 0..150 {
+        c.send(&line).await;
+    }
+    assert_eq!(code(&c.cmd(".").await), "552");
+    assert_eq!(tmp_files(&s.maildir), 0);
+    // A connection lost in the middle of a message: its file is removed too.
+    c.cmd("MAIL FROM:<>").await;
+    c.cmd("RCPT TO:<alice@example.test>").await;
+    c.cmd("DATA").await;
+    c.send("Subject: cut\r\n\r\nhalf\r\n").await;
+    drop(c);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tmp_files(&s.maildir) != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "a cut message stayed in tmp/");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.spooled().len(), 1);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn below_queue_minfree_mail_gets_452() {
+    // More free space than any disk has: always below the threshold.
+    let s = start("", Limits { queue_minfree: u64::MAX, ..quick() }).await;
+    let mut c = Client::connect(s.addr, "127.0.0.51").await;
+    c.reply().await;
+    c.cmd("EHLO client.test").await;
+    assert_eq!(c.cmd("MAIL FROM:<>").await, "452 4.3.1 Insufficient system storage, try again later\r\n");
+    assert_eq!(code(&c.cmd("NOOP").await), "250", "the session goes on");
+    assert_eq!(code(&c.cmd("QUIT").await), "221");
+    assert!(s.spooled().is_empty());
+    s.stop().await;
+}

@@ -5,7 +5,8 @@
 //!   blocking work runs inline;
 //! - the ban backend is the kernel firewall model ([`KernelBackend`]), and the ban sink is
 //!   wrapped (`LedgerSink`) so every ban decision reaches the world's ledger first;
-//! - the downstream is the world's spool (`Spool`);
+//! - the downstream is the world's spool (`Spool`): messages arrive into files under the state
+//!   dir as in production, and the spool reads back only their headers;
 //! - an [`Observer`] (`Watch`) counts every verdict and checks it as it happens;
 //! - DNS and TCP for callbacks go over turmoil ([`crate::dns`], [`SimConnector`]); hickory's
 //!   resolver is built per lookup ([`crate::dns::FreshResolver`], for determinism).
@@ -24,10 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, Net};
-use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Downstream, Observer};
+use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Downstream, MessageFile, Observer};
 use gatekeeper::gate::GateKind;
 use gatekeeper::policy::{BanReason, Rule};
 use gatekeeper::session::{DeliveryError, Envelope, Event};
@@ -47,12 +47,13 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
     let mut settings = cfg.settings.clone();
     settings.proxy_trusted = ["spam", "bounce", "honest"].iter().map(|h| turmoil::lookup(*h)).collect();
     let (sink_world, watch_world) = (world.clone(), world.clone());
+    let spool = Spool::open(world.clone(), state_dir.join("incoming"))?;
     let edges = Edges {
         clock: Arc::new(SimClock::new(cfg.epoch)),
         state_dir,
         offload: false,
         ban_backend: Box::new(KernelBackend { world: world.clone() }),
-        downstream: Arc::new(Spool { world: world.clone() }),
+        downstream: Arc::new(spool),
         resolver: Box::new(|mut dns, seed| {
             dns.nameservers = vec![SocketAddr::new(turmoil::lookup("dns"), 53)];
             dns.os_port_selection = true;
@@ -147,15 +148,49 @@ impl BanSink for LedgerSink {
     }
 }
 
-/// The world's spool: records message ids; a duplicate is a 250 lost in a restart.
+/// The world's spool: records message ids; a duplicate is a 250 lost in a restart. Messages
+/// arrive into files in `dir` (emptied when the host starts, as a restart leaves a crash's
+/// partial files behind), named deterministically by session.
 #[derive(Debug)]
 struct Spool {
     world: Arc<World>,
+    dir: PathBuf,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+/// Octets of a message's head the spool reads back for its `X-Sim-` headers.
+const HEAD_MAX: u64 = 64 * 1024;
+
+impl Spool {
+    fn open(world: Arc<World>, dir: PathBuf) -> io::Result<Self> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        Ok(Spool { world, dir, counter: std::sync::atomic::AtomicU64::new(0) })
+    }
 }
 
 impl Downstream for Spool {
-    fn deliver<'a>(&'a self, _envelope: &'a Envelope, message: Bytes) -> BoxFuture<'a, Result<String, DeliveryError>> {
+    fn create(&self, envelope: &Envelope) -> io::Result<MessageFile> {
+        let n = self.counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        MessageFile::create(&self.dir, &format!("{}.{n}", envelope.session), b"")
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        _envelope: &'a Envelope,
+        message: MessageFile,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>> {
         Box::pin(async move {
+            use std::io::Read;
+            let mut head = Vec::new();
+            let read = message.content().and_then(|c| c.take(HEAD_MAX).read_to_end(&mut head));
+            drop(message); // the world keeps ids, not files
+            if let Err(e) = read {
+                return Err(DeliveryError::Temporary(format!("spool read failed: {e}")));
+            }
+            let message = head;
             let Some(id) = header(&message, "X-Sim-Id: ").and_then(|v| v.parse::<u64>().ok()) else {
                 return Ok("spam".to_string());
             };

@@ -10,6 +10,8 @@
 //!   [`Downstream`] (the durable handoff of an accepted message), [`Verifier`] (C1),
 //!   [`Scanner`] (V1), [`BanSink`] (ban persistence and the kernel) and [`Observer`] (sees
 //!   every verdict; the simulation counts them), with [`BanOrder`] and [`BoxFuture`].
+//!   A message travels between them as a [`MessageFile`] ([`message`]): written as it
+//!   arrives, read back in chunks, removed unless committed.
 //!   Their production versions, on the same layer: [`tcp`] (the TCP listener), [`spool`]
 //!   ([`MaildirSpool`]) and [`relay`] ([`SmtpRelay`]), with the headers both write in
 //!   [`trace`]. The verifier, scanner and ban sink are built by `verify`, `scan` and `ban`,
@@ -18,6 +20,7 @@
 //! Everything is re-exported here, so users name `edges::Clock`, `edges::Downstream`, ….
 
 pub mod clock;
+pub mod message;
 pub mod ports;
 pub mod relay;
 pub mod spool;
@@ -25,6 +28,7 @@ pub mod tcp;
 pub mod trace;
 
 pub use self::clock::{Clock, SystemClock};
+pub use self::message::{Content, MessageFile, available_space};
 pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
 pub use self::relay::SmtpRelay;
 pub use self::spool::MaildirSpool;

@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use super::message::MessageFile;
 use crate::policy::{BanReason, BanRequest, ScanOutcome, Verification};
 use crate::proto::Mailbox;
 use crate::session::{DeliveryError, Envelope, Event};
@@ -30,11 +30,28 @@ pub trait Listener: Send + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
 }
 
-/// The durable handoff of an accepted message. `Ok` means the message is safe (fsync'd or
+/// Where accepted messages go: the file a message is written to while it arrives, and its
+/// durable handoff. `Ok` from [`Downstream::deliver`] means the message is safe (fsync'd or
 /// accepted by the next hop): only then does the client get 250.
 pub trait Downstream: Send + Sync + std::fmt::Debug {
-    /// Hands the message off; returns a queue id.
-    fn deliver<'a>(&'a self, envelope: &'a Envelope, message: Bytes) -> BoxFuture<'a, Result<String, DeliveryError>>;
+    /// A new, empty file in the downstream's `tmp/` for the message `envelope` announces
+    /// (after DATA); the driver appends the content as it arrives. Blocking but quick (a
+    /// file creation).
+    fn create(&self, envelope: &Envelope) -> io::Result<MessageFile>;
+
+    /// Hands the received message off; returns a queue id. The file is the downstream's from
+    /// here: committed into place, or removed (dropped) on failure.
+    fn deliver<'a>(
+        &'a self,
+        envelope: &'a Envelope,
+        message: MessageFile,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>>;
+
+    /// Free octets on the filesystem messages are written to, for the free-space threshold
+    /// (`server.queue_minfree`); `None` when the downstream cannot tell (the default).
+    fn available(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Callback verification of a sender (C1).
@@ -45,8 +62,9 @@ pub trait Verifier: Send + Sync + std::fmt::Debug {
 
 /// Virus scanning (V1).
 pub trait Scanner: Send + Sync + std::fmt::Debug {
-    /// Scans a message; an error is `ScanOutcome::Failed`.
-    fn scan(&self, message: Bytes) -> BoxFuture<'_, ScanOutcome>;
+    /// Scans a received message, reading its file in chunks (never whole into memory); an
+    /// error is `ScanOutcome::Failed`.
+    fn scan<'a>(&'a self, message: &'a MessageFile) -> BoxFuture<'a, ScanOutcome>;
 }
 
 /// One ban order: which client, why, proven by what, decided when, for how long. The one shape

@@ -1,6 +1,7 @@
 //! The embedded default downstream: [`MaildirSpool`], a Maildir under the state dir written
 //! with fsyncs so that a 250 is never given for a message a crash could lose, and the group
-//! commit of its directory fsyncs.
+//! commit of its directory fsyncs. A message is written into `tmp/` as it arrives (a
+//! [`MessageFile`]) and only renamed into `new/` at its handoff.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -8,18 +9,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::UNIX_EPOCH;
 
-use bytes::Bytes;
-
 use super::clock::Clock;
+use super::message::{MessageFile, available_space};
 use super::ports::{BoxFuture, Downstream};
 use super::trace::trace_headers;
 use crate::session::{DeliveryError, Envelope};
 
 /// The embedded default downstream: a Maildir (`new/`, `tmp/`, `cur/`) under the state dir.
 ///
-/// Each message is written to `tmp/`, fsync'd, renamed into `new/`, and `new/` is fsync'd, so
-/// a 250 is never given for a message a crash could lose. The envelope is kept in the message
-/// as `Return-Path:` and `X-Gatekeeper-Rcpt:` headers above a `Received:` trace header.
+/// Each message is written to `tmp/` while it arrives, then fsync'd, renamed into `new/`, and
+/// `new/` is fsync'd, so a 250 is never given for a message a crash could lose. The envelope
+/// is kept in the message as `Return-Path:` and `X-Gatekeeper-Rcpt:` headers above a
+/// `Received:` trace header, written first (when DATA begins, as Postfix stamps its own).
+/// A message that is not delivered (too big, connection lost, write failed) is removed from
+/// `tmp/`; leftovers of a crash are removed when the spool is opened.
 ///
 /// The fsync of `new/` is a group commit (`DirSync`): messages renamed while one is running
 /// share the next one. Each message's own file is still fsync'd by its own writer.
@@ -94,13 +97,25 @@ impl DirSync {
 }
 
 impl MaildirSpool {
-    /// Creates the Maildir at `root` if needed. With `offload`, the blocking writes run on
-    /// tokio's blocking pool (production); without it, inline (the simulation, which has no
-    /// real threads).
+    /// Creates the Maildir at `root` if needed and empties its `tmp/` (messages a crash cut
+    /// short: none was acknowledged). With `offload`, the blocking fsyncs run on tokio's
+    /// blocking pool (production); without it, inline (the simulation, which has no real
+    /// threads). Only one process may use a Maildir as its spool.
     pub fn open(root: impl Into<PathBuf>, hostname: &str, clock: Arc<dyn Clock>, offload: bool) -> io::Result<Self> {
         let root = root.into();
         for sub in ["tmp", "new", "cur"] {
             std::fs::create_dir_all(root.join(sub))?;
+        }
+        let mut removed = 0;
+        for entry in std::fs::read_dir(root.join("tmp"))? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::warn!(removed, dir = %root.join("tmp").display(), "removed unfinished messages left by a crash");
         }
         let new_sync = Arc::new(DirSync::new(root.join("new")));
         Ok(MaildirSpool { root, hostname: hostname.to_string(), clock, counter: AtomicU64::new(0), offload, new_sync })
@@ -111,45 +126,52 @@ impl MaildirSpool {
         &self.root
     }
 
-    fn write(root: &Path, new_sync: &DirSync, name: &str, content: &[u8]) -> io::Result<()> {
-        use std::io::Write;
-        let tmp = root.join("tmp").join(name);
-        let new = root.join("new").join(name);
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        file.write_all(content)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, &new)?;
+    /// fsync, rename into `new/`, fsync `new/` (group commit). Blocking.
+    fn commit(root: &Path, new_sync: &DirSync, message: MessageFile) -> io::Result<()> {
+        let new = root.join("new").join(message.id());
+        message.commit(&new)?;
         new_sync.sync()
     }
 }
 
 impl Downstream for MaildirSpool {
-    fn deliver<'a>(&'a self, envelope: &'a Envelope, message: Bytes) -> BoxFuture<'a, Result<String, DeliveryError>> {
+    fn create(&self, envelope: &Envelope) -> io::Result<MessageFile> {
+        let wall = self.clock.wall();
+        let secs = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!(
+            "{}.M{}P{}Q{n}S{}.{}",
+            secs.as_secs(),
+            secs.subsec_micros(),
+            std::process::id(),
+            envelope.session,
+            self.hostname
+        );
+        let head = trace_headers(envelope, &self.hostname, &name, wall);
+        MessageFile::create(&self.root.join("tmp"), &name, head.as_bytes())
+    }
+
+    fn deliver<'a>(
+        &'a self,
+        _envelope: &'a Envelope,
+        message: MessageFile,
+    ) -> BoxFuture<'a, Result<String, DeliveryError>> {
         Box::pin(async move {
-            let wall = self.clock.wall();
-            let secs = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
-            let n = self.counter.fetch_add(1, Ordering::Relaxed);
-            let name = format!(
-                "{}.M{}P{}Q{n}S{}.{}",
-                secs.as_secs(),
-                secs.subsec_micros(),
-                std::process::id(),
-                envelope.session,
-                self.hostname
-            );
-            let mut content = trace_headers(envelope, &self.hostname, &name, wall).into_bytes();
-            content.extend_from_slice(&message);
+            let name = message.id().to_string();
             let result = if self.offload {
-                let (root, new_sync, file) = (self.root.clone(), self.new_sync.clone(), name.clone());
-                tokio::task::spawn_blocking(move || Self::write(&root, &new_sync, &file, &content))
+                let (root, new_sync) = (self.root.clone(), self.new_sync.clone());
+                tokio::task::spawn_blocking(move || Self::commit(&root, &new_sync, message))
                     .await
                     .unwrap_or_else(|e| Err(io::Error::other(e)))
             } else {
-                Self::write(&self.root, &self.new_sync, &name, &content)
+                Self::commit(&self.root, &self.new_sync, message)
             };
             result.map(|()| name).map_err(|e| DeliveryError::Temporary(format!("spool write failed: {e}")))
         })
+    }
+
+    fn available(&self) -> Option<u64> {
+        available_space(&self.root).ok()
     }
 }
 
@@ -202,7 +224,9 @@ mod tests {
                     from: ReversePath::Null,
                     rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
                 };
-                spool.deliver(&envelope, Bytes::from_static(b"Subject: hi\r\n\r\nbody\r\n")).await.unwrap()
+                let mut message = spool.create(&envelope).unwrap();
+                message.append(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
+                spool.deliver(&envelope, message).await.unwrap()
             });
         }
         let mut ids = std::collections::HashSet::new();
@@ -226,12 +250,46 @@ mod tests {
             from: ReversePath::Null,
             rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
         };
-        let id = spool.deliver(&envelope, Bytes::from_static(b"Subject: hi\r\n\r\nbody\r\n")).await.unwrap();
+        let mut message = spool.create(&envelope).unwrap();
+        // Written into tmp/ as it arrives; the head (trace headers) is not content.
+        message.append(b"Subject: hi\r\n").unwrap();
+        message.append(b"\r\nbody\r\n").unwrap();
+        assert!(message.path().starts_with(spool.root().join("tmp")));
+        assert_eq!(message.len(), 21);
+        let id = spool.deliver(&envelope, message).await.unwrap();
         let stored = std::fs::read_to_string(spool.root().join("new").join(&id)).unwrap();
         assert!(stored.starts_with(
             "Return-Path: <>\r\nX-Gatekeeper-Rcpt: <alice@example.test>\r\nReceived: from client.test ([192.0.2.1])"
         ));
         assert!(stored.ends_with("Subject: hi\r\n\r\nbody\r\n"));
         assert_eq!(std::fs::read_dir(spool.root().join("tmp")).unwrap().count(), 0);
+        assert!(spool.available().is_some_and(|n| n > 0));
+    }
+
+    #[test]
+    fn unfinished_messages_leave_nothing_in_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("Maildir");
+        let spool = MaildirSpool::open(&root, "mx.test", Arc::new(SystemClock), false).unwrap();
+        let envelope = Envelope {
+            session: 8,
+            client: "192.0.2.1".parse().unwrap(),
+            helo: "client.test".into(),
+            from: ReversePath::Null,
+            rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+        };
+        // A message dropped half-way (too big, connection lost, write error) is removed.
+        let mut message = spool.create(&envelope).unwrap();
+        message.append(b"Subject: cut\r\n").unwrap();
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 1);
+        drop(message);
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        // What a crash leaves in tmp/ is removed when the spool is opened again.
+        std::fs::write(root.join("tmp").join("1.crashed"), b"partial").unwrap();
+        std::fs::write(root.join("new").join("2.delivered"), b"whole").unwrap();
+        drop(spool);
+        let _spool = MaildirSpool::open(&root, "mx.test", Arc::new(SystemClock), false).unwrap();
+        assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+        assert!(root.join("new").join("2.delivered").is_file(), "delivered mail is kept");
     }
 }

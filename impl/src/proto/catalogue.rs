@@ -69,6 +69,12 @@ impl Reply {
         Reply::new(421, Enhanced(4, 7, 0), format!("{host} Too many errors, closing connection"))
     }
 
+    /// 421 4.7.0: the session has given as many messages as one session may
+    /// (`smtp.messages_max`); the client sends the rest in a new session.
+    pub fn too_many_messages(host: &str) -> Reply {
+        Reply::new(421, Enhanced(4, 7, 0), format!("{host} Too many messages in this session, closing connection"))
+    }
+
     /// 221 2.0.0: the answer to QUIT.
     pub fn bye(host: &str) -> Reply {
         Reply::new(221, Enhanced(2, 0, 0), format!("{host} Bye"))
@@ -275,6 +281,12 @@ impl Reply {
         Reply::new(250, Enhanced(2, 0, 0), format!("Ok: queued as {queue_id}"))
     }
 
+    /// 452 4.3.1 at MAIL or the end of data: free space is below `server.queue_minfree`, or
+    /// the message could not be written (RFC 3463: mail system full).
+    pub fn insufficient_storage() -> Reply {
+        Reply::new(452, Enhanced(4, 3, 1), "Insufficient system storage, try again later")
+    }
+
     /// 451 4.3.0 at the end of data: the handoff failed for now.
     pub fn local_error() -> Reply {
         Reply::new(451, Enhanced(4, 3, 0), "Local error in processing, try again later")
@@ -324,6 +336,11 @@ mod tests {
                 &[Data],
             ),
             (Reply::too_many_errors(h), "421 4.7.0 mx.test Too many errors, closing connection\r\n", any),
+            (
+                Reply::too_many_messages(h),
+                "421 4.7.0 mx.test Too many messages in this session, closing connection\r\n",
+                &[Mail],
+            ),
             (Reply::bye(h), "221 2.0.0 mx.test Bye\r\n", &[Quit]),
             (
                 Reply::ehlo(h, "client.test", 1000),
@@ -390,6 +407,11 @@ mod tests {
             (Reply::queued("q1"), "250 2.0.0 Ok: queued as q1\r\n", &[EndOfData]),
             (Reply::local_error(), "451 4.3.0 Local error in processing, try again later\r\n", &[EndOfData]),
             (Reply::refused_downstream(), "554 5.3.0 Message refused downstream\r\n", &[EndOfData]),
+            (
+                Reply::insufficient_storage(),
+                "452 4.3.1 Insufficient system storage, try again later\r\n",
+                &[Mail, EndOfData],
+            ),
         ]
     }
 

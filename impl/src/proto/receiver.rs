@@ -2,7 +2,9 @@
 //! stop at the first complete event, so the session can switch receivers between a DATA
 //! command and the message that is pipelined behind it. Buffers are bounded: an overlong
 //! command line is reported and skipped, an overlong text line is broken into lines of at most
-//! 998 octets, an oversized message is counted and discarded, never stored.
+//! 998 octets, and a message is never held whole: its content is handed out as it arrives
+//! ([`DataReceiver::take_content`]) for the driver to write to a file, and an oversized message
+//! is counted, not handed out beyond the limit.
 
 use super::{COMMAND_LINE_MAX, TEXT_LINE_MAX};
 
@@ -74,12 +76,15 @@ impl LineReceiver {
 /// What the DATA receiver produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataEvent {
-    /// The end-of-data line `.` CRLF was received and the message is acceptable: its content,
-    /// dot-unstuffed, every line ending normalized to CRLF, no line longer than
-    /// [`TEXT_LINE_MAX`] with its CRLF.
-    Message(Vec<u8>),
-    /// End of data, but the message exceeded the size limit (552 5.3.4); `size` is what was
-    /// received.
+    /// The end-of-data line `.` CRLF was received and the message is acceptable: its content
+    /// is everything [`DataReceiver::take_content`] gave, dot-unstuffed, every line ending
+    /// normalized to CRLF, no line longer than [`TEXT_LINE_MAX`] with its CRLF.
+    Complete {
+        /// Octets of content (as stored, not as received).
+        size: u64,
+    },
+    /// End of data, but the message exceeded the size limit (552 5.3.4): what was handed out
+    /// must be discarded; `size` is what was received.
     TooBig {
         /// Octets received.
         size: u64,
@@ -106,12 +111,16 @@ const STORED_LINE_MAX: usize = TEXT_LINE_MAX - 2;
 ///   (in the body, or a header line without whitespace) after 998 octets by inserting CRLF
 ///   and a space, so that the rest can be neither a header nor a MIME boundary of its own.
 ///
-/// Memory: the current line is held (at most 998 octets), the message up to `size_max`.
-/// The result does not depend on how the input is split into reads.
+/// Memory: the current line (at most 998 octets) and the content produced since the last
+/// [`DataReceiver::take_content`] (at most the input of one call plus a line); the message is
+/// never held whole. The content does not depend on how the input is split into reads.
 #[derive(Debug)]
 pub struct DataReceiver {
     size_max: u64,
-    message: Vec<u8>,
+    /// Content produced and not yet taken.
+    content: Vec<u8>,
+    /// Octets of content produced so far.
+    stored: u64,
     /// The stored line being built, dot-unstuffed, without its CRLF; at most 998 octets.
     line: Vec<u8>,
     /// The next octet is the first of an SMTP line (one that ended with LF).
@@ -136,7 +145,8 @@ impl DataReceiver {
     pub fn new(size_max: u64) -> Self {
         DataReceiver {
             size_max,
-            message: Vec::new(),
+            content: Vec::new(),
+            stored: 0,
             line: Vec::new(),
             line_start: true,
             dot: false,
@@ -196,6 +206,12 @@ impl DataReceiver {
         self.received
     }
 
+    /// The content produced since the last call (whole lines with their CRLF), to be appended
+    /// to the message; empty once the message is too big.
+    pub fn take_content(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.content)
+    }
+
     fn consume(&mut self, input: &mut &[u8], n: usize) {
         self.received += n as u64;
         *input = &input[n..];
@@ -251,25 +267,27 @@ impl DataReceiver {
             return Some(if self.too_big {
                 DataEvent::TooBig { size: self.received }
             } else {
-                DataEvent::Message(std::mem::take(&mut self.message))
+                DataEvent::Complete { size: self.stored }
             });
         }
         self.store_line();
         None
     }
 
-    /// Appends the current line and CRLF to the message, unless the message is too big.
+    /// Appends the current line and CRLF to the content, unless the message is too big.
     fn store_line(&mut self) {
         if self.line.is_empty() {
             self.in_header = false;
         }
-        if !self.too_big && self.message.len() as u64 + self.line.len() as u64 + 2 > self.size_max {
+        let len = self.line.len() as u64 + 2;
+        if !self.too_big && self.stored + len > self.size_max {
             self.too_big = true;
-            self.message = Vec::new();
+            self.content = Vec::new();
         }
         if !self.too_big {
-            self.message.extend_from_slice(&self.line);
-            self.message.extend_from_slice(b"\r\n");
+            self.stored += len;
+            self.content.extend_from_slice(&self.line);
+            self.content.extend_from_slice(b"\r\n");
         }
         self.line.clear();
     }
@@ -310,19 +328,35 @@ mod tests {
         assert_eq!(r.next(&mut end), Some(LineEvent::TooLong));
     }
 
-    fn data(input: &[u8], max: u64) -> (Option<DataEvent>, usize) {
+    /// The message as a test compares it: its content once complete, or the event.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Got {
+        Message(Vec<u8>),
+        TooBig { size: u64 },
+    }
+
+    /// Feeds `input` in one call: the outcome and the input left over.
+    fn data(input: &[u8], max: u64) -> (Option<Got>, usize) {
         let mut r = DataReceiver::new(max);
         let mut input = input;
         let ev = r.next(&mut input);
-        (ev, input.len())
+        let content = r.take_content();
+        let got = ev.map(|ev| match ev {
+            DataEvent::Complete { size } => {
+                assert_eq!(size, content.len() as u64);
+                Got::Message(content)
+            }
+            DataEvent::TooBig { size } => Got::TooBig { size },
+        });
+        (got, input.len())
     }
 
     #[test]
     fn data_unstuffing_and_end() {
         let (ev, rest) = data(b"Subject: x\r\n\r\n..hidden\r\n.\r\nQUIT\r\n", 1000);
-        assert_eq!(ev, Some(DataEvent::Message(b"Subject: x\r\n\r\n.hidden\r\n".to_vec())));
+        assert_eq!(ev, Some(Got::Message(b"Subject: x\r\n\r\n.hidden\r\n".to_vec())));
         assert_eq!(rest, 6);
-        assert_eq!(data(b".\r\n", 10).0, Some(DataEvent::Message(Vec::new())));
+        assert_eq!(data(b".\r\n", 10).0, Some(Got::Message(Vec::new())));
     }
 
     #[test]
@@ -332,16 +366,16 @@ mod tests {
             assert_eq!(data(attack, 1000).0, None, "{:?}", String::from_utf8_lossy(attack));
         }
         let (ev, _) = data(b"a\nb\r\n.\r\n", 1000);
-        assert_eq!(ev, Some(DataEvent::Message(b"a\r\nb\r\n".to_vec())));
+        assert_eq!(ev, Some(Got::Message(b"a\r\nb\r\n".to_vec())));
     }
 
     #[test]
     fn bare_cr_is_a_line_break() {
         let (ev, _) = data(b"left\rright\r\nend\r\r\n.\r\n", 1000);
-        assert_eq!(ev, Some(DataEvent::Message(b"left\r\nright\r\nend\r\n\r\n".to_vec())));
+        assert_eq!(ev, Some(Got::Message(b"left\r\nright\r\nend\r\n\r\n".to_vec())));
         // A dot after a lone CR is text: not stuffing, not the end of data.
         let (ev, _) = data(b"a\r.x\r\n.\r.\r\n.\r\n", 1000);
-        assert_eq!(ev, Some(DataEvent::Message(b"a\r\n.x\r\n\r\n.\r\n".to_vec())));
+        assert_eq!(ev, Some(Got::Message(b"a\r\n.x\r\n\r\n.\r\n".to_vec())));
         for attack in [&b"a\r.\r\nX\r\n"[..], b"a\r\n.\rX\r\n", b"a\r\n.\r\r\nX\r\n", b"a\r\r.\r\n"] {
             assert_eq!(data(attack, 1000).0, None, "{:?}", String::from_utf8_lossy(attack));
         }
@@ -349,7 +383,8 @@ mod tests {
         let mut r = DataReceiver::new(1000);
         assert_eq!(r.next(&mut &b"a\r"[..]), None);
         assert_eq!(r.next(&mut &b"\n.\r"[..]), None);
-        assert_eq!(r.next(&mut &b"\n"[..]), Some(DataEvent::Message(b"a\r\n".to_vec())));
+        assert_eq!(r.next(&mut &b"\n"[..]), Some(DataEvent::Complete { size: 3 }));
+        assert_eq!(r.take_content(), b"a\r\n");
     }
 
     /// Splits a stored message into its lines without CRLF, checking that every line has one.
@@ -366,7 +401,7 @@ mod tests {
         input.extend_from_slice(b"\r\n");
         input.extend(vec![b'y'; 2500]);
         input.extend_from_slice(b"\n\r\n.\r\n");
-        let Some(DataEvent::Message(m)) = data(&input, 1 << 20).0 else { panic!() };
+        let Some(Got::Message(m)) = data(&input, 1 << 20).0 else { panic!() };
         let lines = stored_lines(&m);
         let lens: Vec<usize> = lines.iter().map(|l| l.len()).collect();
         // 998 octets stay whole; 2,500 become 998 + (1 + 997) + (1 + 505).
@@ -382,7 +417,7 @@ mod tests {
         let header = format!("To:{to}");
         let body = "z".repeat(1200);
         let input = format!("{header}\r\nX-Long: {body}\r\n\r\n{body}\r\n.\r\n");
-        let Some(DataEvent::Message(m)) = data(input.as_bytes(), 1 << 20).0 else { panic!() };
+        let Some(Got::Message(m)) = data(input.as_bytes(), 1 << 20).0 else { panic!() };
         let lines = stored_lines(&m);
         assert!(lines.iter().all(|l| l.len() <= TEXT_LINE_MAX - 2));
         // RFC 5322 §2.2.3 unfolding (delete CRLF before WSP) restores the To: line exactly.
@@ -398,13 +433,13 @@ mod tests {
     #[test]
     fn data_limits() {
         let (ev, _) = data(b"0123456789\r\n0123456789\r\n.\r\n", 20);
-        assert_eq!(ev, Some(DataEvent::TooBig { size: 27 }));
+        assert_eq!(ev, Some(Got::TooBig { size: 27 }));
         // Exactly 998 octets with CRLF (or a bare LF) is one stored line, one more is two.
         for (n, end) in [(TEXT_LINE_MAX - 2, &b"\r\n"[..]), (TEXT_LINE_MAX - 2, b"\n"), (TEXT_LINE_MAX - 1, b"\r\n")] {
             let mut line = vec![b'x'; n];
             line.extend_from_slice(end);
             line.extend_from_slice(b"\r\n.\r\n");
-            let Some(DataEvent::Message(m)) = data(&line, 1 << 20).0 else { panic!() };
+            let Some(Got::Message(m)) = data(&line, 1 << 20).0 else { panic!() };
             assert_eq!(stored_lines(&m).len(), if n > TEXT_LINE_MAX - 2 { 3 } else { 2 });
         }
         // Memory: a 10 MB line is never held whole.
@@ -413,6 +448,36 @@ mod tests {
         for _ in 0..160 {
             assert_eq!(r.next(&mut &chunk[..]), None);
             assert!(r.line.len() <= TEXT_LINE_MAX - 2);
+            // What one read brings, its inserted CRLF SP, and a line held from the read before.
+            let bound = chunk.len() + 3 * (chunk.len() / (TEXT_LINE_MAX - 2) + 1) + TEXT_LINE_MAX;
+            assert!(r.take_content().len() <= bound);
         }
+    }
+
+    #[test]
+    fn content_is_handed_out_as_it_arrives_and_never_held() {
+        // 64 MiB of lines in 64 KiB reads: what is held never exceeds one read's worth, and
+        // what is handed out, concatenated, is the message.
+        let line = [vec![b'y'; 78], b"\r\n".to_vec()].concat();
+        let chunk: Vec<u8> = line.iter().copied().cycle().take(line.len() * 800).collect();
+        let mut r = DataReceiver::new(1 << 30);
+        let mut total = 0u64;
+        for _ in 0..1000 {
+            assert_eq!(r.next(&mut &chunk[..]), None);
+            assert!(r.content.capacity() <= 2 * chunk.len());
+            let content = r.take_content();
+            assert_eq!(content, chunk);
+            total += content.len() as u64;
+        }
+        assert_eq!(r.next(&mut &b".\r\n"[..]), Some(DataEvent::Complete { size: total }));
+        assert!(r.take_content().is_empty());
+        // Too big: nothing more is handed out once over the limit, and the end says so.
+        let mut r = DataReceiver::new(100);
+        assert_eq!(r.next(&mut &chunk[..]), None);
+        assert!(r.take_content().len() <= 100);
+        assert_eq!(r.next(&mut &chunk[..]), None);
+        assert!(r.take_content().is_empty());
+        let end = r.next(&mut &b".\r\n"[..]);
+        assert_eq!(end, Some(DataEvent::TooBig { size: 2 * chunk.len() as u64 + 3 }));
     }
 }

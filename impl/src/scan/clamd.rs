@@ -14,12 +14,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::config::valid_signature_name;
 use super::{ScanResult, ScanStats, record};
-use crate::edges::{BoxFuture, Clock, Scanner};
+use crate::edges::{BoxFuture, Clock, Content, MessageFile, Scanner};
 use crate::policy::{OnScanFailure, ScanOutcome};
 
 /// Longest clamd reply we read. Real replies are `stream: <name> FOUND` with a name well under
@@ -184,16 +183,17 @@ impl ClamdScanner {
         tokio::time::timeout(self.timeout, exchange).await.unwrap_or(Err(ClamdError::Timeout(self.timeout)))
     }
 
-    /// Scans `message` with `zINSTREAM`. Over the stream limit: [`ClamdError::TooLarge`]
-    /// without contacting clamd.
-    pub async fn instream(&self, message: &[u8]) -> Result<ClamdVerdict, ClamdError> {
-        let size = message.len() as u64;
+    /// Scans a message with `zINSTREAM`, read from `content` one chunk at a time (never
+    /// whole in memory). Over the stream limit: [`ClamdError::TooLarge`] without contacting
+    /// clamd.
+    pub async fn instream(&self, content: Content) -> Result<ClamdVerdict, ClamdError> {
+        let size = content.remaining();
         if size > self.stream_max {
             return Err(ClamdError::TooLarge { size });
         }
         let exchange = async {
             let stream = self.connect().await?;
-            let reply = instream_exchange(stream, message, self.chunk_bytes).await?;
+            let reply = instream_exchange(stream, content, self.chunk_bytes).await?;
             parse_reply(&reply, size)
         };
         tokio::time::timeout(self.timeout, exchange).await.unwrap_or(Err(ClamdError::Timeout(self.timeout)))
@@ -212,10 +212,14 @@ impl ClamdScanner {
 }
 
 impl Scanner for ClamdScanner {
-    fn scan(&self, message: Bytes) -> BoxFuture<'_, ScanOutcome> {
+    fn scan<'a>(&'a self, message: &'a MessageFile) -> BoxFuture<'a, ScanOutcome> {
         Box::pin(async move {
             let start = self.clock.now();
-            let (result, outcome) = match self.instream(&message).await {
+            let verdict = match message.content() {
+                Ok(content) => self.instream(content).await,
+                Err(e) => Err(ClamdError::Io(e)),
+            };
+            let (result, outcome) = match verdict {
                 Ok(ClamdVerdict::Clean) => (ScanResult::Clean, ScanOutcome::Clean),
                 Ok(ClamdVerdict::Found(signature)) => (ScanResult::Infected, ScanOutcome::Infected { signature }),
                 Err(e @ ClamdError::TooLarge { .. }) => match self.on_oversize {
@@ -225,7 +229,7 @@ impl Scanner for ClamdScanner {
                 Err(e) => (ScanResult::Failed, ScanOutcome::Failed { reason: e.to_string() }),
             };
             let elapsed = self.clock.now().saturating_duration_since(start);
-            record(&self.stats, "clamd", message.len(), elapsed, result, &outcome);
+            record(&self.stats, "clamd", message.len() as usize, elapsed, result, &outcome);
             outcome
         })
     }
@@ -279,22 +283,26 @@ impl AsyncWrite for Connection {
     }
 }
 
-/// Sends `zINSTREAM\0`, the message in `<u32 BE length><data>` chunks and the zero-length
-/// terminator, while reading the reply: clamd may answer early (size limit) and close, and
-/// then the reply counts, not the broken write.
-async fn instream_exchange<S>(stream: S, message: &[u8], chunk_bytes: usize) -> Result<String, ClamdError>
+/// Sends `zINSTREAM\0`, the message in `<u32 BE length><data>` chunks read from its file
+/// one at a time, and the zero-length terminator, while reading the reply: clamd may answer
+/// early (size limit) and close, and then the reply counts, not the broken write. The file
+/// reads are blocking reads of a file just written (the page cache), one chunk at a time.
+async fn instream_exchange<S>(stream: S, mut content: Content, chunk_bytes: usize) -> Result<String, ClamdError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut rd, mut wr) = tokio::io::split(stream);
     let send = async move {
         wr.write_all(b"zINSTREAM\0").await?;
-        let mut frame = Vec::with_capacity(4 + chunk_bytes.min(message.len()));
-        for chunk in message.chunks(chunk_bytes) {
-            frame.clear();
-            frame.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
-            frame.extend_from_slice(chunk);
-            wr.write_all(&frame).await?;
+        let len = chunk_bytes.min(usize::try_from(content.remaining()).unwrap_or(usize::MAX));
+        let mut frame = vec![0u8; 4 + len];
+        loop {
+            let n = std::io::Read::read(&mut content, &mut frame[4..])?;
+            if n == 0 {
+                break;
+            }
+            frame[..4].copy_from_slice(&(n as u32).to_be_bytes());
+            wr.write_all(&frame[..4 + n]).await?;
         }
         wr.write_all(&0u32.to_be_bytes()).await?;
         wr.flush().await
@@ -482,6 +490,12 @@ mod tests {
         (addr, rx)
     }
 
+    /// A message file holding `content`, and the directory it is in (removed when dropped).
+    fn file(content: impl AsRef<[u8]>) -> (MessageFile, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (MessageFile::with_content(dir.path(), "m", content.as_ref()).unwrap(), dir)
+    }
+
     fn client(addr: ClamdAddr) -> ClamdScanner {
         ClamdScanner::new(addr, clock()).timeout(Duration::from_secs(5)).chunk_bytes(1000)
     }
@@ -491,31 +505,31 @@ mod tests {
         let (addr, mut seen) = fake_clamd(Fake::Answer(b"stream: OK\0")).await;
         let message: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
         let s = client(addr);
-        assert_eq!(s.scan(Bytes::from(message.clone())).await, ScanOutcome::Clean);
+        assert_eq!(s.scan(&file(&message).0).await, ScanOutcome::Clean);
         assert_eq!(seen.recv().await.unwrap(), message, "3 chunks reassemble to the message");
         assert_eq!(s.stats().clean.load(Ordering::Relaxed), 1);
         // An empty message is just the terminator.
-        assert_eq!(s.scan(Bytes::new()).await, ScanOutcome::Clean);
+        assert_eq!(s.scan(&file(b"").0).await, ScanOutcome::Clean);
         assert_eq!(seen.recv().await.unwrap(), b"");
     }
 
     #[tokio::test]
     async fn clamd_found_names_the_signature() {
         let (addr, _seen) = fake_clamd(Fake::Answer(b"stream: Win.Test.EICAR_HDB-1 FOUND\0")).await;
-        let outcome = client(addr).scan(Bytes::from_static(EICAR)).await;
+        let outcome = client(addr).scan(&file(EICAR).0).await;
         assert_eq!(outcome, ScanOutcome::Infected { signature: "Win.Test.EICAR_HDB-1".into() });
     }
 
     #[tokio::test]
     async fn clamd_size_limit_follows_the_oversize_policy() {
         let (addr, _seen) = fake_clamd(Fake::Early(b"INSTREAM size limit exceeded. ERROR\0")).await;
-        let message = Bytes::from(vec![b'x'; 4 * 1024 * 1024]);
+        let (message, _dir) = file(vec![b'x'; 4 * 1024 * 1024]);
         let s = client(addr.clone());
-        assert!(matches!(s.instream(&message).await, Err(ClamdError::TooLarge { .. })));
-        let outcome = s.scan(message.clone()).await;
+        assert!(matches!(s.instream(message.content().unwrap()).await, Err(ClamdError::TooLarge { .. })));
+        let outcome = s.scan(&message).await;
         assert!(matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("stream limit")), "{outcome:?}");
         let s = client(addr).on_oversize(OnScanFailure::Accept);
-        assert_eq!(s.scan(message).await, ScanOutcome::Clean);
+        assert_eq!(s.scan(&message).await, ScanOutcome::Clean);
         assert_eq!(s.stats().unscanned.load(Ordering::Relaxed), 1);
     }
 
@@ -523,10 +537,13 @@ mod tests {
     async fn over_our_limit_clamd_is_not_asked() {
         // Nothing listens there: asking would fail differently.
         let s = ClamdScanner::new("unix:/nonexistent/clamd.ctl".parse().unwrap(), clock()).stream_max(10);
-        assert!(matches!(s.instream(b"01234567890").await, Err(ClamdError::TooLarge { size: 11 })));
+        assert!(matches!(
+            s.instream(file(b"01234567890").0.content().unwrap()).await,
+            Err(ClamdError::TooLarge { size: 11 })
+        ));
         let s = s.on_oversize(OnScanFailure::Accept);
-        assert_eq!(s.scan(Bytes::from_static(b"01234567890")).await, ScanOutcome::Clean);
-        assert!(matches!(s.instream(b"0123456789").await, Err(ClamdError::Connect { .. })));
+        assert_eq!(s.scan(&file(b"01234567890").0).await, ScanOutcome::Clean);
+        assert!(matches!(s.instream(file(b"0123456789").0.content().unwrap()).await, Err(ClamdError::Connect { .. })));
     }
 
     #[tokio::test]
@@ -540,7 +557,7 @@ mod tests {
             (b"stream: two words FOUND\0", "malformed"),
         ] {
             let (addr, _seen) = fake_clamd(Fake::Answer(reply)).await;
-            let outcome = client(addr).scan(Bytes::from_static(b"hello")).await;
+            let outcome = client(addr).scan(&file(b"hello").0).await;
             if reply == b"stream: OK" {
                 assert_eq!(outcome, ScanOutcome::Clean, "EOF ends a reply");
                 continue;
@@ -556,7 +573,7 @@ mod tests {
     #[tokio::test]
     async fn endless_reply_is_cut_off() {
         let (addr, _seen) = fake_clamd(Fake::Endless).await;
-        let outcome = client(addr).scan(Bytes::from_static(b"hello")).await;
+        let outcome = client(addr).scan(&file(b"hello").0).await;
         assert!(
             matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("longer than 1024")),
             "{outcome:?}"
@@ -569,7 +586,7 @@ mod tests {
         long.extend(std::iter::repeat_n(b'A', 3 * CLAMD_REPLY_MAX));
         long.extend_from_slice(b" FOUND\0");
         let (addr, _seen) = fake_clamd(Fake::Answer(Box::leak(long.into_boxed_slice()))).await;
-        let outcome = client(addr).scan(Bytes::from_static(b"hello")).await;
+        let outcome = client(addr).scan(&file(b"hello").0).await;
         assert!(
             matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("longer than 1024")),
             "{outcome:?}"
@@ -580,7 +597,7 @@ mod tests {
     async fn silent_clamd_times_out() {
         let (addr, _seen) = fake_clamd(Fake::Silent).await;
         let s = client(addr).timeout(Duration::from_millis(200));
-        let outcome = s.scan(Bytes::from_static(b"hello")).await;
+        let outcome = s.scan(&file(b"hello").0).await;
         assert!(matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("did not answer")), "{outcome:?}");
         assert_eq!(s.stats().failed.load(Ordering::Relaxed), 1);
     }
@@ -590,7 +607,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = ClamdAddr::Tcp(listener.local_addr().unwrap().to_string());
         drop(listener);
-        let outcome = client(addr).scan(Bytes::from_static(b"hello")).await;
+        let outcome = client(addr).scan(&file(b"hello").0).await;
         assert!(matches!(&outcome, ScanOutcome::Failed { reason } if reason.contains("cannot connect")), "{outcome:?}");
     }
 
@@ -628,7 +645,7 @@ mod tests {
             };
             s.write_all(reply).await.unwrap();
         });
-        let outcome = client(ClamdAddr::Unix(path)).scan(Bytes::from(attachment(b"x"))).await;
+        let outcome = client(ClamdAddr::Unix(path)).scan(&file(attachment(b"x")).0).await;
         assert_eq!(outcome, ScanOutcome::Clean);
     }
 }

@@ -1,11 +1,10 @@
 //! The MIME walk of the built-in scanner: where a message's base64-encoded bodies are
-//! ([`base64_bodies`]) and what they decode to ([`decode_base64`]), without a full MIME parser.
+//! ([`MimeWalk`]) and what they decode to ([`Base64Decoder`]), without a full MIME parser and
+//! without holding the message: both work on a stream of chunks.
 //!
-//! It owns only this lexing of header blocks and bodies, bounded by the caller (at most so many
-//! ranges, at most so many octets decoded). It must not know about signatures, clocks or
+//! It owns only this lexing of header blocks and bodies, bounded by the caller (it decides how
+//! many bodies and how many octets are decoded). It must not know about signatures, clocks or
 //! scanning: [`super::builtin`] decides what to look for and how deep to go.
-
-use std::ops::Range;
 
 /// What the header block being read says about its body.
 #[derive(Debug, Default)]
@@ -63,79 +62,228 @@ impl HeaderBlock {
     }
 }
 
-/// The byte ranges of base64-encoded bodies (RFC 2045 §6.8) in a MIME message, found without a
-/// full parser: every header block — the message's, each part's after a `--boundary` line, and
-/// an attached `message/rfc822`'s — is read for `Content-Transfer-Encoding: base64`; the body
-/// runs to the next line starting with `--` (never a base64 line: `-` is not in its alphabet).
-/// Nested multiparts need no boundary bookkeeping this way. At most `max` ranges.
-pub(super) fn base64_bodies(data: &[u8], max: usize) -> Vec<Range<usize>> {
-    enum Walk {
-        Headers(HeaderBlock),
-        Body { start: usize, base64: bool },
+/// What [`MimeWalk`] reports about base64-encoded bodies, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part<'a> {
+    /// A non-empty base64-encoded body begins.
+    Start,
+    /// Octets of it, as they are in the message (line breaks included; the decoder skips them).
+    Data(&'a [u8]),
+    /// It ended (a `--` line, or the end of the message).
+    End,
+}
+
+/// Where the walk is.
+#[derive(Debug)]
+enum Mode {
+    /// In a header block, reading its lines.
+    Headers,
+    /// In a body: base64-encoded or not; `started` once its first octet went out.
+    Body { base64: bool, started: bool },
+    /// In a `--` line: skipped to its end, then a header block.
+    Boundary,
+}
+
+/// Longest header line kept: enough for any field name, and values are cut at [`FIELD_KEEP`].
+const HEADER_LINE_KEEP: usize = 1024;
+
+/// Finds the base64-encoded bodies (RFC 2045 §6.8) of a MIME message as it streams by, without
+/// a full parser: every header block — the message's, each part's after a `--boundary` line,
+/// and an attached `message/rfc822`'s — is read for `Content-Transfer-Encoding: base64`; the
+/// body runs to the next line starting with `--` (never a base64 line: `-` is not in its
+/// alphabet). Nested multiparts need no boundary bookkeeping this way.
+///
+/// Memory: one header line (at most [`HEADER_LINE_KEEP`] octets) and two held octets; the
+/// result does not depend on how the message is split into chunks.
+#[derive(Debug)]
+pub(super) struct MimeWalk {
+    mode: Mode,
+    block: HeaderBlock,
+    /// The header line being read, without its LF; cut at [`HEADER_LINE_KEEP`].
+    line: Vec<u8>,
+    /// In a body: the next octet starts a line.
+    line_start: bool,
+    /// In a body: a line's first octet, `-`, held until the next one tells whether the line
+    /// is a boundary.
+    dash: bool,
+}
+
+impl Default for MimeWalk {
+    fn default() -> Self {
+        MimeWalk { mode: Mode::Headers, block: HeaderBlock::default(), line: Vec::new(), line_start: true, dash: false }
     }
-    let mut out = Vec::new();
-    let mut walk = Walk::Headers(HeaderBlock::default());
-    let mut pos = 0;
-    while pos < data.len() && out.len() < max {
-        let end = data[pos..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| pos + i);
-        let next = (end + 1).min(data.len());
-        let line = data[pos..end].strip_suffix(b"\r").unwrap_or(&data[pos..end]);
-        match &mut walk {
-            Walk::Headers(block) if line.is_empty() => {
-                walk = if block.rfc822() && !block.base64() {
-                    Walk::Headers(HeaderBlock::default())
-                } else {
-                    Walk::Body { start: next, base64: block.base64() }
-                };
-            }
-            Walk::Headers(block) => block.feed(line),
-            Walk::Body { start, base64 } => {
-                if line.starts_with(b"--") {
-                    if *base64 && *start < pos {
-                        out.push(*start..pos);
+}
+
+impl MimeWalk {
+    /// Walks the next chunk of the message, reporting base64 bodies to `on`.
+    pub(super) fn feed(&mut self, mut data: &[u8], on: &mut impl FnMut(Part<'_>)) {
+        while !data.is_empty() {
+            match &mut self.mode {
+                Mode::Headers => {
+                    let (text, done) = match data.iter().position(|b| *b == b'\n') {
+                        Some(i) => (&data[..i], Some(i + 1)),
+                        None => (data, None),
+                    };
+                    let room = HEADER_LINE_KEEP.saturating_sub(self.line.len());
+                    self.line.extend(text.iter().take(room));
+                    let Some(n) = done else { return };
+                    data = &data[n..];
+                    self.header_line();
+                }
+                Mode::Boundary => match data.iter().position(|b| *b == b'\n') {
+                    Some(i) => {
+                        data = &data[i + 1..];
+                        self.mode = Mode::Headers;
+                        self.block = HeaderBlock::default();
                     }
-                    walk = Walk::Headers(HeaderBlock::default());
+                    None => return,
+                },
+                Mode::Body { base64, started } => {
+                    let (base64, started) = (*base64, *started);
+                    if self.line_start || self.dash {
+                        // A line's first two octets: `--` ends the body.
+                        if !self.dash {
+                            self.line_start = false;
+                            if data[0] == b'-' {
+                                self.dash = true;
+                                data = &data[1..];
+                                continue;
+                            }
+                        } else {
+                            self.dash = false;
+                            if data[0] == b'-' {
+                                data = &data[1..];
+                                if started {
+                                    on(Part::End);
+                                }
+                                self.mode = Mode::Boundary;
+                                continue;
+                            }
+                            self.body(base64, b"-", on);
+                        }
+                    }
+                    // The rest of the line, with its LF.
+                    let n = data.iter().position(|b| *b == b'\n').map_or(data.len(), |i| i + 1);
+                    self.body(base64, &data[..n], on);
+                    self.line_start = data[n - 1] == b'\n';
+                    data = &data[n..];
                 }
             }
         }
-        pos = next;
     }
-    if let Walk::Body { start, base64: true } = walk
-        && start < data.len()
-        && out.len() < max
-    {
-        out.push(start..data.len());
+
+    /// The message ended: a base64 body still open ends here.
+    pub(super) fn finish(&mut self, on: &mut impl FnMut(Part<'_>)) {
+        if let Mode::Body { base64, .. } = self.mode
+            && std::mem::take(&mut self.dash)
+        {
+            self.body(base64, b"-", on);
+        }
+        if let Mode::Body { started: true, .. } = self.mode {
+            on(Part::End);
+        }
+        self.mode = Mode::Headers;
     }
+
+    /// Octets of a body: reported if it is base64-encoded.
+    fn body(&mut self, base64: bool, octets: &[u8], on: &mut impl FnMut(Part<'_>)) {
+        if !base64 || octets.is_empty() {
+            return;
+        }
+        if let Mode::Body { started, .. } = &mut self.mode
+            && !std::mem::replace(started, true)
+        {
+            on(Part::Start);
+        }
+        on(Part::Data(octets));
+    }
+
+    /// A whole header line is in `line`.
+    fn header_line(&mut self) {
+        let mut line = std::mem::take(&mut self.line);
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.is_empty() {
+            let block = std::mem::take(&mut self.block);
+            if !block.rfc822() || block.base64() {
+                self.mode = Mode::Body { base64: block.base64(), started: false };
+                self.line_start = true;
+                self.dash = false;
+            }
+        } else {
+            self.block.feed(&line);
+        }
+        line.clear();
+        self.line = line;
+    }
+}
+
+/// Decodes base64 as it streams by, as RFC 2045 §6.8 asks of a receiver: characters outside
+/// the alphabet are ignored, `=` ends the data.
+#[derive(Debug, Default)]
+pub(super) struct Base64Decoder {
+    acc: u32,
+    bits: u32,
+    done: bool,
+}
+
+impl Base64Decoder {
+    /// Decodes `text`, appending at most `max` octets to `out`; returns how many.
+    pub(super) fn decode(&mut self, text: &[u8], max: usize, out: &mut Vec<u8>) -> usize {
+        let mut n = 0;
+        for &c in text {
+            if self.done || n == max {
+                break;
+            }
+            let v = match c {
+                b'A'..=b'Z' => c - b'A',
+                b'a'..=b'z' => c - b'a' + 26,
+                b'0'..=b'9' => c - b'0' + 52,
+                b'+' => 62,
+                b'/' => 63,
+                b'=' => {
+                    self.done = true;
+                    break;
+                }
+                _ => continue,
+            };
+            self.acc = (self.acc << 6) | u32::from(v);
+            self.bits += 6;
+            if self.bits >= 8 {
+                self.bits -= 8;
+                out.push((self.acc >> self.bits) as u8);
+                self.acc &= (1 << self.bits) - 1;
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Decodes a whole base64 text, at most `max` octets.
+#[cfg(test)]
+pub(super) fn decode_base64(text: &[u8], max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    Base64Decoder::default().decode(text, max, &mut out);
     out
 }
 
-/// Decodes base64 as RFC 2045 §6.8 asks of a receiver: characters outside the alphabet are
-/// ignored, `=` ends the data. At most `max` octets.
-pub(super) fn decode_base64(text: &[u8], max: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity((text.len() / 4 * 3).min(max));
-    let mut acc: u32 = 0;
-    let mut bits = 0;
-    for &c in text {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            b'=' => break,
-            _ => continue,
-        };
-        acc = (acc << 6) | u32::from(v);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            if out.len() == max {
-                break;
-            }
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
+/// The base64 bodies of `data` as they are in it, at most `max`, walked in chunks of `chunk`.
+#[cfg(test)]
+pub(super) fn base64_bodies(data: &[u8], max: usize, chunk: usize) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut walk = MimeWalk::default();
+    let mut on = |p: Part<'_>| match p {
+        Part::Start => out.push(Vec::new()),
+        Part::Data(d) => out.last_mut().expect("started").extend_from_slice(d),
+        Part::End => {}
+    };
+    for c in data.chunks(chunk.max(1)) {
+        walk.feed(c, &mut on);
     }
+    walk.finish(&mut on);
+    out.truncate(max);
     out
 }
 
@@ -157,10 +305,36 @@ mod tests {
     #[test]
     fn mime_walk_finds_only_base64_bodies() {
         let msg = attachment(b"abc");
-        let ranges = base64_bodies(&msg, 10);
-        assert_eq!(ranges.len(), 1);
-        assert_eq!(decode_base64(&msg[ranges[0].clone()], 100), b"abc");
-        assert!(base64_bodies(b"Subject: plain\r\n\r\n-- \r\nsig\r\n", 10).is_empty());
-        assert!(base64_bodies(b"\xff\xfe binary without lines", 10).is_empty());
+        for chunk in [1, 2, 3, 7, 64, msg.len()] {
+            let bodies = base64_bodies(&msg, 10, chunk);
+            assert_eq!(bodies.len(), 1, "chunks of {chunk}");
+            assert_eq!(decode_base64(&bodies[0], 100), b"abc");
+            // The body runs up to the boundary line, its line break included.
+            assert!(bodies[0].ends_with(b"\r\n") && !bodies[0].windows(2).any(|w| w == b"--"));
+        }
+        assert!(base64_bodies(b"Subject: plain\r\n\r\n-- \r\nsig\r\n", 10, 3).is_empty());
+        assert!(base64_bodies(b"\xff\xfe binary without lines", 10, 3).is_empty());
+        // A body that ends with the message, and one whose lines start with a single dash.
+        let single = b"Content-Transfer-Encoding: base64\r\n\r\naGVs\r\n-bG8=";
+        for chunk in [1, 5, single.len()] {
+            let bodies = base64_bodies(single, 10, chunk);
+            assert_eq!(bodies, vec![b"aGVs\r\n-bG8=".to_vec()]);
+            assert_eq!(decode_base64(&bodies[0], 100), b"hello");
+        }
+        // An empty body is no body.
+        assert!(base64_bodies(b"Content-Transfer-Encoding: base64\r\n\r\n--b\r\n", 10, 1).is_empty());
+    }
+
+    #[test]
+    fn decoding_streams() {
+        let text = base64(b"streamed in pieces of any size");
+        for chunk in 1..9 {
+            let mut d = Base64Decoder::default();
+            let mut out = Vec::new();
+            for c in text.as_bytes().chunks(chunk) {
+                d.decode(c, usize::MAX, &mut out);
+            }
+            assert_eq!(out, b"streamed in pieces of any size");
+        }
     }
 }

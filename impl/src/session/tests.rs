@@ -22,27 +22,30 @@ enum Act {
     Close,
 }
 
-fn act(a: Action) -> Act {
-    match a {
+/// The action as tests compare it (`None`: the message file's bookkeeping, checked on its
+/// own); `contents` gives the message of each scan and handoff in turn.
+fn act(a: Action, contents: &mut impl Iterator<Item = Vec<u8>>) -> Option<Act> {
+    Some(match a {
         Action::Ban { addr, session, request } => {
             assert_eq!(addr, CLIENT, "ban names the client");
             assert_eq!(session, SESSION_ID, "ban names the session");
             Act::Ban(request.reason, request.evidence)
         }
         Action::Verify { sender } => Act::Verify(sender.to_string()),
-        Action::Scan { message } => Act::Scan(message.to_vec()),
-        Action::Deliver { envelope, message } => {
+        Action::Scan => Act::Scan(contents.next().expect("a content per scan")),
+        Action::Deliver { envelope } => {
             assert_eq!(envelope.session, SESSION_ID);
             assert_eq!(envelope.client, CLIENT);
             Act::Deliver {
                 from: envelope.from.to_string(),
                 rcpts: envelope.rcpts.iter().map(ToString::to_string).collect(),
                 helo: envelope.helo,
-                message: message.to_vec(),
+                message: contents.next().expect("a content per handoff"),
             }
         }
         Action::Close => Act::Close,
-    }
+        Action::Receive { .. } | Action::Append { .. } | Action::Discard => return None,
+    })
 }
 
 /// One session of the standard site, driven by the test kit; nothing is answered for it: each
@@ -91,7 +94,9 @@ trait Acts {
 
 impl Acts for Driver {
     fn acts(&mut self) -> Vec<Act> {
-        self.actions().into_iter().map(act).collect()
+        let actions = self.actions();
+        let mut contents = self.contents().into_iter();
+        actions.into_iter().filter_map(|a| act(a, &mut contents)).collect()
     }
 
     fn bans(&mut self) -> Vec<BanReason> {
@@ -1452,4 +1457,121 @@ fn events_one_per_verdict_with_the_rule() {
         collect(&mut t),
         [(Rule::E1, "MAIL", 250, None), (Rule::E2, "RCPT", 550, None), (Rule::E2, "RCPT", 550, Some(UnknownRecipient))]
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The message file: asked for after DATA, content handed out as it arrives, never held.
+
+#[test]
+fn message_content_is_handed_out_as_it_arrives() {
+    let mut t = ehlo(session_config());
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n");
+    assert_eq!(codes(&r), [250, 250, 354]);
+    // The file is asked for before the 354 is written, with the envelope.
+    match t.actions().as_slice() {
+        [Action::Receive { envelope }] => {
+            assert_eq!(envelope.from.to_string(), "<x@elsewhere.test>");
+            assert_eq!(envelope.rcpts.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Each read's whole lines go out at once; the session keeps none of them.
+    t.send("Subject: a\r\n\r\nfirst ");
+    let appended = |actions: Vec<Action>| -> Vec<u8> {
+        actions
+            .into_iter()
+            .flat_map(|a| match a {
+                Action::Append { chunk } => chunk.to_vec(),
+                other => panic!("only content while receiving: {other:?}"),
+            })
+            .collect()
+    };
+    assert_eq!(appended(t.actions()), b"Subject: a\r\n\r\n");
+    t.send("line\r\n..dot\r\n");
+    assert_eq!(appended(t.actions()), b"first line\r\n.dot\r\n");
+    assert!(t.session.wants_input());
+    assert!(t.send(".\r\n").is_empty(), "the 250 waits for the handoff");
+    match t.actions().as_slice() {
+        [Action::Deliver { envelope }] => assert_eq!(envelope.session, SESSION_ID),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(t.contents(), [b"Subject: a\r\n\r\nfirst line\r\n.dot\r\n".to_vec()]);
+    t.session.handle_delivered(t.now, Ok("Q1".into()));
+    assert_eq!(codes(&t.replies()), [250]);
+}
+
+#[test]
+fn a_message_too_big_is_discarded() {
+    let mut t = in_data(SessionConfig { size_max: 1024, ..session_config() });
+    t.actions();
+    t.send(&format!("Subject: big\r\n\r\n{}\r\n", "y".repeat(600)));
+    t.send(&format!("{}\r\n", "z".repeat(600)));
+    let r = t.send(".\r\n");
+    assert_eq!(codes(&r), [552]);
+    let actions = t.actions();
+    assert!(matches!(actions.last(), Some(Action::Discard)), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Scan | Action::Deliver { .. })));
+}
+
+#[test]
+fn an_infected_message_is_discarded() {
+    let mut t = in_data(SessionConfig { scan: true, ..session_config() });
+    t.send("Subject: v\r\n\r\nbody\r\n.\r\n");
+    assert!(matches!(t.actions().last(), Some(Action::Scan)));
+    t.session.handle_scanned(t.now, ScanOutcome::Infected { signature: "Eicar".into() });
+    let actions = t.actions();
+    assert!(matches!(actions.first(), Some(Action::Discard)), "{actions:?}");
+    assert!(!actions.iter().any(|a| matches!(a, Action::Deliver { .. })));
+}
+
+#[test]
+fn storage_short_refuses_mail_with_452() {
+    let mut t = ehlo(session_config());
+    t.session.set_storage_short(true);
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\n");
+    assert_eq!(codes(&r), [452]);
+    assert_eq!(enhanced(&r[0]), "4.3.1");
+    assert_eq!(rules(&t.events()), [(Rule::Proto, 452, None)]);
+    assert!(!t.session.is_closed());
+    t.session.set_storage_short(false);
+    assert_eq!(t.codes("MAIL FROM:<x@elsewhere.test>\r\n"), [250]);
+}
+
+#[test]
+fn a_message_that_could_not_be_stored_gets_452_at_its_end() {
+    for scan in [false, true] {
+        let mut t = in_data(SessionConfig { scan, ..session_config() });
+        t.events();
+        assert!(t.send("Subject: x\r\n\r\nbody\r\n.\r\n").is_empty());
+        let waiting = t.actions();
+        assert!(matches!(waiting.last(), Some(Action::Scan | Action::Deliver { .. })), "{waiting:?}");
+        t.session.handle_store_failed(t.now, "disk full".into());
+        let r = t.replies();
+        assert_eq!(codes(&r), [452], "scan {scan}");
+        assert_eq!(enhanced(&r[0]), "4.3.1");
+        let events = t.events();
+        assert_eq!(rules(&events), [(Rule::Deliver, 452, None)]);
+        assert_eq!(events[0].detail, "disk full");
+        assert_eq!(t.session.transactions(), u64::from(!scan), "a handoff asked for counts");
+        // The session goes on; spurious calls are no-ops.
+        t.session.handle_store_failed(t.now, "again".into());
+        assert!(t.replies().is_empty());
+        assert_eq!(t.codes("MAIL FROM:<x@elsewhere.test>\r\n"), [250]);
+    }
+}
+
+#[test]
+fn messages_per_session_are_bounded() {
+    let mut t = Driver::standard(SessionConfig { messages_max: 2, ..session_config() }, 0, Answers::ok());
+    t.replies();
+    assert_eq!(t.codes("EHLO c.example.org\r\n"), [250]);
+    let message =
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: m\r\n\r\nx\r\n.\r\n";
+    assert_eq!(t.codes(message), [250, 250, 354, 250]);
+    assert_eq!(t.codes(message), [250, 250, 354, 250]);
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\n");
+    assert_eq!(codes(&r), [421]);
+    assert_eq!(enhanced(&r[0]), "4.7.0");
+    assert!(t.session.is_closed());
+    assert_eq!(t.session.transactions(), 2);
 }
