@@ -84,6 +84,12 @@ pub struct ServerSection {
     /// Peers (e.g. HAProxy) whose PROXY protocol header gives the client address. Empty: the
     /// PROXY protocol is refused from everyone.
     pub proxy_trusted: Vec<String>,
+    /// Serve as this user: `gatekeeper serve`, started as root, binds, prepares the state dir
+    /// and the kernel tables, then drops to it (keeping only `CAP_NET_ADMIN` for nftables).
+    /// Unset: no drop.
+    pub user: Option<String>,
+    /// Serve as this group (needs `user`); unset: the user's primary group.
+    pub group: Option<String>,
 }
 
 impl Default for ServerSection {
@@ -98,6 +104,8 @@ impl Default for ServerSection {
             queue_minfree: DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
             proxy_trusted: Vec::new(),
+            user: None,
+            group: None,
         }
     }
 }
@@ -366,6 +374,8 @@ pub struct Settings {
     pub relay: Option<SocketAddr>,
     /// Trusted PROXY peers.
     pub proxy_trusted: Vec<std::net::IpAddr>,
+    /// Whom to serve as (`server.user` / `server.group`, looked up), if anyone.
+    pub identity: Option<crate::privilege::Identity>,
 }
 
 impl Config {
@@ -461,6 +471,16 @@ impl Config {
                 crate::gate::MAX_TABLE_ENTRIES
             ));
         }
+        let identity = match (&self.server.user, &self.server.group) {
+            (Some(user), group) => {
+                crate::privilege::resolve(user, group.as_deref()).map_err(|p| problems.extend(p)).ok()
+            }
+            (None, Some(_)) => {
+                problems.push("server.group: needs server.user".into());
+                None
+            }
+            (None, None) => None,
+        };
         let mut proxy_trusted = Vec::new();
         for p in &self.server.proxy_trusted {
             match p.parse() {
@@ -589,6 +609,7 @@ impl Config {
             directory: Arc::new(directory),
             relay,
             proxy_trusted,
+            identity,
             config,
         })
     }

@@ -33,6 +33,7 @@ pub mod dbfile;
 pub mod edges;
 pub mod gate;
 pub mod policy;
+pub mod privilege;
 pub mod proto;
 pub mod scan;
 pub mod server;

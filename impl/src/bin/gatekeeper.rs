@@ -1,5 +1,5 @@
-//! The `gatekeeper` command: parse the CLI, load the configuration, bind, and run the server
-//! until SIGTERM or SIGINT. Everything else lives in the library.
+//! The `gatekeeper` command: parse the CLI, load the configuration, bind, drop privileges and
+//! run the server until SIGTERM or SIGINT. Everything else lives in the library.
 
 #[path = "gatekeeper/bans.rs"]
 mod bans;
@@ -89,6 +89,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Every file any command creates (state, spool, databases) is private: 0600, dirs 0700.
+    gatekeeper::privilege::restrict_umask();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
@@ -149,13 +151,46 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// Serves: binds the listener and prepares the state dir and the kernel tables while still
+/// single-threaded and privileged, drops to `[server] user` if set (capabilities are per
+/// thread: the runtime's threads start after the drop and inherit what is left), then runs.
 fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use gatekeeper::privilege;
     let settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
+    let c = &settings.config;
+    // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
+    // Bound on a thread-less runtime, handed over to the serving runtime below.
+    let listener = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?
+        .block_on(async { gatekeeper::edges::tcp_listener(settings.listen)?.into_std() })
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let identity = settings.identity.as_ref();
+    let secured = privilege::secure_state_dir(&c.server.state_dir, identity)
+        .with_context(|| format!("cannot prepare the state dir {}", c.server.state_dir.display()))?;
+    for path in &secured.tightened {
+        tracing::warn!(path = %path.display(), "was readable by others: made private (0700 dirs, 0600 files)");
+    }
+    if let Some(id) = identity {
+        if c.bans.backend == gatekeeper::ban::BackendKind::XtRecent {
+            let x = &c.bans.xt_recent;
+            let tables = [x.proc_dir.join(&x.ban_table), x.proc_dir.join(&x.ban_table6)];
+            for w in privilege::hand_over_xt_tables(&tables, id) {
+                tracing::warn!("{w}");
+            }
+        }
+        if privilege::thread_count().is_some_and(|n| n > 1) {
+            anyhow::bail!("internal: privileges must be dropped while single-threaded");
+        }
+        // nft needs CAP_NET_ADMIN for every ban; nothing else does.
+        let keep_net_admin = c.bans.backend == gatekeeper::ban::BackendKind::Nftables;
+        privilege::drop_to(id, keep_net_admin)?;
+        tracing::info!(user = %id.user, uid = id.uid, group = %id.group, gid = id.gid, cap_net_admin = keep_net_admin,
+            "privileges dropped");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
-        let listener = gatekeeper::edges::tcp_listener(settings.listen)
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
         app.run(listener, shutdown_signal()).await?;
