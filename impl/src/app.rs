@@ -167,6 +167,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         max_sessions_per_ip: c.server.max_sessions_per_ip,
         queue_minfree: c.server.queue_minfree,
         shutdown_grace: c.server.shutdown_grace,
+        shutdown_hard: c.server.shutdown_hard,
         // G1 in process only when the kernel does not gate.
         in_process_rate: !c.bans.backend.is_kernel(),
         rate_sources_max: c.server.rate_sources_max,

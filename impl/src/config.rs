@@ -81,6 +81,10 @@ pub struct ServerSection {
     /// On SIGTERM/SIGINT: how long running sessions may go on before they get 421.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// After `shutdown_grace`: how long sessions still running get for their 421 and a
+    /// hand-off in progress; then they are dropped and the server stops.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_hard: Duration,
     /// Peers (e.g. HAProxy) whose PROXY protocol header gives the client address. Empty: the
     /// PROXY protocol is refused from everyone.
     pub proxy_trusted: Vec<String>,
@@ -103,6 +107,7 @@ impl Default for ServerSection {
             rate_sources_max: crate::server::DEFAULT_RATE_SOURCES_MAX,
             queue_minfree: DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
+            shutdown_hard: crate::server::DEFAULT_SHUTDOWN_HARD,
             proxy_trusted: Vec::new(),
             user: None,
             group: None,
@@ -412,6 +417,7 @@ impl Config {
         let (b, c) = (&self.bans, &self.callbacks);
         let waits = [
             ("server.shutdown_grace", self.server.shutdown_grace),
+            ("server.shutdown_hard", self.server.shutdown_hard),
             ("smtp.command_timeout", self.smtp.command_timeout),
             ("smtp.penalty_timeout", self.smtp.penalty_timeout),
             ("smtp.session_max", self.smtp.session_max),
@@ -501,6 +507,7 @@ impl Config {
             problems.push("smtp.messages_max: must be at least 1".into());
         }
         for (name, d) in [
+            ("server.shutdown_hard", self.server.shutdown_hard),
             ("smtp.command_timeout", self.smtp.command_timeout),
             ("smtp.penalty_timeout", self.smtp.penalty_timeout),
             ("smtp.session_max", self.smtp.session_max),

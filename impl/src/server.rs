@@ -56,6 +56,9 @@ pub struct Limits {
     pub queue_minfree: u64,
     /// How long sessions may go on after shutdown begins.
     pub shutdown_grace: Duration,
+    /// After the grace period: how long sessions get for their 421 and a hand-off in progress
+    /// before those still running are dropped.
+    pub shutdown_hard: Duration,
     /// Enforce G1 in process (embedded default). Off when the kernel gates connections.
     pub in_process_rate: bool,
     /// Sources the in-process G1 table remembers; when full, the least recently seen is
@@ -64,6 +67,9 @@ pub struct Limits {
     /// Peers whose PROXY protocol header is honoured; never banned.
     pub proxy_trusted: Vec<IpAddr>,
 }
+
+/// [`Limits::shutdown_hard`] unless configured.
+pub const DEFAULT_SHUTDOWN_HARD: Duration = Duration::from_secs(10);
 
 /// The in-process G1 table's default size: a day of the seed's worst spike (4,500 sources an
 /// hour) fits many times over, in about 5 MiB.
@@ -76,6 +82,7 @@ impl Default for Limits {
             max_sessions_per_ip: 10,
             queue_minfree: crate::config::DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
+            shutdown_hard: DEFAULT_SHUTDOWN_HARD,
             in_process_rate: true,
             rate_sources_max: DEFAULT_RATE_SOURCES_MAX,
             proxy_trusted: Vec::new(),
@@ -341,7 +348,9 @@ impl Server {
 
     /// Serves connections from `listener` until `shutdown` completes, then stops accepting,
     /// lets sessions finish for the grace period, tells the rest 421 and returns once all have
-    /// ended. A message being handed off is always finished first: nothing is lost.
+    /// ended, or at the hard deadline ([`Limits::shutdown_hard`]) after the grace period,
+    /// dropping sessions still stuck then. A message being handed off is finished first if it
+    /// can be within the deadline; one dropped was never acknowledged: nothing is lost.
     pub async fn run<L: Listener>(&self, mut listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
@@ -375,8 +384,29 @@ impl Server {
                 biased;
                 joined = tasks.join_next() => if joined.is_none() { break },
                 () = &mut grace => {
+                    // The rest are told 421; one handing a message off finishes that first (its
+                    // 250, then the 421). All of it within the hard deadline: a session stuck on
+                    // a client that does not read, a hung scanner or relay, is dropped then.
                     let _ = stop_tx.send(true);
-                    while tasks.join_next().await.is_some() {}
+                    let hard = tokio::time::sleep(self.shared.limits.shutdown_hard);
+                    tokio::pin!(hard);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            joined = tasks.join_next() => if joined.is_none() { break },
+                            () = &mut hard => {
+                                tracing::error!(
+                                    sessions = tasks.len(),
+                                    deadline = ?self.shared.limits.shutdown_hard,
+                                    "sessions still running at the shutdown deadline: dropped (a message not yet \
+                                     handed off was not acknowledged, so its client sends it again)"
+                                );
+                                tasks.abort_all();
+                                while tasks.join_next().await.is_some() {}
+                                break;
+                            }
+                        }
+                    }
                     break;
                 }
             }
@@ -526,6 +556,9 @@ impl Shared {
         let mut buf = vec![0u8; READ_IDLE];
         let mut out = Vec::with_capacity(512);
         let mut incoming: Incoming = None;
+        // Told of the shutdown already. Not `*stop.borrow()`: a stop sent while the session was
+        // busy (a hand-off) must still reach it once it is back here.
+        let mut told = false;
         loop {
             let closing = self.carry_out(&mut session, addr, id, &mut incoming).await;
             self.log_events(&mut session, addr, id);
@@ -551,8 +584,9 @@ impl Shared {
             let deadline = session.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
-                changed = stop.changed(), if !*stop.borrow() => {
-                    if changed.is_ok() {
+                changed = stop.changed(), if !told => {
+                    told = true;
+                    if changed.is_ok() && *stop.borrow() {
                         session.handle_shutdown(self.clock.now());
                     }
                 }

@@ -1,6 +1,8 @@
-//! Faults and privileges, run as the real binary (`gatekeeper serve`): the server starts on a
-//! damaged `state.sqlite` (moved aside, a loud log); with `[server] user`, the serving process
-//! has dropped to that user and its files are private; `check-config` refuses an unknown user.
+//! Faults, bounds and privileges. As the real binary (`gatekeeper serve`): the server starts
+//! on a damaged `state.sqlite` (moved aside, a loud log); with `[server] user`, the serving
+//! process has dropped to that user and its files are private; `check-config` refuses an
+//! unknown user. With the library: many IPv6 bans in one /48, widened, reach the server's own
+//! ban table as the /48.
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -242,4 +244,41 @@ fn check_config_refuses_unknown_users_and_groups_listing_every_problem() {
     ] {
         assert!(err.contains(needle), "{needle}: {err}");
     }
+}
+
+#[tokio::test]
+async fn a_widened_48_reaches_the_servers_own_ban_table() {
+    use gatekeeper::ban::{BanConfig, BanManager, BanOutcome, BanStore, MemoryBackend};
+    use gatekeeper::edges::{BanOrder, MaildirSpool, SystemClock};
+    use gatekeeper::policy::{BanReason, BanRequest};
+    use gatekeeper::server::Server;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let settings = gatekeeper::testing::settings("");
+    let clock = Arc::new(SystemClock);
+    let spool = MaildirSpool::open(dir.path().join("maildir"), "mx.example.test", clock.clone(), true).unwrap();
+    let server = Server::builder(settings.session.clone(), settings.directory.clone(), Arc::new(spool))
+        .clock(clock.clone())
+        .gate(settings.config.gate.clone())
+        .build();
+    let cfg = BanConfig { widen_v6_after: 3, ..BanConfig::default() };
+    let store = BanStore::in_memory().unwrap();
+    let m = BanManager::new(&cfg, &settings.config.gate, store, Box::new(MemoryBackend::new()), clock, true);
+    m.attach_mirror(Arc::new(server.clone()));
+    for i in 1..=3 {
+        let addr = format!("2001:db8:77:{i}::1").parse().unwrap();
+        let b4 = BanRequest { reason: BanReason::UnknownRecipient, evidence: "RCPT".into() };
+        let r = m.ban(BanOrder::from_request(addr, 1, b4)).await.unwrap();
+        assert!(matches!(r, BanOutcome::Banned(_)), "{r:?}");
+    }
+    let nets: Vec<String> = m.active().iter().map(|b| b.net.to_string()).collect();
+    assert_eq!(nets, ["2001:db8:77::/48"]);
+    // A /64 never banned itself, inside the /48: refused by the server's own table.
+    assert!(server.is_banned("2001:db8:77:ffff::9".parse().unwrap()));
+    assert!(server.is_banned("2001:db8:77:1::1".parse().unwrap()));
+    assert!(!server.is_banned("2001:db8:78::1".parse().unwrap()));
+    assert_eq!(server.active_bans(), (0, 1), "the narrow bans were replaced by the /48");
+    m.unban("2001:db8:77::/48".parse().unwrap()).await.unwrap();
+    assert!(!server.is_banned("2001:db8:77:1::1".parse().unwrap()));
 }
