@@ -164,6 +164,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         .map_err(AppError::Bans)?;
     let limits = Limits {
         max_sessions: c.server.max_sessions,
+        max_refused: c.server.max_refused,
         max_sessions_per_ip: c.server.max_sessions_per_ip,
         queue_minfree: c.server.queue_minfree,
         shutdown_grace: c.server.shutdown_grace,

@@ -68,6 +68,10 @@ pub struct ServerSection {
     pub state_dir: PathBuf,
     /// Concurrent sessions overall; beyond it new connections get 421.
     pub max_sessions: usize,
+    /// Concurrent connections being refused (554 banned, 421 rate-limited or busy), each held
+    /// at most 2 s; beyond it a connection gets 421 and is closed at once. Every connection
+    /// counts: at most `max_sessions + max_refused` are open.
+    pub max_refused: usize,
     /// Concurrent sessions from one address.
     pub max_sessions_per_ip: usize,
     /// Sources the in-process G1 table remembers (embedded default, no kernel gate). When it
@@ -103,6 +107,7 @@ impl Default for ServerSection {
             hostname: "gatekeeper.example.test".into(),
             state_dir: PathBuf::from("state"),
             max_sessions: 2000,
+            max_refused: crate::server::DEFAULT_MAX_REFUSED,
             max_sessions_per_ip: 10,
             rate_sources_max: crate::server::DEFAULT_RATE_SOURCES_MAX,
             queue_minfree: DEFAULT_QUEUE_MINFREE,
@@ -466,6 +471,9 @@ impl Config {
         }
         if self.server.max_sessions == 0 {
             problems.push("server.max_sessions: must be at least 1".into());
+        }
+        if self.server.max_refused == 0 {
+            problems.push("server.max_refused: must be at least 1".into());
         }
         if self.server.max_sessions_per_ip == 0 {
             problems.push("server.max_sessions_per_ip: must be at least 1".into());

@@ -18,6 +18,13 @@
 //! client: it gets a greeting and no rule, and is neither gated, counted nor banned as the
 //! proxy.
 //!
+//! Every connection counts: sessions against `max_sessions`, connections the gate refuses
+//! (554 banned, 421 rate-limited or busy) against `max_refused`, and all of them together
+//! against the sum, checked before anything else is done for a connection. A refused one
+//! lasts at most [`REFUSED_WAIT`]; one over its cap gets a 421 written without waiting and is
+//! closed at once. So a flood of refused clients holds a bounded number of descriptors and
+//! never takes a session slot from an honest client.
+//!
 //! A message is written to a file (the downstream's [`MessageFile`]) as it arrives, scanned
 //! and handed off from there: no connection holds more than one read of it in memory. Below
 //! `queue_minfree` free octets (the downstream says how many there are) MAIL gets 452 4.3.1.
@@ -41,14 +48,19 @@ use crate::edges::{
 };
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
 use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
+use crate::proto::Reply;
 use crate::proto::{PROXY_HEADER_MAX, escape};
-use crate::session::{Action, ClientInfo, Refusal, Session, SessionConfig};
+use crate::session::{Action, ClientInfo, REFUSED_WAIT, Refusal, Session, SessionConfig};
 
 /// Concurrency and shutdown limits.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Concurrent sessions overall.
+    /// Concurrent sessions overall (connections greeted 220).
     pub max_sessions: usize,
+    /// Concurrent connections being refused (554 banned, 421 rate-limited or busy), each for
+    /// at most [`REFUSED_WAIT`]; beyond it a connection gets a 421 and is closed at once.
+    /// Connections overall: at most `max_sessions + max_refused`.
+    pub max_refused: usize,
     /// Concurrent sessions per client address.
     pub max_sessions_per_ip: usize,
     /// Free octets the downstream must keep ([`Downstream::available`]); below, MAIL gets
@@ -79,6 +91,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_sessions: 2000,
+            max_refused: DEFAULT_MAX_REFUSED,
             max_sessions_per_ip: 10,
             queue_minfree: crate::config::DEFAULT_QUEUE_MINFREE,
             shutdown_grace: Duration::from_secs(30),
@@ -193,6 +206,8 @@ impl ServerBuilder {
                 gate_config: self.gate,
                 tallies: Mutex::new(tallies),
                 active: Mutex::new(HashMap::new()),
+                connections: AtomicUsize::new(0),
+                refused: AtomicUsize::new(0),
                 storage: Mutex::new(None),
                 total: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
@@ -238,12 +253,23 @@ struct Shared {
     observer: Option<Arc<dyn Observer>>,
     /// Sessions per client key.
     active: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections open, whatever their state.
+    connections: AtomicUsize,
+    /// Connections being refused.
+    refused: AtomicUsize,
     /// The last free-space check: when, and whether it was below `queue_minfree`.
     storage: Mutex<Option<(Instant, bool)>>,
     total: AtomicUsize,
     next_id: AtomicU64,
     stats: Stats,
 }
+
+/// `server.max_refused` by default.
+pub const DEFAULT_MAX_REFUSED: usize = 500;
+
+/// How long a 421 to a connection over the caps may take to write: it goes into an empty
+/// socket buffer, so only a broken peer makes it wait.
+const OVERLOAD_WRITE: Duration = Duration::from_secs(1);
 
 /// How long a free-space check holds (a statvfs per read would be wasted).
 const STORAGE_CHECK_EVERY: Duration = Duration::from_secs(1);
@@ -452,7 +478,34 @@ impl Drop for Slot<'_> {
     }
 }
 
+/// One place in a counted pool ([`Shared::count`]), given back when dropped.
+struct Counted<'a>(&'a AtomicUsize);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Shared {
+    /// A place in `pool` if it holds fewer than `max`.
+    fn count<'a>(&self, pool: &'a AtomicUsize, max: usize) -> Option<Counted<'a>> {
+        pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Counted(pool))
+    }
+
+    /// Over a cap: a 421 written without waiting for the client, and the connection closed.
+    async fn overloaded<S: AsyncWrite + Unpin>(&self, stream: &mut S) {
+        self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+        let reply = Reply::busy(&self.session.hostname).to_wire();
+        let _ = tokio::time::timeout(OVERLOAD_WRITE, async {
+            stream.write_all(reply.as_bytes()).await?;
+            stream.shutdown().await
+        })
+        .await;
+    }
+
     /// The key of every per-client count: what a ban of `addr` covers (the IPv4 address, or
     /// the IPv6 network of the gate's prefix).
     fn client_key(&self, addr: IpAddr) -> IpAddr {
@@ -521,6 +574,12 @@ impl Shared {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        // Before anything else (a PROXY header may take a while): every connection counts.
+        let cap = self.limits.max_sessions + self.limits.max_refused;
+        let Some(_connection) = self.count(&self.connections, cap) else {
+            tracing::debug!(peer = %peer, cap, "over the connection cap; closing");
+            return self.overloaded(&mut stream).await;
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer_ip = peer.ip().to_canonical();
         let from = if self.limits.proxy_trusted.contains(&peer_ip) {
@@ -551,8 +610,23 @@ impl Shared {
             Peer::Client(addr) => (addr, Some(self.client_key(addr))),
             Peer::Unidentified(addr) => (addr, None),
         };
-        let slot = self.take_slot(key);
+        let mut slot = self.take_slot(key);
         let mut session = self.open_session(now, id, addr, key, slot.is_some());
+        // A refused connection never holds a session slot, only a place among the refused.
+        let _refusal = if session.is_refused() {
+            slot = None;
+            match self.count(&self.refused, self.limits.max_refused) {
+                Some(place) => Some(place),
+                None => {
+                    tracing::debug!(max_refused = self.limits.max_refused, "too many refused connections; closing");
+                    return self.overloaded(&mut stream).await;
+                }
+            }
+        } else {
+            None
+        };
+        // A refused client gets no patience: its replies are small, and so is the wait.
+        let write_timeout = if session.is_refused() { REFUSED_WAIT } else { self.session.command_timeout };
         let mut buf = vec![0u8; READ_IDLE];
         let mut out = Vec::with_capacity(512);
         let mut incoming: Incoming = None;
@@ -567,7 +641,7 @@ impl Shared {
                 reply.write_to(&mut out);
             }
             if !out.is_empty() {
-                let write = tokio::time::timeout(self.session.command_timeout, stream.write_all(&out)).await;
+                let write = tokio::time::timeout(write_timeout, stream.write_all(&out)).await;
                 if !matches!(write, Ok(Ok(()))) {
                     tracing::debug!("write failed or timed out; closing");
                     break;
@@ -601,7 +675,9 @@ impl Shared {
                 () = sleep_until_opt(deadline) => session.handle_timeout(self.clock.now()),
             }
         }
-        if let Some(key) = key {
+        if let Some(key) = key
+            && !session.is_refused()
+        {
             self.record_b4(&session, key);
         }
         drop(slot);

@@ -127,7 +127,8 @@ impl ClientInfo {
 pub enum Refusal {
     /// G1: over the connection rate: 421 and close.
     RateLimited,
-    /// G2: banned: 554 greeting, then 503 to everything until QUIT (RFC 5321 §3.1).
+    /// G2: banned: 554 greeting, then 503 to everything until QUIT (RFC 5321 §3.1), for at
+    /// most [`REFUSED_WAIT`]: then 421 and close, whatever the client does.
     Banned,
     /// Too many sessions overall or from this address: 421 and close.
     Busy,
@@ -283,6 +284,10 @@ struct Transaction {
     sender: SenderCheck,
 }
 
+/// How long a session refused with 554 waits for QUIT (RFC 5321 §3.1) before it closes with
+/// 421: a refused client must not hold a connection (a descriptor) for long, whatever it does.
+pub const REFUSED_WAIT: Duration = Duration::from_secs(2);
+
 /// Input capacity kept between reads; a bigger buffer (a message's reads) is let go once empty.
 const INPUT_KEEP: usize = 4096;
 
@@ -307,6 +312,8 @@ pub struct Session {
     b4: B4Tally,
     /// The driver says free space is below its threshold: MAIL gets 452 4.3.1.
     storage_short: bool,
+    /// Refused at connect (554, or 421 and closed).
+    refused: bool,
     /// No client address (PROXY `UNKNOWN` / v2 `LOCAL`, a health check): greeting, EHLO,
     /// NOOP, RSET and QUIT only; no transaction, so no rule ever applies.
     unidentified: bool,
@@ -342,6 +349,7 @@ impl Session {
         why: Refusal,
     ) -> Self {
         let mut s = Session::blank(now, cfg, dir, client, State::Refused);
+        s.refused = true;
         let host = s.cfg.hostname.clone();
         match why {
             Refusal::Banned => {
@@ -383,6 +391,7 @@ impl Session {
             eof: false,
             b4,
             storage_short: false,
+            refused: false,
             unidentified: false,
             started: now,
             last_input: now,
@@ -555,6 +564,7 @@ impl Session {
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
             State::Closed | State::Waiting(..) => None,
+            State::Refused => Some(self.started + REFUSED_WAIT),
             _ => {
                 let idle = if self.had_5xx { self.cfg.penalty_timeout } else { self.cfg.command_timeout };
                 Some((self.last_input + idle).min(self.started + self.cfg.session_max))
@@ -565,6 +575,12 @@ impl Session {
     /// `false` while an action is pending or after close: do not read more input.
     pub fn wants_input(&self) -> bool {
         !matches!(self.state, State::Closed | State::Waiting(..)) && self.input.is_empty()
+    }
+
+    /// `true` for a session the gate refused ([`Session::refused`]): it lasts at most
+    /// [`REFUSED_WAIT`], and the driver should not wait long on it either.
+    pub fn is_refused(&self) -> bool {
+        self.refused
     }
 
     /// `true` once the session has closed (after [`Action::Close`]).

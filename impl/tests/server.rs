@@ -612,3 +612,40 @@ async fn below_queue_minfree_mail_gets_452() {
     assert!(s.spooled().is_empty());
     s.stop().await;
 }
+
+/// Issue 12: refused connections count. They take no session slot, at most `max_refused` are
+/// held (each at most `REFUSED_WAIT`), and one more gets 421 and is closed at once, while an
+/// honest client is still served.
+#[tokio::test]
+async fn refused_connections_are_capped_and_short() {
+    let limits = Limits { max_sessions: 2, max_refused: 3, ..quick() };
+    let s = start("", limits).await;
+    s.server.ban("127.0.0.60".parse().unwrap(), Duration::from_secs(3600));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(s.addr, "127.0.0.60").await;
+        assert_eq!(code(&c.reply().await), "554");
+        held.push(c);
+    }
+    // Over max_refused: a 421 and the connection is closed, without waiting for the client.
+    let mut over = Client::connect(s.addr, "127.0.0.60").await;
+    assert_eq!(over.reply().await, "421 4.3.2 mx.example.test Too busy, try again later\r\n");
+    assert_eq!(over.reply().await, "", "closed");
+    // The session slots are all free for honest clients.
+    let mut honest = Client::connect(s.addr, "127.0.0.61").await;
+    assert_eq!(code(&honest.reply().await), "220");
+    let mut other = Client::connect(s.addr, "127.0.0.62").await;
+    assert_eq!(code(&other.reply().await), "220");
+    // The refused ones are closed (421) without a QUIT, however they behave.
+    held[0].send("NOOP\r\n").await;
+    assert_eq!(code(&held[0].reply().await), "503");
+    for c in &mut held {
+        assert!(c.reply().await.starts_with("421 4.4.2"));
+        assert_eq!(c.reply().await, "", "closed");
+    }
+    // Their places are free again.
+    let mut again = Client::connect(s.addr, "127.0.0.60").await;
+    assert_eq!(code(&again.reply().await), "554");
+    assert_eq!(code(&honest.cmd("QUIT").await), "221");
+    s.stop().await;
+}

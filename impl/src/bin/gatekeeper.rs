@@ -157,6 +157,8 @@ fn init_logging(format: LogFormat) {
 fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use gatekeeper::privilege;
     let settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
+    // Before anything holds descriptors; raising the soft limit needs no privilege.
+    check_nofile(&settings);
     let c = &settings.config;
     // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
     // Bound on a thread-less runtime, handed over to the serving runtime below.
@@ -196,6 +198,36 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         app.run(listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Raises `RLIMIT_NOFILE` to its hard limit and says, loudly, when even that is too low for
+/// the configured connections: every connection is a descriptor (`max_sessions +
+/// max_refused`), a session receiving a message holds its file too, and the rest of the
+/// process needs some ([`gatekeeper::edges::NOFILE_SPARE`]). Too low, the server still runs
+/// (port 25 must answer), but accepts fail with EMFILE under load.
+fn check_nofile(settings: &Settings) {
+    let s = &settings.config.server;
+    let connections = (s.max_sessions + s.max_refused) as u64;
+    let need = connections + gatekeeper::edges::NOFILE_SPARE;
+    let with_messages = need + s.max_sessions as u64;
+    match gatekeeper::edges::raise_nofile_limit() {
+        Ok(limit) if limit.now < need => tracing::warn!(
+            limit = limit.now,
+            need,
+            "RLIMIT_NOFILE is below server.max_sessions + server.max_refused + {}: connections will fail \
+             with EMFILE under load; raise the hard limit (systemd LimitNOFILE=, ulimit -Hn) or lower \
+             server.max_sessions",
+            gatekeeper::edges::NOFILE_SPARE
+        ),
+        Ok(limit) if limit.now < with_messages => tracing::warn!(
+            limit = limit.now,
+            need = with_messages,
+            "RLIMIT_NOFILE covers the connections but not every session receiving a message at once; \
+             raise the hard limit (systemd LimitNOFILE=) for full load"
+        ),
+        Ok(limit) => tracing::info!(was = limit.was, now = limit.now, need = with_messages, "RLIMIT_NOFILE"),
+        Err(e) => tracing::warn!(error = %e, need, "cannot raise RLIMIT_NOFILE"),
+    }
 }
 
 /// Loads the configuration file with the command line's overrides; the error says which file

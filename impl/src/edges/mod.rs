@@ -32,5 +32,5 @@ pub use self::message::{Content, MessageFile, available_space};
 pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
 pub use self::relay::SmtpRelay;
 pub use self::spool::MaildirSpool;
-pub use self::tcp::{LISTEN_BACKLOG, tcp_listener};
+pub use self::tcp::{LISTEN_BACKLOG, NOFILE_SPARE, NofileLimit, raise_nofile_limit, tcp_listener};
 pub use self::trace::{rfc5322_date, trace_headers};

@@ -1575,3 +1575,25 @@ fn messages_per_session_are_bounded() {
     assert!(t.session.is_closed());
     assert_eq!(t.session.transactions(), 2);
 }
+
+#[test]
+fn a_refused_session_waits_at_most_refused_wait_whatever_the_client_does() {
+    let mut t = refused(Refusal::Banned);
+    assert_eq!(codes(&t.replies()), [554]);
+    assert!(t.session.is_refused());
+    // However it keeps talking (below errors_max), the deadline stays where it was.
+    assert_eq!(t.session.poll_timeout(), Some(t0() + REFUSED_WAIT));
+    t.advance(1);
+    assert_eq!(t.codes("NOOP\r\n"), [503]);
+    assert_eq!(t.session.poll_timeout(), Some(t0() + REFUSED_WAIT));
+    let now = t0() + REFUSED_WAIT;
+    t.session.handle_timeout(now);
+    let r = t.replies();
+    assert_eq!(codes(&r), [421]);
+    assert!(t.session.is_closed());
+    assert_eq!(t.acts(), [Act::Close]);
+    // Sessions that were not refused keep their ordinary patience.
+    let t = open();
+    assert!(!t.session.is_refused());
+    assert_eq!(t.session.poll_timeout(), Some(t0() + session_config().command_timeout));
+}
