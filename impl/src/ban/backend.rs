@@ -257,10 +257,17 @@ pub struct NftBackend {
     timeout: Duration,
 }
 
-/// An nft time value in milliseconds (`1500ms`), at least 1 ms.
+/// An nft time value, at least 1 ms: whole seconds (`345600s`), milliseconds under a second
+/// (`500ms`), or both (`345598s504ms`). Never a large number of milliseconds: nft 1.0.6
+/// refuses `345598504ms` ("value too large") though it takes the same time as `345598s504ms`,
+/// which made every automatic multi-day ban (its remaining time is not whole seconds) fail.
 pub fn nft_time(d: Duration) -> String {
     let ms = d.as_millis().max(1);
-    if ms.is_multiple_of(1000) { format!("{}s", ms / 1000) } else { format!("{ms}ms") }
+    match (ms / 1000, ms % 1000) {
+        (s, 0) => format!("{s}s"),
+        (0, ms) => format!("{ms}ms"),
+        (s, ms) => format!("{s}s{ms}ms"),
+    }
 }
 
 impl NftBackend {
@@ -495,8 +502,10 @@ mod tests {
         );
         assert_eq!(
             b.add_line(&"2001:db8:1:2::/64".parse().unwrap(), Duration::from_millis(1500), 4 * day),
-            "add element inet gatekeeper ban6 { 2001:db8:1:2::/64 timeout 345600s expires 1500ms }\n"
+            "add element inet gatekeeper ban6 { 2001:db8:1:2::/64 timeout 345600s expires 1s500ms }\n"
         );
+        assert_eq!(nft_time(Duration::from_millis(345_598_504)), "345598s504ms", "nft 1.0.6 refuses 345598504ms");
+        assert_eq!((nft_time(Duration::ZERO), nft_time(Duration::from_millis(999))), ("1ms".into(), "999ms".into()));
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "ban6",
             "elem": [{"elem": {"val": {"prefix": {"addr": "2001:db8:1:2::", "len": 64}}, "timeout": 345600, "expires": 1499}},
                      {"elem": {"val": "10.1.2.3", "timeout": 10, "expires": 9}}, "10.9.9.9"]}}]}"#;

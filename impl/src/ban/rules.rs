@@ -184,7 +184,7 @@ mod tests {
         for needle in [
             "add set inet gatekeeper ban4 { type ipv4_addr; flags timeout; }",
             "add set inet gatekeeper ban6 { type ipv6_addr; flags interval,timeout; }",
-            "add set inet gatekeeper rate4 { type ipv4_addr; flags dynamic,timeout; timeout 2500ms; size 65535; }",
+            "add set inet gatekeeper rate4 { type ipv4_addr; flags dynamic,timeout; timeout 2s500ms; size 65535; }",
             "add rule inet gatekeeper input tcp dport 25 tcp flags syn / syn,ack add @rate4 { ip saddr } accept",
             "add rule inet gatekeeper input tcp dport 25 tcp flags syn / syn,ack ip6 saddr & ffff:ffff:ffff:ffff:: @rate6 drop",
             "add rule inet gatekeeper input tcp dport 25 tcp flags syn / syn,ack drop",
