@@ -88,8 +88,7 @@ impl Edges {
                 // Messages arrive into files on the state dir's filesystem, like the Maildir's.
                 let path = c.server.state_dir.join("tmp");
                 let timeout = c.delivery.relay_timeout;
-                let memory = c.smtp.size_max.saturating_mul(2);
-                match SmtpRelay::new(addr, &c.server.hostname, timeout, clock.clone(), path.clone(), memory) {
+                match SmtpRelay::new(addr, &c.server.hostname, timeout, clock.clone(), path.clone()) {
                     Ok(relay) => Arc::new(relay),
                     Err(error) => return Err(AppError::Spool { path, error }),
                 }
