@@ -11,7 +11,8 @@ if [ ! -e /usr/sbin/policy-rc.d ] && ! command -v clamd >/dev/null; then
   chmod +x /usr/sbin/policy-rc.d
   trap 'rm -f /usr/sbin/policy-rc.d' EXIT
 fi
-bash ci/setup.sh clamav-daemon swaks
+# swaks --tls needs Net::SSLeay; ci/swaks.sh makes its test certificate with openssl.
+bash ci/setup.sh clamav-daemon swaks libnet-ssleay-perl openssl
 
 # Stop and disable whatever the packages started: the packaged clamd would load no database
 # (we never run freshclam) and freshclam would reach for the network.

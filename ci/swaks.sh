@@ -9,7 +9,14 @@ bin=target/release/gatekeeper
 work=$(mktemp -d)
 port=$((20000 + RANDOM % 20000))
 log="$work/gatekeeper.log"
-"$bin" serve --config examples/gatekeeper.toml --listen "127.0.0.1:$port" --state-dir "$work/state" 2>"$log" &
+# STARTTLS with a self-signed ECDSA P-256 certificate made here: the example configuration with
+# its [tls] cert and key set.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=gatekeeper.example.test" \
+  -keyout "$work/key.pem" -out "$work/cert.pem" 2>/dev/null
+sed -e "s|^# cert = .*|cert = \"$work/cert.pem\"|" -e "s|^# key = .*|key = \"$work/key.pem\"|" \
+  examples/gatekeeper.toml >"$work/gatekeeper.toml"
+grep -q "^cert = " "$work/gatekeeper.toml" && grep -q "^key = " "$work/gatekeeper.toml"
+"$bin" serve --config "$work/gatekeeper.toml" --listen "127.0.0.1:$port" --state-dir "$work/state" 2>"$log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$work"' EXIT
 for _ in $(seq 50); do
@@ -79,6 +86,14 @@ out=$(sw 127.0.0.27 --pipeline --from '<>' --to alice@example.test --header "Sub
 check "pipelined message to alice: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 spooled=$(grep -l "hello from swaks" "$work"/state/maildir/new/* 2>/dev/null | wc -l)
 check "... and it is in the Maildir spool" '^1$' "$spooled"
+
+out=$(sw 127.0.0.33 --from '<>' --to alice@example.test --quit-after EHLO)
+check "STARTTLS advertised in EHLO" '<- +250.STARTTLS' "$out"
+out=$(sw 127.0.0.34 --tls --from '<>' --to alice@example.test --header "Subject: swaks tls" --body "hello over tls")
+check "swaks --tls: the handshake" 'TLS started with cipher' "$out"
+check "... the message over TLS: 250 queued" '<~ +250 2\.0\.0 Ok: queued as' "$out"
+tls_spooled=$(grep -l "hello over tls" "$work"/state/maildir/new/* 2>/dev/null | xargs -r grep -l "with ESMTPS id" | wc -l)
+check "... in the spool, Received: ... with ESMTPS" '^1$' "$tls_spooled"
 
 out=$(sw 127.0.0.28 --from '<>' --to bob@example.test --quit-after RCPT)
 check "first connection from an address: 220" '<- +220 ' "$out"

@@ -288,6 +288,7 @@ impl<'a> Run<'a> {
                 self.log(|| format!("action {item:?}"));
                 self.message = message;
             }
+            Action::StartTls => unreachable!("the fuzzed session is offered no TLS"),
             Action::Close => {
                 *closes += 1;
                 "close".hash(&mut self.actions);

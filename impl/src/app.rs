@@ -17,7 +17,9 @@ use std::time::UNIX_EPOCH;
 
 use crate::ban::{BanBackend, BanError, BanManager, RestoreReport, build_backend};
 use crate::config::Settings;
-use crate::edges::{BanSink, Clock, Downstream, Listener, MaildirSpool, Observer, Scanner, SmtpRelay, SystemClock};
+use crate::edges::{
+    BanSink, Clock, Downstream, Listener, MaildirSpool, Observer, Scanner, SmtpRelay, SystemClock, Tls,
+};
 use crate::scan::Engine;
 use crate::server::{Limits, Server};
 use crate::verify::{
@@ -182,6 +184,10 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         .gate(c.gate.clone())
         .limits(limits)
         .ban_sink(ban_sink);
+    if let Some(config) = &settings.tls {
+        // STARTTLS: an edge beneath the session (the simulation configures none).
+        builder = builder.tls(Arc::new(Tls::new(config.clone(), c.tls.max_handshakes, c.tls.handshake_timeout)));
+    }
     if let Some(tap) = observer {
         builder = builder.observer(tap(&bans));
     }

@@ -51,6 +51,8 @@ pub struct Config {
     pub scan: ScanConfig,
     /// Callback probes behind `rules.verify_senders` (C1).
     pub callbacks: CallbacksConfig,
+    /// STARTTLS.
+    pub tls: crate::edges::TlsSection,
 }
 
 /// `server.queue_minfree` by default: 256 MiB, ten largest messages of the default size.
@@ -215,6 +217,9 @@ pub struct RulesSection {
     pub scan: bool,
     /// A failed scan: `tempfail` (451) or `accept`.
     pub on_scan_failure: OnScanFailure,
+    /// `enforce` the verdicts, or `observe` them only (logged and counted as `would_reject`
+    /// and `would_ban`; the client is accepted and nobody is banned).
+    pub mode: crate::session::Mode,
 }
 
 impl Default for RulesSection {
@@ -230,6 +235,7 @@ impl Default for RulesSection {
             unknown_sender_tempfail_max: p.unknown_sender_tempfail_max,
             scan: false,
             on_scan_failure: OnScanFailure::Tempfail,
+            mode: crate::session::Mode::Enforce,
         }
     }
 }
@@ -386,6 +392,8 @@ pub struct Settings {
     pub proxy_trusted: Vec<std::net::IpAddr>,
     /// Whom to serve as (`server.user` / `server.group`, looked up), if anyone.
     pub identity: Option<crate::privilege::Identity>,
+    /// STARTTLS's certificate and key, loaded (`[tls]`), if configured.
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Config {
@@ -583,6 +591,7 @@ impl Config {
         problems.extend(self.bans.problems_with_gate(&self.gate));
         problems.extend(self.callbacks.problems().into_iter().map(|p| format!("callbacks.{p}")));
         problems.extend(self.scan.problems().into_iter().map(|p| format!("scan.{p}")));
+        let tls = self.tls.load(base).map_err(|p| problems.extend(p)).ok().flatten();
         let oversize_tempfail = self.scan.on_oversize == Some(OnScanFailure::Tempfail);
         if oversize_tempfail && self.rules.on_scan_failure == OnScanFailure::Accept {
             // A failed scan is accepted then, so an oversize tempfail could not be given.
@@ -617,6 +626,7 @@ impl Config {
                 b4_share_min_recipients: config.rules.b4_share_min_recipients,
                 unknown_sender_tempfail_max: config.rules.unknown_sender_tempfail_max,
             },
+            mode: config.rules.mode,
         };
         Ok(Settings {
             listen: listen.expect("checked above"),
@@ -625,6 +635,7 @@ impl Config {
             relay,
             proxy_trusted,
             identity,
+            tls,
             config,
         })
     }

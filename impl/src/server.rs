@@ -44,13 +44,13 @@ use tracing::Instrument;
 
 use crate::ban::{ActiveBans, Net};
 use crate::edges::{
-    BanOrder, BanSink, Clock, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Verifier,
+    BanOrder, BanSink, Clock, Conn, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
 };
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
 use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
 use crate::proto::Reply;
 use crate::proto::{PROXY_HEADER_MAX, escape};
-use crate::session::{Action, ClientInfo, REFUSED_WAIT, Refusal, Session, SessionConfig};
+use crate::session::{Action, ClientInfo, Mode, REFUSED_WAIT, Refusal, Session, SessionConfig};
 
 /// Concurrency and shutdown limits.
 #[derive(Debug, Clone)]
@@ -121,6 +121,10 @@ pub struct Stats {
     pub delivered: AtomicU64,
     /// Bans decided.
     pub bans: AtomicU64,
+    /// Observe mode: refusals not given (`would_reject`).
+    pub would_reject: AtomicU64,
+    /// Observe mode: bans not requested (`would_ban`).
+    pub would_ban: AtomicU64,
 }
 
 /// Builds a [`Server`].
@@ -136,9 +140,15 @@ pub struct ServerBuilder {
     scanner: Option<Arc<dyn Scanner>>,
     ban_sink: Option<Arc<dyn BanSink>>,
     observer: Option<Arc<dyn Observer>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl ServerBuilder {
+    /// STARTTLS (RFC 3207): offered in EHLO, handshakes done by `tls`.
+    pub fn tls(mut self, tls: Arc<Tls>) -> Self {
+        self.tls = Some(tls);
+        self
+    }
     /// The clock (default: [`SystemClock`]).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
@@ -221,6 +231,7 @@ impl ServerBuilder {
                 scanner: self.scanner,
                 ban_sink: self.ban_sink,
                 observer: self.observer,
+                tls: self.tls,
             }),
         }
     }
@@ -251,6 +262,7 @@ struct Shared {
     scanner: Option<Arc<dyn Scanner>>,
     ban_sink: Option<Arc<dyn BanSink>>,
     observer: Option<Arc<dyn Observer>>,
+    tls: Option<Arc<Tls>>,
     /// Sessions per client key.
     active: Mutex<HashMap<IpAddr, usize>>,
     /// Connections open, whatever their state.
@@ -331,7 +343,13 @@ impl Server {
             scanner: None,
             ban_sink: None,
             observer: None,
+            tls: None,
         }
+    }
+
+    /// STARTTLS, if configured: its counters, and [`Tls::reload`] for a new certificate.
+    pub fn tls(&self) -> Option<&Arc<Tls>> {
+        self.shared.tls.as_ref()
     }
 
     /// The counters.
@@ -601,10 +619,11 @@ impl Shared {
         self.clone().serve(stream, from, id, stop).instrument(span).await;
     }
 
-    async fn serve<S>(self: Arc<Self>, mut stream: S, from: Peer, id: u64, mut stop: watch::Receiver<bool>)
+    async fn serve<S>(self: Arc<Self>, stream: S, from: Peer, id: u64, mut stop: watch::Receiver<bool>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let mut stream = Conn::Plain(stream);
         let now = self.clock.now();
         let (addr, key) = match from {
             Peer::Client(addr) => (addr, Some(self.client_key(addr))),
@@ -612,6 +631,9 @@ impl Shared {
         };
         let mut slot = self.take_slot(key);
         let mut session = self.open_session(now, id, addr, key, slot.is_some());
+        if self.tls.is_some() && !session.is_refused() {
+            session.offer_tls();
+        }
         // A refused connection never holds a session slot, only a place among the refused.
         let _refusal = if session.is_refused() {
             slot = None;
@@ -633,15 +655,21 @@ impl Shared {
         // Told of the shutdown already. Not `*stop.borrow()`: a stop sent while the session was
         // busy (a hand-off) must still reach it once it is back here.
         let mut told = false;
+        // STARTTLS granted: the handshake follows our 220.
+        let mut upgrade = None;
         loop {
-            let closing = self.carry_out(&mut session, addr, id, &mut incoming).await;
+            let closing = self.carry_out(&mut session, addr, id, &mut incoming, &mut upgrade).await;
             self.log_events(&mut session, addr, id);
             out.clear();
             while let Some(reply) = session.poll_reply() {
                 reply.write_to(&mut out);
             }
             if !out.is_empty() {
-                let write = tokio::time::timeout(write_timeout, stream.write_all(&out)).await;
+                let write = tokio::time::timeout(write_timeout, async {
+                    stream.write_all(&out).await?;
+                    stream.flush().await
+                })
+                .await;
                 if !matches!(write, Ok(Ok(()))) {
                     tracing::debug!("write failed or timed out; closing");
                     break;
@@ -650,6 +678,19 @@ impl Shared {
             if closing {
                 let _ = stream.shutdown().await;
                 break;
+            }
+            if let (Some(permit), Some(tls)) = (upgrade.take(), &self.tls) {
+                match stream.upgrade(tls, permit).await {
+                    Ok(()) => {
+                        tracing::debug!("TLS on");
+                        session.handle_tls_started(self.clock.now());
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::info!(error = %e, "TLS handshake failed; closing");
+                        break;
+                    }
+                }
             }
             let want = if incoming.is_some() { READ_DATA } else { READ_IDLE };
             if buf.len() != want {
@@ -709,6 +750,18 @@ impl Shared {
         };
         let refusal = match decision {
             GateDecision::DropBanned => Some(Refusal::Banned),
+            GateDecision::DropRate if self.session.mode == Mode::Observe && has_slot => {
+                // Observe mode: G1 would have refused this connection; it is served.
+                self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    rule = "G1",
+                    would_reject = 421,
+                    command = "connect",
+                    would_ban = "none",
+                    "observed verdict"
+                );
+                None
+            }
             GateDecision::DropRate => Some(Refusal::RateLimited),
             _ if !has_slot => Some(Refusal::Busy),
             _ => None,
@@ -779,7 +832,14 @@ impl Shared {
     }
 
     /// Carries out every pending action; returns `true` once the session asked to close.
-    async fn carry_out(&self, session: &mut Session, addr: IpAddr, id: u64, incoming: &mut Incoming) -> bool {
+    async fn carry_out(
+        &self,
+        session: &mut Session,
+        addr: IpAddr,
+        id: u64,
+        incoming: &mut Incoming,
+        upgrade: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> bool {
         let mut closing = false;
         while let Some(action) = session.poll_action() {
             match action {
@@ -866,6 +926,13 @@ impl Shared {
                     Some(Err(why)) => session.handle_store_failed(self.clock.now(), why),
                     None => session.handle_store_failed(self.clock.now(), "no message file".into()),
                 },
+                Action::StartTls => {
+                    *upgrade = self.tls.as_ref().and_then(|tls| tls.permit());
+                    if upgrade.is_none() {
+                        tracing::info!("STARTTLS refused: tls.max_handshakes under way");
+                    }
+                    session.handle_tls_permit(self.clock.now(), upgrade.is_some());
+                }
                 Action::Close => closing = true,
             }
             self.log_events(session, addr, id);
@@ -875,16 +942,32 @@ impl Shared {
 
     fn log_events(&self, session: &mut Session, addr: IpAddr, id: u64) {
         while let Some(ev) = session.poll_event() {
-            tracing::info!(
-                rule = ev.rule.as_str(),
-                verdict = ev.verdict(),
-                code = ev.code,
-                command = ev.command,
-                ban = ev.ban.map_or("none", |b| b.as_str()),
-                // Details quote clients and remote servers (evidence, relay errors).
-                detail = %escape(&ev.detail),
-                "verdict"
-            );
+            if ev.observed {
+                // Observe mode: what would have been done, and was not.
+                self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
+                if ev.ban.is_some() {
+                    self.stats.would_ban.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::info!(
+                    rule = ev.rule.as_str(),
+                    would_reject = ev.code,
+                    command = ev.command,
+                    would_ban = ev.ban.map_or("none", |b| b.as_str()),
+                    detail = %escape(&ev.detail),
+                    "observed verdict"
+                );
+            } else {
+                tracing::info!(
+                    rule = ev.rule.as_str(),
+                    verdict = ev.verdict(),
+                    code = ev.code,
+                    command = ev.command,
+                    ban = ev.ban.map_or("none", |b| b.as_str()),
+                    // Details quote clients and remote servers (evidence, relay errors).
+                    detail = %escape(&ev.detail),
+                    "verdict"
+                );
+            }
             if let Some(o) = &self.observer {
                 o.on_event(addr, id, &ev);
             }

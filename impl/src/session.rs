@@ -73,6 +73,22 @@ pub struct SessionConfig {
     pub on_scan_failure: OnScanFailure,
     /// The rules' tunables.
     pub policy: PolicyConfig,
+    /// Enforce the rules' verdicts, or only observe them (`rules.mode`).
+    pub mode: Mode,
+}
+
+/// What becomes of a rule's verdict (`rules.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Verdicts are replied and bans requested.
+    #[default]
+    Enforce,
+    /// A dry run (Postfix's `warn_if_reject`): every verdict of a rule (G1, E1, E2, C1, V1) is
+    /// computed, logged and counted as it would be (`would_reject`, `would_ban`), but the
+    /// client gets the accepting reply and nobody is banned. Protocol errors and relay denial
+    /// (a recipient in no local domain) are still enforced: observing must not open a relay.
+    Observe,
 }
 
 impl Default for SessionConfig {
@@ -91,6 +107,7 @@ impl Default for SessionConfig {
             scan: false,
             on_scan_failure: OnScanFailure::Tempfail,
             policy: PolicyConfig::default(),
+            mode: Mode::Enforce,
         }
     }
 }
@@ -148,6 +165,8 @@ pub struct Envelope {
     /// Accepted recipients; `<Postmaster>` is given as `postmaster@` the first local domain by
     /// the driver (the session does not know the domains' order of preference).
     pub rcpts: Vec<ForwardPath>,
+    /// The message came over TLS (STARTTLS): `with ESMTPS` in the Received header.
+    pub tls: bool,
 }
 
 /// Why a handoff failed.
@@ -197,6 +216,10 @@ pub enum Action {
         /// Envelope.
         envelope: Envelope,
     },
+    /// The client asked for STARTTLS: find out whether a handshake may start now (a place
+    /// among the concurrent handshakes) and call [`Session::handle_tls_permit`]. Input is not
+    /// processed meanwhile.
+    StartTls,
     /// Close the connection after writing the replies.
     Close,
 }
@@ -214,6 +237,9 @@ pub struct Event {
     pub ban: Option<BanReason>,
     /// Extra detail (evidence, signature, queue id).
     pub detail: String,
+    /// Observe mode ([`Mode::Observe`]): the verdict was not carried out: the client got the
+    /// accepting reply (`would_reject`) and the ban, if any, was not requested (`would_ban`).
+    pub observed: bool,
 }
 
 impl Event {
@@ -253,6 +279,9 @@ enum State {
     Refused,
     /// Waiting for an action's result; input is not processed meanwhile.
     Waiting(Transaction, Pending),
+    /// STARTTLS: waiting for [`Session::handle_tls_permit`], then (given) for the handshake
+    /// ([`Session::handle_tls_started`]); `ready`: EHLO/HELO had been given.
+    StartingTls { ready: bool, granted: bool },
     /// Done; everything is ignored.
     Closed,
 }
@@ -320,6 +349,10 @@ pub struct Session {
     started: Instant,
     last_input: Instant,
     transactions: u64,
+    /// The driver can do a TLS handshake ([`Session::offer_tls`]).
+    tls_offered: bool,
+    /// TLS is on (after [`Session::handle_tls_started`]).
+    tls: bool,
 }
 
 impl Session {
@@ -396,7 +429,56 @@ impl Session {
             started: now,
             last_input: now,
             transactions: 0,
+            tls_offered: false,
+            tls: false,
         }
+    }
+
+    /// The driver can upgrade this connection to TLS: STARTTLS is advertised in EHLO and
+    /// accepted (RFC 3207). Call it right after creating the session.
+    pub fn offer_tls(&mut self) {
+        self.tls_offered = true;
+    }
+
+    /// `true` once TLS is on.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The answer to [`Action::StartTls`]: whether a handshake may start now. Given, the
+    /// session replies 220 and discards whatever the client sent after STARTTLS: plaintext
+    /// pipelined behind it must never be taken as if it came over TLS (the STARTTLS
+    /// command-injection class of bugs, CVE-2011-0411). The driver writes the reply, then
+    /// hands the connection to TLS and calls [`Session::handle_tls_started`]. Refused (too
+    /// many handshakes under way), 454 4.7.0 and the session goes on in clear text.
+    pub fn handle_tls_permit(&mut self, now: Instant, granted: bool) {
+        let State::StartingTls { ready, granted: false } = self.state else { return };
+        if granted {
+            self.state = State::StartingTls { ready, granted: true };
+            self.replies.push_back(Reply::tls_ready());
+            self.input.clear();
+            self.lines = LineReceiver::new();
+        } else {
+            self.state = if ready { State::Ready } else { State::Connected };
+            self.reply_error(Reply::tls_unavailable());
+            self.last_input = now;
+            self.process(now);
+        }
+    }
+
+    /// The TLS handshake is done: the session starts over (RFC 3207 §4.2: everything learnt
+    /// before, the EHLO argument in particular, is forgotten; the client must send EHLO
+    /// again). STARTTLS is no longer offered. No greeting is sent.
+    pub fn handle_tls_started(&mut self, now: Instant) {
+        if !matches!(self.state, State::StartingTls { granted: true, .. }) {
+            return;
+        }
+        self.state = State::Connected;
+        self.tls = true;
+        self.helo = None;
+        self.input.clear();
+        self.lines = LineReceiver::new();
+        self.last_input = now;
     }
 
     /// Bytes from the client. They are processed at once unless an action is pending, in which
@@ -456,6 +538,14 @@ impl Session {
             unreachable!()
         };
         let verdict = policy::verified(&result, self.cfg.on_unknown, &self.cfg.policy, waited, &tx.from);
+        if self.observed("RCPT", &verdict, Some(result.evidence().to_string())) {
+            tx.sender = SenderCheck::Valid;
+            tx.rcpts.push(rcpt);
+            self.state = State::Mail(tx);
+            self.replies.push_back(Reply::recipient_ok());
+            self.last_input = now;
+            return self.process(now);
+        }
         let evidence = match &result {
             Verification::Unknown { evidence } if verdict.reply.is_positive() => {
                 format!("{evidence}; unverifiable for {} s: accepted", waited.as_secs())
@@ -488,14 +578,14 @@ impl Session {
             ScanOutcome::Failed { reason } => reason.clone(),
         };
         match policy::scanned(&self.dir, &outcome, self.cfg.on_scan_failure, &tx.from, &tx.rcpts) {
-            Some(verdict) => {
+            Some(verdict) if !self.observed("DATA", &verdict, Some(detail.clone())) => {
                 self.state = State::Ready;
                 self.actions.push_back(Action::Discard);
                 self.verdict_reply_with("DATA", verdict, detail);
                 self.last_input = now;
                 self.process(now);
             }
-            None => self.deliver(tx),
+            _ => self.deliver(tx),
         }
     }
 
@@ -563,7 +653,7 @@ impl Session {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         match self.state {
-            State::Closed | State::Waiting(..) => None,
+            State::Closed | State::Waiting(..) | State::StartingTls { .. } => None,
             State::Refused => Some(self.started + REFUSED_WAIT),
             _ => {
                 let idle = if self.had_5xx { self.cfg.penalty_timeout } else { self.cfg.command_timeout };
@@ -574,7 +664,7 @@ impl Session {
 
     /// `false` while an action is pending or after close: do not read more input.
     pub fn wants_input(&self) -> bool {
-        !matches!(self.state, State::Closed | State::Waiting(..)) && self.input.is_empty()
+        !matches!(self.state, State::Closed | State::Waiting(..) | State::StartingTls { .. }) && self.input.is_empty()
     }
 
     /// `true` for a session the gate refused ([`Session::refused`]): it lasts at most
@@ -622,7 +712,7 @@ impl Session {
         let mut rest: &[u8] = &input;
         loop {
             match &mut self.state {
-                State::Closed | State::Waiting(..) => break,
+                State::Closed | State::Waiting(..) | State::StartingTls { .. } => break,
                 State::Data(_, receiver) => {
                     let event = receiver.next(&mut rest);
                     let content = receiver.take_content();
@@ -644,7 +734,7 @@ impl Session {
             }
         }
         let consumed = input.len() - rest.len();
-        if self.eof && !matches!(self.state, State::Waiting(..)) {
+        if self.eof && !matches!(self.state, State::Waiting(..) | State::StartingTls { .. }) {
             self.close();
         }
         if matches!(self.state, State::Closed) {
@@ -670,7 +760,8 @@ impl Session {
         };
         match cmd {
             Command::Ehlo(host) => {
-                let r = Reply::ehlo(&self.cfg.hostname, &host, self.cfg.size_max);
+                let starttls = self.tls_offered && !self.tls;
+                let r = Reply::ehlo_offering(&self.cfg.hostname, &host, self.cfg.size_max, starttls);
                 self.helo = Some(host);
                 self.state = State::Ready;
                 self.replies.push_back(r);
@@ -693,8 +784,25 @@ impl Session {
             Command::Quit => self.quit(),
             Command::Vrfy(_) => self.replies.push_back(policy::vrfy()),
             Command::Help => self.replies.push_back(Reply::help()),
+            Command::StartTls => self.starttls(),
             Command::NotImplemented(_) => self.reply_error(Reply::not_implemented()),
         }
+    }
+
+    fn starttls(&mut self) {
+        if self.tls {
+            return self.reply_error(Reply::tls_bad_sequence("TLS already active"));
+        }
+        if !self.tls_offered {
+            return self.reply_error(Reply::not_implemented());
+        }
+        let ready = match self.state {
+            State::Connected => false,
+            State::Ready => true,
+            _ => return self.reply_error(Reply::tls_bad_sequence("Mail transaction in progress")),
+        };
+        self.state = State::StartingTls { ready, granted: false };
+        self.actions.push_back(Action::StartTls);
     }
 
     fn command_error(&mut self, e: CommandError) {
@@ -743,12 +851,16 @@ impl Session {
             return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
         }
         let verdict = policy::mail_from(&self.dir, &from);
-        if verdict.reply.is_positive() {
+        let observed = self.observed("MAIL", &verdict, None);
+        if observed || verdict.reply.is_positive() {
             let sender = match &from {
                 ReversePath::Mailbox(m) if self.cfg.verify_senders && !self.dir.is_local(m) => SenderCheck::NotYet,
                 _ => SenderCheck::NotNeeded,
             };
             self.state = State::Mail(Transaction { from, rcpts: Vec::new(), sender });
+        }
+        if observed {
+            return self.replies.push_back(Reply::sender_ok());
         }
         self.verdict_reply("MAIL", verdict);
     }
@@ -767,9 +879,16 @@ impl Session {
         } else if verdict.rule == Rule::E2 && verdict.reply.is_positive() {
             self.b4.session_valid += 1;
         }
+        if self.observed("RCPT", &verdict, None) {
+            if let State::Mail(tx) = &mut self.state {
+                tx.rcpts.push(to);
+            }
+            return self.replies.push_back(Reply::recipient_ok());
+        }
         if !verdict.reply.is_positive() {
             return self.verdict_reply("RCPT", verdict);
         }
+        let State::Mail(tx) = &mut self.state else { unreachable!() };
         if policy::always_accepted(&self.dir, &to) {
             // E2: postmaster and abuse are accepted whatever C1 says (RFC 5321 §4.5.1).
             tx.rcpts.push(to);
@@ -808,7 +927,9 @@ impl Session {
                 })
             });
             self.b4.data = true;
-            if let Some(Some(verdict)) = decided {
+            if let Some(Some(verdict)) = decided
+                && !self.observed("DATA", &verdict, None)
+            {
                 return self.verdict_reply("DATA", verdict);
             }
         }
@@ -851,6 +972,7 @@ impl Session {
             helo: self.helo.clone().unwrap_or_default(),
             from: tx.from.clone(),
             rcpts: tx.rcpts.clone(),
+            tls: self.tls,
         }
     }
 
@@ -880,7 +1002,16 @@ impl Session {
         {
             detail = format!("not banned ({} exempt: allowlisted or trusted proxy): {}", b.reason, b.evidence);
         }
-        self.events.push_back(Event { rule, command, code: reply.code, ban: ban.as_ref().map(|b| b.reason), detail });
+        if self.cfg.mode == Mode::Observe
+            && let Some(b) = ban.take()
+        {
+            // Only a verdict observe mode must enforce (a protocol error) can get here with a
+            // ban; none does today, but observe mode never bans.
+            detail = format!("not banned (observe mode): {}: {}", b.reason, b.evidence);
+        }
+        let event =
+            Event { rule, command, code: reply.code, ban: ban.as_ref().map(|b| b.reason), detail, observed: false };
+        self.events.push_back(event);
         let banned = ban.is_some();
         if let Some(request) = ban {
             self.actions.push_back(Action::Ban { addr: self.client.addr, session: self.client.id, request });
@@ -894,6 +1025,33 @@ impl Session {
             self.replies.push_back(Reply::banned_closing(&self.cfg.hostname));
             self.close();
         }
+    }
+
+    /// Observe mode ([`Mode::Observe`]): a rule's refusal (G1, E1, E2, C1, V1) is recorded as
+    /// an observed event, with the code and ban it would have had, and `true` says: go on as
+    /// if accepted. Protocol verdicts, relay denial and acceptances are not observed (`false`:
+    /// carry the verdict out).
+    fn observed(&mut self, command: &'static str, verdict: &Verdict, detail: Option<String>) -> bool {
+        let observable = matches!(verdict.rule, Rule::G1 | Rule::E1 | Rule::E2 | Rule::C1 | Rule::V1);
+        if self.cfg.mode != Mode::Observe
+            || !observable
+            || verdict.reply.is_positive()
+            || verdict.reply == Reply::relay_denied()
+        {
+            return false;
+        }
+        let detail = detail
+            .or_else(|| verdict.ban.as_ref().map(|b| b.evidence.clone()))
+            .unwrap_or_else(|| verdict.reply.lines.join(" "));
+        self.events.push_back(Event {
+            rule: verdict.rule,
+            command,
+            code: verdict.reply.code,
+            ban: verdict.ban.as_ref().map(|b| b.reason),
+            detail,
+            observed: true,
+        });
+        true
     }
 
     /// Sends a 4xx/5xx reply and counts it; at the limit, 421 and close.

@@ -258,6 +258,11 @@ impl Driver {
                         self.session.handle_delivered(self.now, result);
                     }
                 }
+                // A handshake that succeeds at once (the session never sees TLS itself).
+                Action::StartTls => {
+                    self.session.handle_tls_permit(self.now, true);
+                    self.session.handle_tls_started(self.now);
+                }
                 // The ban sink only records, the message's file is the caller's to assemble
                 // from the actions, closing is the caller's to check.
                 Action::Ban { .. }

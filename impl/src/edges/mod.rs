@@ -14,7 +14,7 @@
 //!   arrives, read back in chunks, removed unless committed.
 //!   Their production versions, on the same layer: [`tcp`] (the TCP listener), [`spool`]
 //!   ([`MaildirSpool`]) and [`relay`] ([`SmtpRelay`]), with the headers both write in
-//!   [`trace`]. The verifier, scanner and ban sink are built by `verify`, `scan` and `ban`,
+//!   [`trace`], and STARTTLS in [`tls`] (a stream wrapper beneath the session). The verifier, scanner and ban sink are built by `verify`, `scan` and `ban`,
 //!   which sit above this layer.
 //!
 //! Everything is re-exported here, so users name `edges::Clock`, `edges::Downstream`, ….
@@ -25,6 +25,7 @@ pub mod ports;
 pub mod relay;
 pub mod spool;
 pub mod tcp;
+pub mod tls;
 pub mod trace;
 
 pub use self::clock::{Clock, SystemClock};
@@ -33,4 +34,5 @@ pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observ
 pub use self::relay::SmtpRelay;
 pub use self::spool::MaildirSpool;
 pub use self::tcp::{LISTEN_BACKLOG, NOFILE_SPARE, NofileLimit, raise_nofile_limit, tcp_listener};
+pub use self::tls::{Conn, Tls, TlsSection};
 pub use self::trace::{rfc5322_date, trace_headers};

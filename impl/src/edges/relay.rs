@@ -318,6 +318,7 @@ mod tests {
             helo: "client.test".into(),
             from: ReversePath::Null,
             rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap(), ForwardPath::Postmaster],
+            tls: false,
         }
     }
 

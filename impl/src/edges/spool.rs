@@ -223,6 +223,7 @@ mod tests {
                     helo: "client.test".into(),
                     from: ReversePath::Null,
                     rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+                    tls: false,
                 };
                 let mut message = spool.create(&envelope).unwrap();
                 message.append(b"Subject: hi\r\n\r\nbody\r\n").unwrap();
@@ -249,6 +250,7 @@ mod tests {
             helo: "client.test".into(),
             from: ReversePath::Null,
             rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+            tls: false,
         };
         let mut message = spool.create(&envelope).unwrap();
         // Written into tmp/ as it arrives; the head (trace headers) is not content.
@@ -277,6 +279,7 @@ mod tests {
             helo: "client.test".into(),
             from: ReversePath::Null,
             rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+            tls: false,
         };
         // A message dropped half-way (too big, connection lost, write error) is removed.
         let mut message = spool.create(&envelope).unwrap();

@@ -24,8 +24,10 @@ pub fn trace_headers(envelope: &Envelope, hostname: &str, id: &str, wall: System
         let shown = printable(helo, DOMAIN_MAX).replace(['(', ')', '\\'], "?");
         format!("unknown ([{client}] helo={shown})")
     };
+    // RFC 3848: ESMTPS when the message came over TLS.
+    let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
     format!(
-        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {from}\r\n\tby {hostname} (Gatekeeper) with ESMTP id {id};\r\n\t{}\r\n",
+        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {from}\r\n\tby {hostname} (Gatekeeper) with {with} id {id};\r\n\t{}\r\n",
         envelope.from,
         rcpts.join(", "),
         rfc5322_date(wall),
@@ -83,6 +85,7 @@ mod tests {
             helo: helo.into(),
             from: ReversePath::Null,
             rcpts: vec![ForwardPath::parse("<alice@example.test>").unwrap()],
+            tls: false,
         };
         let received = |helo: &str| {
             let h = trace_headers(&envelope(helo), "mx.test", "Q1", UNIX_EPOCH);

@@ -87,16 +87,39 @@ impl Reply {
     /// advertise: PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
     /// ENHANCEDSTATUSCODES (RFC 2034).
     pub fn ehlo(host: &str, client: &str, size_max: u64) -> Reply {
-        Reply::plain(
-            250,
-            vec![
-                format!("{host} greets {}", echo(client)).into(),
-                "PIPELINING".into(),
-                format!("SIZE {size_max}").into(),
-                "8BITMIME".into(),
-                "ENHANCEDSTATUSCODES".into(),
-            ],
-        )
+        Reply::ehlo_offering(host, client, size_max, false)
+    }
+
+    /// 250 to EHLO, with `STARTTLS` among the extensions when `starttls` (RFC 3207: offered
+    /// only while TLS is available and not yet in use).
+    pub fn ehlo_offering(host: &str, client: &str, size_max: u64, starttls: bool) -> Reply {
+        let mut lines = vec![
+            format!("{host} greets {}", echo(client)).into(),
+            "PIPELINING".into(),
+            format!("SIZE {size_max}").into(),
+            "8BITMIME".into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ];
+        if starttls {
+            lines.push("STARTTLS".into());
+        }
+        Reply::plain(250, lines)
+    }
+
+    /// 220 2.0.0 to STARTTLS: the TLS handshake follows (RFC 3207 §4).
+    pub fn tls_ready() -> Reply {
+        Reply::new(220, Enhanced(2, 0, 0), "Ready to start TLS")
+    }
+
+    /// 454 4.7.0 to STARTTLS: no handshake can be started now (too many under way); the
+    /// session goes on in clear text (RFC 3207 §4).
+    pub fn tls_unavailable() -> Reply {
+        Reply::new(454, Enhanced(4, 7, 0), "TLS not available due to temporary reason")
+    }
+
+    /// 503 5.5.1 to STARTTLS once TLS is on, or during a mail transaction.
+    pub fn tls_bad_sequence(why: &'static str) -> Reply {
+        Reply::new(503, Enhanced(5, 5, 1), why)
     }
 
     /// 250 to HELO: our name, no extensions.

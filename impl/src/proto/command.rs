@@ -51,7 +51,9 @@ pub enum Command {
     Vrfy(String),
     /// `HELP [string]`.
     Help,
-    /// A command we know but do not implement: EXPN, TURN, STARTTLS, AUTH, BDAT, ETRN … (502).
+    /// `STARTTLS` (RFC 3207), without arguments.
+    StartTls,
+    /// A command we know but do not implement: EXPN, TURN, AUTH, BDAT, ETRN … (502).
     NotImplemented(String),
 }
 
@@ -119,7 +121,10 @@ impl Command {
             "HELP" => Ok(Command::Help),
             "VRFY" if arg.is_empty() => Err(CommandError::Syntax("expected VRFY string")),
             "VRFY" => Ok(Command::Vrfy(arg.to_string())),
-            "EXPN" | "TURN" | "STARTTLS" | "AUTH" | "BDAT" | "ETRN" | "SEND" | "SOML" | "SAML" | "ATRN" => {
+            // RFC 3207 §4: STARTTLS takes no parameters (501).
+            "STARTTLS" if !arg.is_empty() => Err(CommandError::Syntax("STARTTLS takes no parameters")),
+            "STARTTLS" => Ok(Command::StartTls),
+            "EXPN" | "TURN" | "AUTH" | "BDAT" | "ETRN" | "SEND" | "SOML" | "SAML" | "ATRN" => {
                 Ok(Command::NotImplemented(upper))
             }
             _ => Err(CommandError::Unrecognized),
@@ -211,6 +216,7 @@ impl fmt::Display for Command {
             Command::Quit => f.write_str("QUIT"),
             Command::Vrfy(s) => write!(f, "VRFY {s}"),
             Command::Help => f.write_str("HELP"),
+            Command::StartTls => f.write_str("STARTTLS"),
             Command::NotImplemented(v) => f.write_str(v),
         }
     }

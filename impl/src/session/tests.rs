@@ -19,6 +19,7 @@ enum Act {
     Verify(String),
     Scan(Vec<u8>),
     Deliver { from: String, rcpts: Vec<String>, helo: String, message: Vec<u8> },
+    StartTls,
     Close,
 }
 
@@ -43,6 +44,7 @@ fn act(a: Action, contents: &mut impl Iterator<Item = Vec<u8>>) -> Option<Act> {
                 message: contents.next().expect("a content per handoff"),
             }
         }
+        Action::StartTls => Act::StartTls,
         Action::Close => Act::Close,
         Action::Receive { .. } | Action::Append { .. } | Action::Discard => return None,
     })
@@ -1596,4 +1598,70 @@ fn a_refused_session_waits_at_most_refused_wait_whatever_the_client_does() {
     let t = open();
     assert!(!t.session.is_refused());
     assert_eq!(t.session.poll_timeout(), Some(t0() + session_config().command_timeout));
+}
+
+/// RFC 3207: STARTTLS offered in EHLO; granted, 220 and the session starts over after the
+/// handshake (EHLO forgotten, no greeting), and plaintext pipelined behind STARTTLS is dropped.
+#[test]
+fn starttls_resets_the_session_and_drops_pipelined_plaintext() {
+    let now = t0();
+    let mut s = Session::new(now, Arc::new(session_config()), directory(), client(0));
+    s.offer_tls();
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(220));
+    s.handle_input(now, b"EHLO a.test\r\n");
+    assert!(s.poll_reply().unwrap().lines.iter().any(|l| l == "STARTTLS"));
+    s.handle_input(now, b"STARTTLS\r\nRSET\r\nMAIL FROM:<>\r\n");
+    assert!(matches!(s.poll_action(), Some(Action::StartTls)));
+    assert!(s.poll_reply().is_none(), "nothing is processed while the permit is pending");
+    assert!(!s.wants_input());
+    s.handle_tls_permit(now, true);
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(220));
+    assert!(s.poll_reply().is_none());
+    assert_eq!(s.poll_timeout(), None, "the driver bounds the handshake");
+    s.handle_tls_started(now);
+    assert!(s.is_tls() && s.wants_input());
+    assert!(s.poll_reply().is_none(), "no greeting, and the injected lines are gone");
+    s.handle_input(now, b"MAIL FROM:<>\r\n");
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(503), "EHLO is needed again");
+    s.handle_input(now, b"EHLO a.test\r\nSTARTTLS\r\nMAIL FROM:<>\r\n");
+    assert!(!s.poll_reply().unwrap().lines.iter().any(|l| l == "STARTTLS"), "not offered once on");
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(503));
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(250));
+    let mut d = Driver::standard(session_config(), 0, Answers::held());
+    d.replies();
+    assert_eq!(codes(&d.send("STARTTLS\r\n")), [502], "not offered: not implemented");
+}
+
+/// No place among the handshakes: 454 4.7.0, and the session goes on in clear text with the
+/// input that followed.
+#[test]
+fn starttls_refused_goes_on_in_clear_text() {
+    let now = t0();
+    let mut s = Session::new(now, Arc::new(session_config()), directory(), client(0));
+    s.offer_tls();
+    let _ = s.poll_reply();
+    s.handle_input(now, b"EHLO a.test\r\nSTARTTLS\r\nMAIL FROM:<>\r\n");
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(250));
+    assert!(matches!(s.poll_action(), Some(Action::StartTls)));
+    s.handle_tls_permit(now, false);
+    let r = s.poll_reply().unwrap();
+    assert_eq!((r.code, r.to_wire()), (454, "454 4.7.0 TLS not available due to temporary reason\r\n".into()));
+    assert_eq!(s.poll_reply().map(|r| r.code), Some(250), "MAIL after EHLO: still Ready");
+    assert!(!s.is_tls());
+}
+
+/// Observe mode: the forged local sender's E1 verdict (550 and a ban) is an observed event;
+/// the client gets 250, no ban is asked for, and the transaction goes on.
+#[test]
+fn observe_mode_accepts_and_records_what_would_be_done() {
+    let cfg = SessionConfig { mode: Mode::Observe, ..session_config() };
+    let mut t = open_with(cfg, 0);
+    assert_eq!(codes(&t.send("EHLO a.test\r\nMAIL FROM:<nobody@example.test>\r\n")), [250, 250]);
+    assert_eq!(codes(&t.send("RCPT TO:<nobody@example.test>\r\nRCPT TO:<x@elsewhere.test>\r\n")), [250, 554]);
+    assert!(t.actions().iter().all(|a| !matches!(a, Action::Ban { .. } | Action::Close)));
+    let events = t.events();
+    let observed: Vec<_> = events.iter().filter(|e| e.observed).map(|e| (e.rule, e.code, e.ban)).collect();
+    assert_eq!(observed, [(Rule::E1, 550, Some(BanReason::ForgedLocalSender)), (Rule::E2, 550, None)], "{events:?}");
+    assert_eq!(events.iter().filter(|e| !e.observed).count(), 1, "only the relay denial, enforced: {events:?}");
+    assert!(!t.session.is_closed());
 }
