@@ -19,6 +19,7 @@
 //! - [`server`] — the async driver: accept loop, gate, limits, timeouts, shutdown.
 //! - [`app`] — the application assembled from settings and edges, for `gatekeeper serve` and
 //!   the simulation alike.
+//! - [`reload`] — SIGHUP: the configuration read again, the live part applied.
 //!
 //! Beside the layers, `testing` (in unit tests, and with the `testing` feature) is the test
 //! kit: fixtures and one session driver for the tests, fuzz targets and benches.
@@ -35,6 +36,7 @@ pub mod gate;
 pub mod policy;
 pub mod privilege;
 pub mod proto;
+pub mod reload;
 pub mod scan;
 pub mod server;
 pub mod session;

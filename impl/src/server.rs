@@ -34,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -222,8 +222,7 @@ impl ServerBuilder {
                 total: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 stats: Stats::default(),
-                session: self.session,
-                directory: self.directory,
+                live: RwLock::new((self.session, self.directory)),
                 downstream: self.downstream,
                 clock: self.clock,
                 limits,
@@ -245,8 +244,9 @@ pub struct Server {
 
 #[derive(Debug)]
 struct Shared {
-    session: Arc<SessionConfig>,
-    directory: Arc<Directory>,
+    /// The session configuration and the directory of new sessions: swapped by
+    /// [`Server::reload`] (SIGHUP), while running sessions keep theirs.
+    live: RwLock<(Arc<SessionConfig>, Arc<Directory>)>,
     downstream: Arc<dyn Downstream>,
     clock: Arc<dyn Clock>,
     gate_config: GateConfig,
@@ -350,6 +350,13 @@ impl Server {
     /// STARTTLS, if configured: its counters, and [`Tls::reload`] for a new certificate.
     pub fn tls(&self) -> Option<&Arc<Tls>> {
         self.shared.tls.as_ref()
+    }
+
+    /// A reloaded configuration (SIGHUP): sessions from now on get `session` and `directory`
+    /// (users, rule tunables, observe mode, SMTP limits); running sessions keep theirs. What
+    /// the server was built with otherwise (limits, gate, B4 window) stays until restart.
+    pub fn reload(&self, session: Arc<SessionConfig>, directory: Arc<Directory>) {
+        *self.shared.live.write().expect("live lock") = (session, directory);
     }
 
     /// The counters.
@@ -506,6 +513,11 @@ impl Drop for Counted<'_> {
 }
 
 impl Shared {
+    /// The session configuration of new sessions.
+    fn cfg(&self) -> Arc<SessionConfig> {
+        self.live.read().expect("live lock").0.clone()
+    }
+
     /// A place in `pool` if it holds fewer than `max`.
     fn count<'a>(&self, pool: &'a AtomicUsize, max: usize) -> Option<Counted<'a>> {
         pool.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
@@ -516,7 +528,7 @@ impl Shared {
     /// Over a cap: a 421 written without waiting for the client, and the connection closed.
     async fn overloaded<S: AsyncWrite + Unpin>(&self, stream: &mut S) {
         self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
-        let reply = Reply::busy(&self.session.hostname).to_wire();
+        let reply = Reply::busy(&self.cfg().hostname).to_wire();
         let _ = tokio::time::timeout(OVERLOAD_WRITE, async {
             stream.write_all(reply.as_bytes()).await?;
             stream.shutdown().await
@@ -601,7 +613,7 @@ impl Shared {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let peer_ip = peer.ip().to_canonical();
         let from = if self.limits.proxy_trusted.contains(&peer_ip) {
-            match read_proxy_header(&mut stream, self.session.command_timeout).await {
+            match read_proxy_header(&mut stream, self.cfg().command_timeout).await {
                 Ok(Some(source)) => Peer::Client(source.ip().to_canonical()),
                 Ok(None) => Peer::Unidentified(peer_ip),
                 Err(e) => {
@@ -648,7 +660,7 @@ impl Shared {
             None
         };
         // A refused client gets no patience: its replies are small, and so is the wait.
-        let write_timeout = if session.is_refused() { REFUSED_WAIT } else { self.session.command_timeout };
+        let write_timeout = if session.is_refused() { REFUSED_WAIT } else { session.config().command_timeout };
         let mut buf = vec![0u8; READ_IDLE];
         let mut out = Vec::with_capacity(512);
         let mut incoming: Incoming = None;
@@ -728,7 +740,7 @@ impl Shared {
     /// greeting-only for a connection without a client address; else a fresh one that knows
     /// the client's B4 record and whether it may be banned.
     fn open_session(&self, now: Instant, id: u64, addr: IpAddr, key: Option<IpAddr>, has_slot: bool) -> Session {
-        let (cfg, dir) = (self.session.clone(), self.directory.clone());
+        let (cfg, dir) = self.live.read().expect("live lock").clone();
         let Some(key) = key else {
             if !has_slot {
                 self.stats.refused_busy.fetch_add(1, Ordering::Relaxed);
@@ -750,7 +762,7 @@ impl Shared {
         };
         let refusal = match decision {
             GateDecision::DropBanned => Some(Refusal::Banned),
-            GateDecision::DropRate if self.session.mode == Mode::Observe && has_slot => {
+            GateDecision::DropRate if cfg.mode == Mode::Observe && has_slot => {
                 // Observe mode: G1 would have refused this connection; it is served.
                 self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
@@ -870,7 +882,7 @@ impl Shared {
                     // C1: an unknown sender is tempfailed only for a while after this client
                     // network's first attempt with it.
                     let waited = match &result {
-                        Verification::Unknown { .. } if self.session.on_unknown == OnUnknown::Tempfail => {
+                        Verification::Unknown { .. } if session.config().on_unknown == OnUnknown::Tempfail => {
                             let key = self.client_key(addr);
                             let mut t = self.tallies.lock().expect("tallies lock");
                             t.unknown_senders.waited(now, key, &sender.to_string())

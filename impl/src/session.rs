@@ -689,6 +689,11 @@ impl Session {
         self.b4
     }
 
+    /// Its configuration.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
     /// The client.
     pub fn client(&self) -> &ClientInfo {
         &self.client

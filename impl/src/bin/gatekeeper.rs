@@ -156,7 +156,8 @@ fn init_logging(format: LogFormat) {
 /// thread: the runtime's threads start after the drop and inherit what is left), then runs.
 fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     use gatekeeper::privilege;
-    let settings = load(&config, Overrides { listen, state_dir, ..Overrides::default() })?;
+    let overrides = Overrides { listen, state_dir, ..Overrides::default() };
+    let settings = load(&config, overrides.clone())?;
     // Before anything holds descriptors; raising the soft limit needs no privilege.
     check_nofile(&settings);
     let c = &settings.config;
@@ -195,9 +196,38 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
+        tokio::spawn(reload_on_sighup(app.server.clone(), config, overrides, settings));
         app.run(listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// On SIGHUP, reads the configuration and the users file again and applies what can change
+/// live (see [`gatekeeper::reload`]); a configuration with problems is refused, logged with
+/// every problem, and the running one stays.
+async fn reload_on_sighup(
+    server: gatekeeper::server::Server,
+    config: PathBuf,
+    overrides: Overrides,
+    mut current: Settings,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: no reload");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!(config = %config.display(), "SIGHUP: reloading");
+        let path = config.clone();
+        let (server2, overrides2, current2) = (server.clone(), overrides.clone(), current.clone());
+        // Reading files (users, certificates) off the runtime's threads.
+        let result =
+            tokio::task::spawn_blocking(move || gatekeeper::reload::reload(&server2, &path, overrides2, &current2))
+                .await;
+        if let Ok(Ok(new)) = result {
+            current = new;
+        }
+    }
 }
 
 /// Raises `RLIMIT_NOFILE` to its hard limit and says, loudly, when even that is too low for
