@@ -53,6 +53,8 @@ pub struct Config {
     pub callbacks: CallbacksConfig,
     /// STARTTLS.
     pub tls: crate::edges::TlsSection,
+    /// The Postfix policy service (docs/postfix.md).
+    pub postfix_policy: crate::front::PolicySection,
 }
 
 /// `server.queue_minfree` by default: 256 MiB, ten largest messages of the default size.
@@ -477,6 +479,7 @@ impl Config {
         if Domain::parse(&self.server.hostname).is_err() {
             problems.push(format!("server.hostname: {:?} is not a domain name", self.server.hostname));
         }
+        problems.extend(self.postfix_policy.problems());
         if self.server.max_sessions == 0 {
             problems.push("server.max_sessions: must be at least 1".into());
         }

@@ -17,6 +17,8 @@
 //! - [`config`] — the TOML configuration, loaded with overrides, validated with every problem
 //!   listed.
 //! - [`server`] — the async driver: accept loop, gate, limits, timeouts, shutdown.
+//! - [`front`] — the other front ends, drivers of the same session and rules: the Postfix
+//!   policy service.
 //! - [`app`] — the application assembled from settings and edges, for `gatekeeper serve` and
 //!   the simulation alike.
 //! - [`reload`] — SIGHUP: the configuration read again, the live part applied.
@@ -32,6 +34,7 @@ pub mod ban;
 pub mod config;
 pub mod dbfile;
 pub mod edges;
+pub mod front;
 pub mod gate;
 pub mod policy;
 pub mod privilege;

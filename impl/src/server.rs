@@ -44,13 +44,15 @@ use tracing::Instrument;
 
 use crate::ban::{ActiveBans, Net};
 use crate::edges::{
-    BanOrder, BanSink, Clock, Conn, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
+    BanSink, Clock, Conn, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
 };
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
-use crate::policy::{Directory, OffenceCounter, OnUnknown, ScanOutcome, UnknownSenders, Verification};
+use crate::policy::{Directory, OffenceCounter, ScanOutcome, UnknownSenders};
 use crate::proto::Reply;
 use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Mode, REFUSED_WAIT, Refusal, Session, SessionConfig};
+
+mod front;
 
 /// Concurrency and shutdown limits.
 #[derive(Debug, Clone)]
@@ -855,41 +857,11 @@ impl Shared {
         let mut closing = false;
         while let Some(action) = session.poll_action() {
             match action {
-                Action::Ban { addr, session: sid, request } => {
-                    if self.limits.proxy_trusted.contains(&addr) {
-                        // Sessions of trusted peers are exempt and never ask; guard anyway.
-                        tracing::warn!(client = %addr, ban = request.reason.as_str(), "trusted proxy: not banned");
-                        continue;
-                    }
-                    let duration = self.gate_config.ban_time;
-                    // In force at once; the manager's mirror then sets its escalated length.
-                    self.bans.lock().expect("bans lock").ban(self.clock.now(), self.ban_key(addr), duration);
-                    self.stats.bans.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(reason = request.reason.as_str(), evidence = %escape(&request.evidence), ?duration, "ban");
-                    if let Some(sink) = &self.ban_sink {
-                        let order =
-                            BanOrder::from_request(addr, sid, request).decided_at(self.clock.wall()).lasting(duration);
-                        sink.ban(order).await;
-                    }
-                }
+                Action::Ban { addr, session: sid, request } => self.apply_ban(addr, sid, request).await,
                 Action::Verify { sender } => {
-                    let result = match &self.verifier {
-                        Some(v) => v.verify(&sender).await,
-                        None => Verification::Unknown { evidence: "no verifier configured".into() },
-                    };
-                    tracing::info!(sender = %sender, ?result, "callback");
-                    let now = self.clock.now();
-                    // C1: an unknown sender is tempfailed only for a while after this client
-                    // network's first attempt with it.
-                    let waited = match &result {
-                        Verification::Unknown { .. } if session.config().on_unknown == OnUnknown::Tempfail => {
-                            let key = self.client_key(addr);
-                            let mut t = self.tallies.lock().expect("tallies lock");
-                            t.unknown_senders.waited(now, key, &sender.to_string())
-                        }
-                        _ => Duration::ZERO,
-                    };
-                    session.handle_verified(now, result, waited);
+                    let result = self.probe(&sender).await;
+                    let waited = self.unknown_waited(&result, &sender, addr, session.config().on_unknown);
+                    session.handle_verified(self.clock.now(), result, waited);
                 }
                 Action::Receive { envelope } => {
                     *incoming = Some(if self.storage_short(self.clock.now()) {

@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::config::{Config, LoadError, Overrides, Settings};
+use gatekeeper::front::PolicyService;
 
 /// SMTP gatekeeper against backscatter floods: connection gate, early rejects, bans.
 #[derive(Debug, Parser)]
@@ -168,6 +169,19 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         .build()?
         .block_on(async { gatekeeper::edges::tcp_listener(settings.listen)?.into_std() })
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    // The Postfix policy service, if configured, bound here too (before any privilege drop).
+    let policy_listener = match &c.postfix_policy.listen {
+        Some(addr) => {
+            let addr: std::net::SocketAddr = addr.parse().context("postfix_policy.listen")?;
+            let l = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
+                .with_context(|| format!("cannot listen on {addr} (postfix_policy.listen)"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let identity = settings.identity.as_ref();
     let secured = privilege::secure_state_dir(&c.server.state_dir, identity)
         .with_context(|| format!("cannot prepare the state dir {}", c.server.state_dir.display()))?;
@@ -196,8 +210,27 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         let listener = tokio::net::TcpListener::from_std(listener)?;
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
+        let policy_config = settings.config.postfix_policy.clone();
         tokio::spawn(reload_on_sighup(app.server.clone(), config, overrides, settings));
-        app.run(listener, shutdown_signal()).await?;
+        // One signal stops every listener.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        });
+        let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let policy = async {
+            match policy_listener {
+                Some(l) => {
+                    let service = PolicyService::new(app.server.clone(), policy_config);
+                    service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await
+                }
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(app.run(listener, stopped(stop_rx.clone())), policy)?;
         Ok(())
     })
 }

@@ -1,0 +1,11 @@
+//! Front ends beside the SMTP server (docs/design.md §6, "Front ends are drivers"): the
+//! Postfix policy service. Each parses its own protocol sans-IO ([`policy`]) and drives the
+//! same [`Session`](crate::session::Session), rules, tallies, verifier and ban manager as the
+//! SMTP server, through the server's front-end methods; a verdict becomes an `action=` only
+//! here, at the edge.
+
+pub mod policy;
+pub mod policy_service;
+
+pub use self::policy::{Answer, PolicyError, PolicyEvent, PolicyReceiver, Request};
+pub use self::policy_service::{OnTimeout, PolicySection, PolicyService};
