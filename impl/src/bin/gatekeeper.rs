@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::config::{Config, LoadError, Overrides, Settings};
+use gatekeeper::edges::systemd;
 use gatekeeper::front::PolicyService;
 
 /// SMTP gatekeeper against backscatter floods: connection gate, early rejects, bans.
@@ -211,13 +212,21 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
         let policy_config = settings.config.postfix_policy.clone();
+        let status = ready_status(&settings);
         tokio::spawn(reload_on_sighup(app.server.clone(), config, overrides, settings));
         // One signal stops every listener.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             shutdown_signal().await;
+            systemd::stopping();
             let _ = stop_tx.send(true);
         });
+        // The listeners are bound (above, before the drop) and the bans restored: ready.
+        systemd::ready(&status);
+        if let Some(period) = systemd::watchdog_period() {
+            tracing::info!(?period, "systemd watchdog: pinging at half the period");
+            tokio::spawn(systemd::watchdog(period));
+        }
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -251,16 +260,37 @@ async fn reload_on_sighup(
     };
     while hup.recv().await.is_some() {
         tracing::info!(config = %config.display(), "SIGHUP: reloading");
+        systemd::reloading();
         let path = config.clone();
         let (server2, overrides2, current2) = (server.clone(), overrides.clone(), current.clone());
         // Reading files (users, certificates) off the runtime's threads.
         let result =
             tokio::task::spawn_blocking(move || gatekeeper::reload::reload(&server2, &path, overrides2, &current2))
                 .await;
-        if let Ok(Ok(new)) = result {
-            current = new;
+        // Ready again either way: a refused configuration leaves the running one in force.
+        match result {
+            Ok(Ok(new)) => {
+                current = new;
+                systemd::ready(&ready_status(&current));
+            }
+            Ok(Err(problems)) => systemd::ready(&format!(
+                "reload refused ({} problem(s), see the log); {}",
+                problems.len(),
+                ready_status(&current)
+            )),
+            Err(_) => systemd::ready(&format!("reload failed (see the log); {}", ready_status(&current))),
         }
     }
+}
+
+/// systemd's `STATUS=` line while serving.
+fn ready_status(settings: &Settings) -> String {
+    format!(
+        "serving on {}, mode {}, {} user(s)",
+        settings.listen,
+        format!("{:?}", settings.session.mode).to_lowercase(),
+        settings.directory.user_count()
+    )
 }
 
 /// Raises `RLIMIT_NOFILE` to its hard limit and says, loudly, when even that is too low for

@@ -14,8 +14,11 @@
 //!   arrives, read back in chunks, removed unless committed.
 //!   Their production versions, on the same layer: [`tcp`] (the TCP listener), [`spool`]
 //!   ([`MaildirSpool`]) and [`relay`] ([`SmtpRelay`]), with the headers both write in
-//!   [`trace`], and STARTTLS in [`tls`] (a stream wrapper beneath the session). The verifier, scanner and ban sink are built by `verify`, `scan` and `ban`,
-//!   which sit above this layer.
+//!   [`trace`], and STARTTLS in [`tls`] (a stream wrapper beneath the session). The verifier,
+//!   scanner and ban sink are built by `verify`, `scan` and `ban`, which sit above this layer.
+//! - [`systemd`]: the service manager's notifications (`READY`, `RELOADING`, `STOPPING`,
+//!   `WATCHDOG`) for `gatekeeper serve`; `RELOADING` carries systemd's monotonic timestamp,
+//!   the one clock read outside [`SystemClock`], and only for systemd.
 //!
 //! Everything is re-exported here, so users name `edges::Clock`, `edges::Downstream`, ….
 
@@ -24,6 +27,7 @@ pub mod message;
 pub mod ports;
 pub mod relay;
 pub mod spool;
+pub mod systemd;
 pub mod tcp;
 pub mod tls;
 pub mod trace;
