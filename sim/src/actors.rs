@@ -15,11 +15,11 @@ use gatekeeper::proto::Verb;
 use rand::Rng;
 use rand::rngs::SmallRng;
 
-use crate::client::{Smtp, connect};
+use crate::client::{Smtp, connect_as};
 use crate::invariants::Invariant;
 use crate::metrics::Class;
 use crate::profile::{Chooser, Profile, random_local, rng};
-use crate::scenario::{ActorSpec, Behaviour};
+use crate::scenario::{ActorSpec, Behaviour, ProbeSender, ProxyMode};
 use crate::world::World;
 
 /// The EICAR test file (the built-in scanner's signature).
@@ -36,6 +36,18 @@ struct Script {
     from: String,
     /// RCPT TO addresses and whether each exists.
     rcpts: Vec<(String, bool)>,
+    /// What the PROXY header says.
+    proxy: ProxyMode,
+}
+
+/// What a session showed, judged when it ends.
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    /// An offender reached its offence: it must have been banned in this session.
+    offended: bool,
+    /// Probe-shaped (DESIGN §2, E2): a non-null sender, one recipient refused as unknown, no
+    /// DATA. B4 remembers it for its window.
+    probe: bool,
 }
 
 /// What drives actor `index`'s arrivals: its spec, its seeded RNG, its rate profile (drawn
@@ -98,58 +110,92 @@ fn draw(world: &World, spec: &ActorSpec, addr: IpAddr, n: u64, r: &mut SmallRng)
         Class::FakeSender => (format!("<{}@{}>", random_local(r, 10), sender_domain(r)), vec![(user(r), true)]),
         Class::Virus => (format!("<u{}@{}>", r.random_range(0..1000), sender_domain(r)), vec![(user(r), true)]),
         Class::Dictionary => {
-            let rcpts = (0..rcpts_n).map(|_| (format!("{}@{domain}", random_local(r, 6)), false)).collect();
+            let mut rcpts: Vec<(String, bool)> =
+                (0..rcpts_n).map(|_| (format!("{}@{domain}", random_local(r, 6)), false)).collect();
+            rcpts.extend((0..spec.valid_rcpts).map(|_| (user(r), true)));
             (format!("<u{}@{}>", r.random_range(0..1000), sender_domain(r)), rcpts)
         }
         Class::Prober => {
             let unknown = r.random_bool(spec.unknown_ratio);
             let rcpt = if unknown { (format!("{}@{domain}", random_local(r, 8)), false) } else { (user(r), true) };
-            ("<>".to_string(), vec![rcpt])
+            // A prober verifies from its own domain, always the same one per address.
+            let own = |local: &str| {
+                let pool = spec.senders.as_deref().and_then(|p| cfg.pool(p)).expect("validated sender pool");
+                let i = Class::ordinal(addr).unwrap_or(0) % pool.domains;
+                format!("<{local}@d{i}.{}.remote.test>", pool.pool)
+            };
+            let from = match spec.probe_sender {
+                ProbeSender::Null => "<>".to_string(),
+                ProbeSender::DoubleBounce => own("double-bounce"),
+                ProbeSender::Postmaster => own("postmaster"),
+            };
+            (from, vec![rcpt])
         }
         Class::Honest | Class::Bounce => unreachable!("MTAs are driven by mta::generator"),
     };
-    Script { class: spec.kind, addr, port, helo, from, rcpts }
+    Script { class: spec.kind, addr, port, helo, from, rcpts, proxy: spec.proxy }
 }
 
 /// Longest a spam session may take before the client gives up.
 const SESSION_MAX: Duration = Duration::from_secs(1200);
 
 async fn session(world: Arc<World>, s: Script) {
+    let Ok(stream) = connect_as(&world, s.addr, s.port, s.proxy).await else { return };
     let start = world.now();
-    let Ok(stream) = connect(&world, s.addr, s.port).await else { return };
     let mut smtp = Smtp::new(stream, world.clone(), s.addr);
-    let outcome = tokio::time::timeout(SESSION_MAX, dialogue(&world, &mut smtp, &s)).await;
-    let offended = match outcome {
-        Ok(Ok(offended)) => {
+    let outcome = tokio::time::timeout(SESSION_MAX, dialogue(&world, &mut smtp, &s, start)).await;
+    let outcome = match outcome {
+        Ok(Ok(outcome)) => {
             smtp.quit().await;
-            offended
+            outcome
         }
-        _ => false,
+        _ => Outcome::default(),
     };
-    if offended {
+    if outcome.probe {
+        world.record_probe(s.addr);
+    }
+    if outcome.offended {
         check_banned(&world, &s, start);
     }
 }
 
-/// The dialogue; `Ok(true)` if the client offended (offenders) and the session may be judged.
-async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result<bool> {
+/// The dialogue, and what it showed (`Outcome`) if it ran to its end.
+async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -> std::io::Result<Outcome> {
+    let nothing = Outcome::default();
     let greeting = smtp.greeting().await?;
+    if s.proxy == ProxyMode::Client {
+        world.check_let_in(s.addr, start, greeting.code);
+    }
     match greeting.code {
         220 => {}
         554 => {
             world.state().bump(s.addr, |c| c.greeted_banned += 1);
-            return Ok(false);
+            return Ok(nothing);
         }
         _ => {
             world.state().bump(s.addr, |c| c.greeted_busy += 1);
-            return Ok(false);
+            return Ok(nothing);
         }
     }
     let ehlo = smtp.cmd(Verb::Ehlo, &format!("EHLO {}", s.helo)).await?;
     if ehlo.is_negative() {
-        return Ok(false);
+        return Ok(nothing);
     }
     let mail = smtp.cmd(Verb::Mail, &format!("MAIL FROM:{}", s.from)).await?;
+    if s.proxy == ProxyMode::Local {
+        // The proxy's own health check: no client address, so no rule and no transaction.
+        if mail.code == 451 {
+            world.state().bump(s.addr, |c| c.tempfailed += 1);
+        } else {
+            unexpected(
+                world,
+                s,
+                Invariant::BadReply,
+                format!("MAIL in a PROXY LOCAL session got {}, not 451", mail.code),
+            );
+        }
+        return Ok(nothing);
+    }
     let on_unknown = world.cfg.settings.session.on_unknown;
     match s.class {
         Class::ForgedLocal => {
@@ -160,9 +206,9 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
                     Invariant::SpamAccepted,
                     format!("forged local sender {} accepted at MAIL", s.from),
                 );
-                return Ok(false);
+                return Ok(nothing);
             }
-            return Ok(mail.code == 550);
+            return Ok(Outcome { offended: mail.code == 550, probe: false });
         }
         _ if s.from == "<>" && mail.code >= 500 => {
             unexpected(
@@ -171,19 +217,26 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
                 Invariant::BadReply,
                 format!("MAIL FROM:<> refused with {} (RFC 5321 §4.5.5)", mail.code),
             );
-            return Ok(false);
+            return Ok(nothing);
         }
-        _ if mail.code != 250 => return Ok(false),
+        _ if mail.code != 250 => return Ok(nothing),
         _ => {}
     }
     let mut accepted = 0;
+    let mut unknown = 0u32;
+    let mut first_unknown = None;
     let mut offended = false;
-    // C1 (docs/design.md §2): an NXDOMAIN sender is refused without a ban, and an accept-all
+    let mut closed = false;
+    // C1 (docs/design.md §2): an NXDOMAIN sender is refused without a ban, and so is a refusal
+    // that does not say the mailbox does not exist (a bare 550, a policy 5.7.1); an accept-all
     // domain's sender is valid-but-unverifiable, so accepted.
     let sender_behaviour =
         s.from.trim_matches(['<', '>']).rsplit_once('@').and_then(|(_, d)| world.cfg.behaviour_of(d));
+    let proves_no_mailbox = matches!(sender_behaviour, Some(Behaviour::Normal | Behaviour::Reject | Behaviour::NullMx));
     for (rcpt, exists) in &s.rcpts {
+        let sent = world.now();
         let r = smtp.cmd(Verb::Rcpt, &format!("RCPT TO:<{rcpt}>")).await?;
+        world.check_served_after_ban(s.addr, start, sent, &format!("RCPT TO:<{rcpt}>"), r.code);
         match s.class {
             Class::Backscatter | Class::Prober => {
                 let want = if *exists { 250 } else { 550 };
@@ -192,7 +245,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
                         world,
                         s,
                         Invariant::BadReply,
-                        format!("<> to {rcpt} (exists: {exists}) got {}, not {want}", r.code),
+                        format!("{} to {rcpt} (exists: {exists}) got {}, not {want}", s.from, r.code),
                     );
                 }
                 if s.class == Class::Prober {
@@ -200,19 +253,22 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
                 }
             }
             Class::FakeSender => match r.code {
-                550 => offended = sender_behaviour != Some(Behaviour::NoDomain),
+                550 => offended = proves_no_mailbox,
+                // Unknown is accepted only on a retry after the tempfail window: these senders
+                // are random and never retried, so only an accept-all domain lets them in.
                 250 if on_unknown == OnUnknown::Tempfail && sender_behaviour != Some(Behaviour::AcceptAll) => {
                     unexpected(world, s, Invariant::SpamAccepted, format!("fake sender {} got 250 for {rcpt}", s.from));
                 }
                 _ => {}
             },
-            Class::Dictionary => {
-                if r.code == 250 {
-                    unexpected(world, s, Invariant::BadReply, format!("unknown recipient {rcpt} accepted"));
-                }
-                offended |= r.code == 550;
+            Class::Dictionary if r.code == 250 && !exists => {
+                unexpected(world, s, Invariant::BadReply, format!("unknown recipient {rcpt} accepted"));
             }
             _ => {}
+        }
+        if r.code == 550 && !exists {
+            unknown += 1;
+            first_unknown.get_or_insert(sent);
         }
         if r.code == 250 {
             accepted += 1;
@@ -221,28 +277,33 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
             world.state().bump(s.addr, |c| c.tempfailed += 1);
         }
         if r.code == 421 {
-            return Ok(offended);
+            closed = true;
+            break;
         }
     }
-    if offended && s.class == Class::Dictionary {
-        // B4 bans once the client has given `b4_threshold` unknown recipients in the window;
-        // the session is judged only if it alone reached the threshold.
-        let threshold = world.cfg.settings.session.policy.b4_threshold;
-        offended = s.rcpts.len() as u32 >= threshold;
+    let null = s.from == "<>";
+    let data = accepted > 0 && s.class != Class::Prober && !closed;
+    let probe = !null && s.rcpts.len() == 1 && unknown == 1 && !data && !closed;
+    if s.class == Class::Dictionary {
+        offended = judge_dictionary(world, s, unknown, accepted, data, first_unknown);
     }
-    if accepted == 0 || s.class == Class::Prober {
-        return Ok(offended);
+    if !data {
+        return Ok(Outcome { offended, probe });
     }
-    let data = smtp.cmd(Verb::Data, "DATA").await?;
-    if data.code != 354 {
-        return Ok(offended);
+    let sent = world.now();
+    let reply = smtp.cmd(Verb::Data, "DATA").await?;
+    world.check_served_after_ban(s.addr, start, sent, "DATA", reply.code);
+    if reply.code != 354 {
+        return Ok(Outcome { offended, probe });
     }
     let body = if s.class == Class::Virus {
         format!("Subject: invoice\r\nX-Sim-Class: {}\r\n\r\n{EICAR}\r\n", s.class.as_str())
     } else {
         format!("Subject: offer\r\nX-Sim-Class: {}\r\n\r\nbuy now\r\n", s.class.as_str())
     };
+    let sent = world.now();
     let end = smtp.message(&body).await?;
+    world.check_served_after_ban(s.addr, start, sent, "the end of DATA", end.code);
     match (s.class, end.code) {
         (Class::Virus, 554) => offended = true,
         (Class::Virus, 250) => {
@@ -251,7 +312,35 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script) -> std::io::Result
         (_, 250) => world.state().bump(s.addr, |c| c.spam_accepted += 1),
         _ => {}
     }
-    Ok(offended)
+    Ok(Outcome { offended, probe })
+}
+
+/// Whether a dictionary session must have been banned (B4, DESIGN §2), judged only where
+/// the session alone decides it: `unknown` recipients refused, `valid` accepted, DATA given
+/// or not, the first unknown one sent at `first_unknown`.
+fn judge_dictionary(
+    world: &World,
+    s: &Script,
+    unknown: u32,
+    valid: u32,
+    data: bool,
+    first_unknown: Option<Duration>,
+) -> bool {
+    let p = &world.cfg.settings.session.policy;
+    let Some(at) = first_unknown else { return false };
+    // The share test may spare a client whose recipients were mostly valid.
+    let seen = unknown + valid;
+    if seen >= p.b4_share_min_recipients && unknown * 100 < p.b4_unknown_share_max * seen {
+        return false;
+    }
+    let probe_shaped = unknown == 1 && s.rcpts.len() == 1 && !data;
+    if probe_shaped {
+        // Not an offence, unless this network ended a probe-shaped session within the window.
+        let st = world.state();
+        p.b4_threshold == 1 && world.probed_within_window(&st, s.addr, at, true)
+    } else {
+        unknown >= p.b4_threshold
+    }
 }
 
 fn unexpected(world: &World, s: &Script, invariant: Invariant, detail: String) {

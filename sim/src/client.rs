@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::TcpStream;
 
 use crate::invariants::Invariant;
+use crate::scenario::ProxyMode;
 use crate::world::World;
 
 /// Why a connection attempt failed.
@@ -35,6 +36,22 @@ const SYN_ACK_WAIT: Duration = Duration::from_secs(75);
 
 /// Connects `src` to the gatekeeper through the kernel model and sends the PROXY v2 header.
 pub async fn connect(world: &World, src: IpAddr, port: u16) -> Result<TcpStream, ConnectError> {
+    connect_as(world, src, port, ProxyMode::Client).await
+}
+
+/// [`connect`], or with [`ProxyMode::Local`] the proxy's own health check: no kernel model
+/// (the SYN is the proxy's, from a trusted host) and a PROXY v2 LOCAL header. `src` is still
+/// the actor's address, for its counters.
+pub async fn connect_as(world: &World, src: IpAddr, port: u16, proxy: ProxyMode) -> Result<TcpStream, ConnectError> {
+    if proxy == ProxyMode::Local {
+        {
+            let now = world.now();
+            let mut st = world.state();
+            st.bump(src, |c| c.attempts += 1);
+            st.hour(now).attempts += 1;
+        }
+        return open(world, src, port, proxy).await;
+    }
     let (syns, etimedout) = world.cfg.client_kernel.schedule();
     let start = tokio::time::Instant::now();
     {
@@ -49,7 +66,7 @@ pub async fn connect(world: &World, src: IpAddr, port: u16) -> Result<TcpStream,
         tokio::time::sleep_until(start + Duration::from_secs(offset)).await;
         match syn(world, src) {
             GateDecision::Accept => {
-                let stream = open(world, src, port).await;
+                let stream = open(world, src, port, proxy).await;
                 if delayed && stream.is_ok() {
                     world.state().bump(src, |c| c.rate_delayed += 1);
                 }
@@ -101,7 +118,7 @@ fn syn(world: &World, src: IpAddr) -> GateDecision {
     decision
 }
 
-async fn open(world: &World, src: IpAddr, port: u16) -> Result<TcpStream, ConnectError> {
+async fn open(world: &World, src: IpAddr, port: u16, proxy: ProxyMode) -> Result<TcpStream, ConnectError> {
     let connected = tokio::time::timeout(SYN_ACK_WAIT, TcpStream::connect(("gatekeeper", 25))).await;
     let mut stream = match connected {
         Ok(Ok(s)) => s,
@@ -115,7 +132,10 @@ async fn open(world: &World, src: IpAddr, port: u16) -> Result<TcpStream, Connec
         }
     };
     let dst = stream.peer_addr().map_err(|_| ConnectError::Refused)?;
-    let header = gatekeeper::proto::proxy_v2_header(SocketAddr::new(src, port), dst);
+    let header = match proxy {
+        ProxyMode::Client => gatekeeper::proto::proxy_v2_header(SocketAddr::new(src, port), dst),
+        ProxyMode::Local => gatekeeper::proto::proxy_v2_local_header(),
+    };
     if stream.write_all(&header).await.is_err() {
         world.state().bump(src, |c| c.refused += 1);
         return Err(ConnectError::Refused);

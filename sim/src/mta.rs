@@ -20,7 +20,7 @@ use rand::rngs::SmallRng;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
-use crate::actors::{Arrivals, arrivals};
+use crate::actors::{Arrivals, EICAR, arrivals};
 use crate::client::connect;
 use crate::invariants::Invariant;
 use crate::metrics::Class;
@@ -30,6 +30,8 @@ use crate::world::World;
 /// How long a message may stay queued before it is given up (Postfix's
 /// `maximal_queue_lifetime`).
 pub const QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
+/// The longest wait between two queue runs (a deferred message is retried 10–15 min later).
+pub const QUEUE_INTERVAL_MAX: Duration = Duration::from_secs(900);
 /// Messages an MTA queue holds at most.
 const QUEUE_MAX: usize = 10_000;
 /// Connections per queue run at most (lettre abandons a connection after an error).
@@ -44,6 +46,8 @@ struct Msg {
     from: Option<String>,
     to: String,
     typo: bool,
+    /// A bounce that carries the original message's virus back (EICAR).
+    virus: bool,
     submitted: Duration,
     next_try: Duration,
 }
@@ -109,25 +113,33 @@ pub async fn generator(world: Arc<World>, index: usize) {
         tokio::time::sleep_until(base + Duration::from_secs_f64(t)).await;
         let i = chooser.pick(&mut r);
         let typo = spec.typo_rate > 0.0 && r.random_bool(spec.typo_rate);
-        let local = if typo {
+        let mut local = if typo {
             format!("{}{}", users[r.random_range(0..users.len())], random_local(&mut r, 2))
         } else {
             users[r.random_range(0..users.len())].clone()
         };
+        // Newsletters to `user+tag@` (the recipient delimiter, DESIGN §2 E2).
+        if spec.tag_ratio > 0.0 && r.random_bool(spec.tag_ratio) {
+            local = format!("{local}+{}", random_local(&mut r, 5));
+        }
+        let virus = spec.virus_ratio > 0.0 && r.random_bool(spec.virus_ratio);
         let from = (spec.kind == Class::Honest).then(|| format!("u{}@{}", r.random_range(0..1000), home(i)));
         let now = world.now();
         // Ids: actor index in the high bits, a counter below: unique and stable.
         let id = ((index as u64) << 40) | n;
         n += 1;
-        let msg = Msg { id, from, to: format!("{local}@{}", world.cfg.domain), typo, submitted: now, next_try: now };
+        let msg =
+            Msg { id, from, to: format!("{local}@{}", world.cfg.domain), typo, virus, submitted: now, next_try: now };
         {
             let mut st = world.state();
             st.bump(spec.addr(start, i), |c| c.messages += 1);
             st.pending += 1;
+            st.queued.insert(id, (spec.addr(start, i), now));
         }
         if queues[i as usize].try_send(msg).is_err() {
             let mut st = world.state();
             st.pending -= 1;
+            st.queued.remove(&id);
             st.violate(now, Invariant::HonestLost, spec.addr(start, i), "MTA queue full".into());
         }
     }
@@ -190,6 +202,7 @@ impl Mta {
             let Ok(stream) = connect(&self.world, self.addr, self.port).await else {
                 return self.defer_due(queue, start);
             };
+            let connected = self.world.now();
             let hello = ClientId::Domain(format!("mx.{}", self.domain));
             let conn = tokio::time::timeout(
                 TRANSACTION_MAX,
@@ -201,6 +214,8 @@ impl Mta {
             let Ok(Ok(mut conn)) = conn else {
                 return self.defer_due(queue, start);
             };
+            // lettre got a 220: a banned MTA let in (counted as honest bans elsewhere).
+            self.world.check_let_in(self.addr, connected, 220);
             let mut broken = false;
             for i in due {
                 if broken {
@@ -259,6 +274,7 @@ impl Mta {
         let mut st = self.world.state();
         if now >= m.submitted + QUEUE_LIFETIME {
             st.pending -= 1;
+            st.queued.remove(&m.id);
             let detail = format!(
                 "message {} to {} given up after {} h in the queue",
                 m.id,
@@ -276,6 +292,7 @@ impl Mta {
     fn delivered(&self, msg: &Msg, now: Duration) {
         let mut st = self.world.state();
         st.pending -= 1;
+        st.queued.remove(&msg.id);
         st.bump(self.addr, |c| c.delivered += 1);
         st.hour(now).delivered += 1;
         st.delays_ms.push((now - msg.submitted).as_millis() as u64);
@@ -295,13 +312,19 @@ impl Mta {
                 format!("message to unknown recipient {} accepted", msg.to),
             );
         }
+        if msg.virus && self.world.cfg.settings.session.scan {
+            st.bump(self.addr, |c| c.spam_accepted += 1);
+            st.violate(now, Invariant::SpamAccepted, self.addr, format!("bounce {} carrying a virus accepted", msg.id));
+        }
     }
 
     fn bounced(&self, msg: &Msg, now: Duration, why: &str) {
         let mut st = self.world.state();
         st.pending -= 1;
+        st.queued.remove(&msg.id);
         st.bump(self.addr, |c| c.bounced += 1);
-        if msg.typo {
+        // A typo is refused 550; a bounce carrying a virus back is refused 554 (V1), not banned.
+        if msg.typo || msg.virus {
             st.bump(self.addr, |c| c.bounced_expected += 1);
         } else {
             let detail = format!("message {} from {:?} to {} refused: {why}", msg.id, msg.from, msg.to);
@@ -312,8 +335,9 @@ impl Mta {
     fn body(&self, msg: &Msg) -> String {
         let from = msg.from.as_deref().unwrap_or("MAILER-DAEMON@sim.test");
         let subject = if msg.from.is_none() { "Delivery Status Notification" } else { "Hello" };
+        let text = if msg.virus { EICAR } else { "simulated message" };
         format!(
-            "Message-ID: <{}@{}>\r\nX-Sim-Id: {}\r\nX-Sim-Class: {}\r\nFrom: <{from}>\r\nTo: <{}>\r\nSubject: {subject}\r\n\r\nsimulated message\r\n",
+            "Message-ID: <{}@{}>\r\nX-Sim-Id: {}\r\nX-Sim-Class: {}\r\nFrom: <{from}>\r\nTo: <{}>\r\nSubject: {subject}\r\n\r\n{text}\r\n",
             msg.id,
             self.domain,
             msg.id,

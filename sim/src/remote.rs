@@ -31,6 +31,8 @@ async fn session(world: Arc<World>, stream: turmoil::net::TcpStream) -> std::io:
     w.write_all(b"220 mx.remote.test ESMTP\r\n").await?;
     let mut line = String::new();
     let mut hang = false;
+    // The transaction's MAIL FROM was `<>` (every callback of the gatekeeper's is).
+    let mut null_sender = false;
     loop {
         line.clear();
         if r.read_line(&mut line).await? == 0 || line.len() > 1000 {
@@ -45,14 +47,21 @@ async fn session(world: Arc<World>, stream: turmoil::net::TcpStream) -> std::io:
         let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
             b"250-mx.remote.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
         } else if upper.starts_with("MAIL FROM:") {
+            null_sender = line[10..].trim() == "<>";
             b"250 2.1.0 Ok\r\n"
         } else if upper.starts_with("RCPT TO:") {
             world.state().c.callbacks += 1;
             let address = line[8..].trim().trim_start_matches('<').trim_end_matches('>');
             let (local, domain) = address.rsplit_once('@').unwrap_or((address, ""));
+            let user = is_user(local);
             match world.cfg.behaviour_of(&domain.to_ascii_lowercase()) {
                 Some(Behaviour::AcceptAll) => b"250 2.1.5 Ok\r\n",
-                Some(Behaviour::Normal) if is_user(local) => b"250 2.1.5 Ok\r\n",
+                Some(Behaviour::Normal | Behaviour::Bare550) if user => b"250 2.1.5 Ok\r\n",
+                Some(Behaviour::RefuseNull) if null_sender => {
+                    b"550 5.7.1 Probes from the null sender are not accepted here\r\n"
+                }
+                Some(Behaviour::RefuseNull) if user => b"250 2.1.5 Ok\r\n",
+                Some(Behaviour::Bare550) => b"550 Requested action not taken\r\n",
                 Some(Behaviour::Tempfail) => b"451 4.3.0 Try again later\r\n",
                 Some(Behaviour::Timeout) => {
                     hang = true;
@@ -72,7 +81,10 @@ async fn session(world: Arc<World>, stream: turmoil::net::TcpStream) -> std::io:
     }
 }
 
-/// The users of a `normal` domain: `u<digits>`.
+/// The users of a remote domain: `u<digits>`, and the role addresses every MTA accepts
+/// (`postmaster`, RFC 5321 §4.5.1; Postfix's `double-bounce`).
 fn is_user(local: &str) -> bool {
-    local.len() > 1 && local.starts_with(['u', 'U']) && local[1..].bytes().all(|b| b.is_ascii_digit())
+    (local.len() > 1 && local.starts_with(['u', 'U']) && local[1..].bytes().all(|b| b.is_ascii_digit()))
+        || local.eq_ignore_ascii_case("postmaster")
+        || local.eq_ignore_ascii_case("double-bounce")
 }

@@ -194,6 +194,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
         }
     }
     progress.tick(1.0, sim.elapsed());
+    world.check_still_deferred(sim.elapsed(), crate::mta::QUEUE_INTERVAL_MAX);
     drop(sim);
     let wall = wall.elapsed();
     Ok(report(&world, wall))

@@ -126,7 +126,9 @@ pub enum Behaviour {
     Tempfail,
     /// Greets and answers MAIL, then never answers RCPT.
     Timeout,
-    /// 550 to `MAIL FROM:<>` (a broken MX: says nothing about the sender).
+    /// An MX that blocks probes: `550 5.7.1` to every recipient of a `MAIL FROM:<>`
+    /// transaction, users too (a policy refusal: says nothing about the mailbox); 250 for
+    /// its users otherwise.
     RefuseNull,
     /// The MX address has no host: connection refused.
     Refused,
@@ -134,6 +136,10 @@ pub enum Behaviour {
     NullMx,
     /// NXDOMAIN.
     NoDomain,
+    /// 250 for its users, a bare `550 Requested action not taken` (no enhanced code) for
+    /// anyone else: a refusal that does not say the mailbox does not exist.
+    #[serde(rename = "bare_550")]
+    Bare550,
 }
 
 impl Behaviour {
@@ -149,6 +155,7 @@ impl Behaviour {
             Behaviour::Refused => "refused",
             Behaviour::NullMx => "null_mx",
             Behaviour::NoDomain => "no_domain",
+            Behaviour::Bare550 => "bare_550",
         }
     }
 }
@@ -193,10 +200,54 @@ pub struct ActorSpec {
     /// as IPv6 hosts may). 1: each address in a /64 of its own.
     #[serde(default = "one")]
     pub per_prefix: u32,
+    /// `prober`: the sender of its probes. `null` (`MAIL FROM:<>`, as Exim and the gatekeeper
+    /// itself verify), `double_bounce` (Postfix's `address_verify_sender`) or `postmaster`;
+    /// the latter two are `<…@d<i>.<senders pool>.remote.test>`, whose MX accepts them.
+    #[serde(default)]
+    pub probe_sender: ProbeSender,
+    /// `bounce`: fraction of bounces that carry the original message's virus back (EICAR).
+    #[serde(default)]
+    pub virus_ratio: f64,
+    /// `honest`: fraction of messages to `user+tag@` (newsletters, plus-addressing).
+    #[serde(default)]
+    pub tag_ratio: f64,
+    /// `dictionary`: valid recipients given after the unknown ones in each session (a client
+    /// banned mid-session must not be served them).
+    #[serde(default)]
+    pub valid_rcpts: u32,
+    /// How its clients reach the gatekeeper through the trusted proxy: `client` (a PROXY
+    /// header with the client's address) or `local` (PROXY v2 LOCAL: the proxy's own health
+    /// checks, which get a greeting and 451 at MAIL, never a rule and never a ban).
+    #[serde(default)]
+    pub proxy: ProxyMode,
 }
 
 fn one() -> u32 {
     1
+}
+
+/// The sender of a prober's probes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeSender {
+    /// `MAIL FROM:<>`.
+    #[default]
+    Null,
+    /// `MAIL FROM:<double-bounce@its domain>` (Postfix).
+    DoubleBounce,
+    /// `MAIL FROM:<postmaster@its domain>`.
+    Postmaster,
+}
+
+/// What the PROXY header of an actor's connections says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyMode {
+    /// The client's own address (PROXY v2 PROXY command).
+    #[default]
+    Client,
+    /// PROXY v2 LOCAL: the proxy speaking for itself.
+    Local,
 }
 
 /// An actor's address family.
@@ -547,7 +598,8 @@ impl Scenario {
             if !(0.0..=4.0).contains(&a.skew) {
                 p.push(format!("{}: between 0 and 4", at("skew")));
             }
-            let needs_senders = matches!(a.kind, Class::Honest | Class::FakeSender | Class::Virus | Class::Dictionary);
+            let needs_senders = matches!(a.kind, Class::Honest | Class::FakeSender | Class::Virus | Class::Dictionary)
+                || (a.kind == Class::Prober && a.probe_sender != ProbeSender::Null);
             match (&a.senders, needs_senders) {
                 (None, true) => p.push(format!("{}: a remote pool is required", at("senders"))),
                 (Some(_), false) => p.push(format!("{}: not used by this kind", at("senders"))),
@@ -567,6 +619,28 @@ impl Scenario {
             }
             if !(0.0..=1.0).contains(&a.unknown_ratio) {
                 p.push(format!("{}: between 0 and 1", at("unknown_ratio")));
+            }
+            if a.probe_sender != ProbeSender::Null && a.kind != Class::Prober {
+                p.push(format!("{}: only for prober", at("probe_sender")));
+            }
+            for (field, v, kind) in
+                [("virus_ratio", a.virus_ratio, Class::Bounce), ("tag_ratio", a.tag_ratio, Class::Honest)]
+            {
+                if v != 0.0 && a.kind != kind {
+                    p.push(format!("{}: only for {}", at(field), kind.as_str()));
+                }
+                if !(0.0..=1.0).contains(&v) {
+                    p.push(format!("{}: between 0 and 1", at(field)));
+                }
+            }
+            if a.valid_rcpts != 0 && a.kind != Class::Dictionary {
+                p.push(format!("{}: only for dictionary", at("valid_rcpts")));
+            }
+            if a.valid_rcpts > 50 {
+                p.push(format!("{}: at most 50", at("valid_rcpts")));
+            }
+            if a.proxy == ProxyMode::Local && a.kind.is_mta() {
+                p.push(format!("{}: \"local\" is for scripted clients, not MTAs", at("proxy")));
             }
             if let Some(n) = a.rcpts {
                 if !matches!(a.kind, Class::Backscatter | Class::Dictionary) {

@@ -205,6 +205,11 @@ pub struct State {
     pub seen: BTreeSet<IpAddr>,
     /// Per actor, the same counters as per class.
     pub actors: Vec<ClassCounters>,
+    /// When each ban key ended a probe-shaped session (a non-null sender, one recipient,
+    /// refused as unknown, no DATA): what B4 remembers for its window.
+    pub probes: BTreeMap<IpAddr, Vec<Duration>>,
+    /// Honest and bounce messages still queued: id → (MTA, submitted and first tried).
+    pub queued: BTreeMap<u64, (IpAddr, Duration)>,
     ranges: Vec<(Class, u32, u32)>,
 }
 
@@ -323,6 +328,85 @@ impl World {
         self.ban_of(st, addr).is_some_and(|b| now + self.jiffy_slack < b.expires)
     }
 
+    /// A probe-shaped session of `addr` ended now.
+    pub fn record_probe(&self, addr: IpAddr) {
+        let now = self.now();
+        let key = self.ban_key(addr);
+        self.state().probes.entry(key).or_default().push(now);
+    }
+
+    /// Whether the ban key of `addr` ended a probe-shaped session within B4's window before
+    /// `now`. `certain`: by a margin that no timing difference between the client's view and
+    /// the gatekeeper's can undo (the gatekeeper notes a probe as its session ends, the client
+    /// after QUIT); otherwise: possibly.
+    pub fn probed_within_window(&self, st: &State, addr: IpAddr, now: Duration, certain: bool) -> bool {
+        let window = self.cfg.settings.session.policy.b4_window;
+        let slack = Duration::from_secs(5);
+        st.probes.get(&self.ban_key(addr)).is_some_and(|times| {
+            times
+                .iter()
+                .any(|&t| if certain { t + slack <= now && now + slack < t + window } else { now < t + window + slack })
+        })
+    }
+
+    /// A client got through the kernel and was greeted with `code`: with a ban decided at
+    /// least a second before it connected and still running, anything but a refusal means
+    /// the gatekeeper forgot the ban (DESIGN §2: enforced whatever the kernel forgets).
+    pub fn check_let_in(&self, addr: IpAddr, connected: Duration, code: u16) {
+        if code != 220 {
+            return;
+        }
+        let mut st = self.state();
+        let Some(b) = self.ban_of(&st, addr).copied() else { return };
+        if b.at + Duration::from_secs(1) <= connected && self.ban_certain(&st, addr, connected) {
+            let detail = format!(
+                "banned ({}) {:.0} s before it connected, ban running {:.0} s more, yet greeted 220",
+                b.reason.as_str(),
+                (connected - b.at).as_secs_f64(),
+                (b.expires - connected).as_secs_f64()
+            );
+            st.violate(connected, Invariant::BanNotEnforced, addr, detail);
+        }
+    }
+
+    /// A command sent at `sent` in a session that began at `start` got `code`: once this
+    /// session has earned its ban (decided after `start`, before `sent`), nothing more may be
+    /// accepted in it (DESIGN §2: a ban ends the session that earned it).
+    pub fn check_served_after_ban(&self, addr: IpAddr, start: Duration, sent: Duration, what: &str, code: u16) {
+        if code >= 400 {
+            return;
+        }
+        let mut st = self.state();
+        let Some(b) = self.ban_of(&st, addr).copied() else { return };
+        if b.at >= start && b.at < sent {
+            let detail = format!("{what} got {code} after the session's own ban ({})", b.reason.as_str());
+            st.violate(sent, Invariant::BanNotEnforced, addr, detail);
+        }
+    }
+
+    /// At the end of the run: an honest or bounce message still deferred although its first
+    /// attempt was more than `unknown_sender_tempfail_max` plus one queue interval ago is on
+    /// its way to being given up (DESIGN §2, C1: unknown is tempfailed for a while, never
+    /// forever). MTAs banned in the run (`honest_bans = "measure"`) are excused: their
+    /// messages wait for the ban, which is counted elsewhere.
+    pub fn check_still_deferred(&self, now: Duration, queue_interval_max: Duration) {
+        let limit = self.cfg.settings.session.policy.unknown_sender_tempfail_max + queue_interval_max;
+        let mut st = self.state();
+        let late: Vec<(u64, IpAddr, Duration)> = st
+            .queued
+            .iter()
+            .filter(|(_, (addr, first))| *first + limit < now && !st.banned_ever.contains(addr))
+            .map(|(&id, &(addr, first))| (id, addr, first))
+            .collect();
+        for (id, addr, first) in late {
+            let detail = format!(
+                "message {id} still deferred at the end, {:.0} min after its first attempt",
+                (now - first).as_secs_f64() / 60.0
+            );
+            st.violate(now, Invariant::HonestLost, addr, detail);
+        }
+    }
+
     /// A ban decided by the gatekeeper, as its ban sink reports it: ledger, checkers, kernel.
     pub fn record_ban(&self, addr: IpAddr, reason: BanReason, duration: Duration) {
         let now = self.now();
@@ -343,20 +427,28 @@ impl World {
         st.hour(now).bans += 1;
         st.bans.insert(self.ban_key(addr), BanEntry { reason, at: now, expires: now + duration });
         let first = st.banned_ever.insert(addr);
-        if let Some(class) = class {
-            st.bump(addr, |c| c.bans += 1);
-            if first {
-                st.bump(addr, |c| c.banned_addrs += 1);
-            }
-            let measured = class == Class::Honest && self.cfg.honest_bans == HonestBans::Measure;
-            if class.is_protected() && !measured {
-                st.violate(
-                    now,
-                    Invariant::ProtectedBanned,
-                    addr,
-                    format!("{} client banned ({})", class.as_str(), reason.as_str()),
-                );
-            }
+        let Some(class) = class else {
+            // Not an actor: the trusted proxy's own address (PROXY LOCAL / UNKNOWN sessions).
+            let detail = format!("{addr} is no client of the simulation (the trusted proxy?) and was banned");
+            st.violate(now, Invariant::ProtectedBanned, addr, detail);
+            return;
+        };
+        st.bump(addr, |c| c.bans += 1);
+        if first {
+            st.bump(addr, |c| c.banned_addrs += 1);
+        }
+        let measured = class == Class::Honest && self.cfg.honest_bans == HonestBans::Measure;
+        // DESIGN §2, E2: a probe-shaped session repeated within B4's window counts.
+        let repeated_probe = class == Class::Prober
+            && reason == BanReason::UnknownRecipient
+            && self.probed_within_window(&st, addr, now, false);
+        if class.is_protected() && !measured && !repeated_probe {
+            st.violate(
+                now,
+                Invariant::ProtectedBanned,
+                addr,
+                format!("{} client banned ({})", class.as_str(), reason.as_str()),
+            );
         }
     }
 }
