@@ -145,6 +145,9 @@ pub struct SmtpSection {
     pub session_max: Duration,
     /// Messages per session; a MAIL beyond gets 421 4.7.0 and the session closes.
     pub messages_max: u64,
+    /// Messages per client (its ban key) per hour, all sessions together; a MAIL beyond gets
+    /// 451 4.7.1. 0: no limit.
+    pub client_messages_max: u32,
 }
 
 impl Default for SmtpSection {
@@ -158,6 +161,7 @@ impl Default for SmtpSection {
             penalty_timeout: s.penalty_timeout,
             session_max: s.session_max,
             messages_max: s.messages_max,
+            client_messages_max: s.client_messages_max,
         }
     }
 }
@@ -618,6 +622,7 @@ impl Config {
             penalty_timeout: config.smtp.penalty_timeout,
             session_max: config.smtp.session_max,
             messages_max: config.smtp.messages_max,
+            client_messages_max: config.smtp.client_messages_max,
             verify_senders: config.rules.verify_senders,
             on_unknown: config.rules.on_unknown_sender,
             scan: config.rules.scan,

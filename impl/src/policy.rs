@@ -669,6 +669,75 @@ impl OffenceCounter {
     }
 }
 
+/// Messages per client in fixed (non-sliding) windows, for `smtp.client_messages_max`: a
+/// client's window starts with its first message and its count resets when it ends. Keyed
+/// like the bans. Bounded: at most `capacity` keys; when full, expired windows go first, then
+/// the oldest window. Pure: `now` is always an argument.
+#[derive(Debug)]
+pub struct MessageCounter {
+    window: Duration,
+    capacity: usize,
+    seen: HashMap<IpAddr, (Instant, u32)>,
+    /// Keys by window start, oldest first; stale pairs (a key whose window restarted or was
+    /// dropped) are skipped when popped.
+    order: VecDeque<(IpAddr, Instant)>,
+}
+
+impl MessageCounter {
+    /// A counter with the given window and key capacity.
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        MessageCounter { window, capacity: capacity.max(1), seen: HashMap::new(), order: VecDeque::new() }
+    }
+
+    /// Messages of `key` in its window running at `now` (0 if none runs).
+    pub fn count(&self, now: Instant, key: IpAddr) -> u32 {
+        self.seen.get(&key).filter(|(start, _)| now.saturating_duration_since(*start) < self.window).map_or(0, |e| e.1)
+    }
+
+    /// Adds `n` messages of `key` at `now`.
+    pub fn add(&mut self, now: Instant, key: IpAddr, n: u32) {
+        if n == 0 {
+            return;
+        }
+        if let Some((start, count)) = self.seen.get_mut(&key)
+            && now.saturating_duration_since(*start) < self.window
+        {
+            *count = count.saturating_add(n);
+            return;
+        }
+        self.seen.remove(&key);
+        while self.seen.len() >= self.capacity {
+            let Some((old, start)) = self.order.pop_front() else { break };
+            if self.seen.get(&old).is_some_and(|e| e.0 == start) {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(key, (now, n));
+        self.order.push_back((key, now));
+        // Drop pairs that can no longer match (their window ended), so `order` stays bounded.
+        while let Some(&(old, start)) = self.order.front() {
+            let live = self.seen.get(&old).is_some_and(|e| e.0 == start);
+            if live && now.saturating_duration_since(start) < self.window {
+                break;
+            }
+            self.order.pop_front();
+            if live {
+                self.seen.remove(&old);
+            }
+        }
+    }
+
+    /// Number of keys tracked.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// `true` when nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
 /// C1's memory of inconclusive senders: when each (client network, sender) was first tried
 /// with an unknown callback result, so that its 451 lasts at most
 /// `unknown_sender_tempfail_max` (greylisting semantics: real MTAs retry, most spam engines do

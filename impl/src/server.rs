@@ -47,7 +47,7 @@ use crate::edges::{
     BanSink, Clock, Conn, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
 };
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
-use crate::policy::{Directory, OffenceCounter, ScanOutcome, UnknownSenders};
+use crate::policy::{Directory, MessageCounter, OffenceCounter, ScanOutcome, UnknownSenders};
 use crate::proto::Reply;
 use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Mode, REFUSED_WAIT, Refusal, Session, SessionConfig};
@@ -199,6 +199,7 @@ impl ServerBuilder {
                 policy.unknown_sender_tempfail_max + UNKNOWN_SENDER_KEEP,
                 TALLY_KEYS_MAX,
             ),
+            messages: MessageCounter::new(CLIENT_MESSAGES_WINDOW, TALLY_KEYS_MAX),
         };
         let mut limits = self.limits;
         for p in &mut limits.proxy_trusted {
@@ -300,6 +301,8 @@ type Incoming = Option<Result<MessageFile, String>>;
 
 /// Keys each per-client table holds at most (the least recently seen go first).
 const TALLY_KEYS_MAX: usize = 100_000;
+/// The window of `smtp.client_messages_max` (per hour, fixed, like G1's minute).
+const CLIENT_MESSAGES_WINDOW: Duration = Duration::from_secs(3600);
 
 /// How long past `unknown_sender_tempfail_max` a first attempt is remembered: as long as an
 /// honest queue retries (5 days), so that its retries after the window are recognised.
@@ -316,6 +319,8 @@ struct Tallies {
     valid: OffenceCounter,
     /// C1: first attempts of (client network, sender) with an unknown result.
     unknown_senders: UnknownSenders,
+    /// `smtp.client_messages_max`: messages per client and hour.
+    messages: MessageCounter,
 }
 
 /// Who a connection is from, once the PROXY header (if any) is read.
@@ -758,6 +763,7 @@ impl Shared {
                 unknown_before: t.offences.count(now, key),
                 probes_before: t.probes.count(now, key),
                 valid_before: t.valid.count(now, key),
+                messages_before: t.messages.count(now, key),
                 exempt: self.exempt(addr),
                 ..ClientInfo::new(id, addr)
             }
@@ -794,16 +800,19 @@ impl Shared {
         }
     }
 
-    /// Remembers, under the client key, what the ended session did towards B4: a
-    /// probe-shaped session as a probe (it counts only if repeated), otherwise each unknown
-    /// recipient.
+    /// Remembers, under the client key, what the ended session did towards B4 (a
+    /// probe-shaped session as a probe: it counts only if repeated; otherwise each unknown
+    /// recipient) and the messages it gave (`smtp.client_messages_max`: counted as sessions
+    /// end, so a client's concurrent sessions can overshoot by their `messages_max` each).
     fn record_b4(&self, session: &Session, key: IpAddr) {
         let tally = session.b4_tally();
-        if tally.session == 0 && tally.session_valid == 0 {
+        let messages = u32::try_from(session.transactions()).unwrap_or(u32::MAX);
+        if tally.session == 0 && tally.session_valid == 0 && messages == 0 {
             return;
         }
         let now = self.clock.now();
         let mut t = self.tallies.lock().expect("tallies lock");
+        t.messages.add(now, key, messages);
         // The counter keeps 64 stamps a client at most: enough for any share it judges.
         for _ in 0..tally.session_valid.min(64) {
             t.valid.record(now, key);

@@ -63,6 +63,9 @@ pub struct SessionConfig {
     /// Messages one session may give: a MAIL beyond gets 421 4.7.0 and the session closes
     /// (the client goes on in a new one), so one connection cannot fill the spool at will.
     pub messages_max: u64,
+    /// Messages one client (its ban key) may give per hour, all its sessions together: a MAIL
+    /// beyond gets 451 4.7.1 (Postfix's `smtpd_client_message_rate_limit`). 0: no limit.
+    pub client_messages_max: u32,
     /// Run callback verification (C1) of external senders.
     pub verify_senders: bool,
     /// What an inconclusive callback means.
@@ -102,6 +105,7 @@ impl Default for SessionConfig {
             penalty_timeout: Duration::from_secs(30),
             session_max: Duration::from_secs(1800),
             messages_max: 100,
+            client_messages_max: 1000,
             verify_senders: false,
             on_unknown: OnUnknown::Tempfail,
             scan: false,
@@ -127,6 +131,8 @@ pub struct ClientInfo {
     /// Valid local recipients this client gave within the B4 window before this session
     /// (B4's share test).
     pub valid_before: u32,
+    /// Messages this client (its ban key) gave in the current hour before this session.
+    pub messages_before: u32,
     /// Never banned (an allowlisted network, a trusted PROXY peer): its verdicts are given,
     /// but no ban is requested and the session is not ended for one.
     pub exempt: bool,
@@ -135,7 +141,7 @@ pub struct ClientInfo {
 impl ClientInfo {
     /// A client with no history that may be banned.
     pub fn new(id: u64, addr: IpAddr) -> Self {
-        ClientInfo { id, addr, unknown_before: 0, probes_before: 0, valid_before: 0, exempt: false }
+        ClientInfo { id, addr, unknown_before: 0, probes_before: 0, valid_before: 0, messages_before: 0, exempt: false }
     }
 }
 
@@ -849,6 +855,11 @@ impl Session {
         }
         if self.transactions >= self.cfg.messages_max {
             let reply = Reply::too_many_messages(&self.cfg.hostname);
+            return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
+        }
+        let limit = u64::from(self.cfg.client_messages_max);
+        if limit > 0 && u64::from(self.client.messages_before) + self.transactions >= limit {
+            let reply = Reply::too_much_mail_from_client();
             return self.verdict_reply("MAIL", Verdict { rule: Rule::Proto, reply, ban: None });
         }
         if self.storage_short {

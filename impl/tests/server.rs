@@ -613,6 +613,43 @@ async fn below_queue_minfree_mail_gets_452() {
     s.stop().await;
 }
 
+/// Issue 12: messages per client are bounded across its sessions (`smtp.client_messages_max`
+/// per hour): past the limit, MAIL gets 451 4.7.1 in every new session, while another client
+/// is served as usual.
+#[tokio::test]
+async fn messages_per_client_are_bounded_across_sessions() {
+    let s = start("[smtp]\nclient_messages_max = 2\n", Limits { in_process_rate: false, ..quick() }).await;
+    let session = |source: &'static str, messages: usize| {
+        let addr = s.addr;
+        async move {
+            let mut c = Client::connect(addr, source).await;
+            assert!(c.reply().await.starts_with("220"));
+            c.cmd("EHLO client.test").await;
+            let mut replies = Vec::new();
+            for _ in 0..messages {
+                let mail = c.cmd("MAIL FROM:<x@elsewhere.test>").await;
+                replies.push(code(&mail).to_string());
+                if !mail.starts_with("250") {
+                    continue;
+                }
+                c.cmd("RCPT TO:<alice@example.test>").await;
+                c.cmd("DATA").await;
+                replies.push(code(&c.cmd("Subject: m\r\n\r\nx\r\n.").await).to_string());
+            }
+            assert_eq!(code(&c.cmd("QUIT").await), "221");
+            replies
+        }
+    };
+    assert_eq!(session("127.0.0.60", 1).await, ["250", "250"]);
+    // The second session may give one more; the third MAIL is over the limit.
+    assert_eq!(session("127.0.0.60", 2).await, ["250", "250", "451"]);
+    assert_eq!(session("127.0.0.60", 1).await, ["451"]);
+    assert_eq!(session("127.0.0.61", 1).await, ["250", "250"], "another client is not affected");
+    assert_eq!(s.spooled().len(), 3);
+    assert!(!s.server.is_banned("127.0.0.60".parse().unwrap()));
+    s.stop().await;
+}
+
 /// Issue 12: refused connections count. They take no session slot, at most `max_refused` are
 /// held (each at most `REFUSED_WAIT`), and one more gets 421 and is closed at once, while an
 /// honest client is still served.

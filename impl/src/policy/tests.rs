@@ -248,6 +248,33 @@ fn offence_counter_window_and_capacity() {
     assert_eq!(c.len(), 1);
 }
 
+#[test]
+fn message_counter_fixed_window_and_capacity() {
+    let t0 = Instant::now();
+    let s = Duration::from_secs;
+    let [a, b, c]: [IpAddr; 3] = ["192.0.2.1", "192.0.2.2", "192.0.2.3"].map(|x| x.parse().unwrap());
+    let mut m = MessageCounter::new(s(3600), 2);
+    m.add(t0, a, 3);
+    m.add(t0 + s(100), a, 2);
+    assert_eq!(m.count(t0 + s(3599), a), 5);
+    // Fixed, not sliding: the window that began at t0 ends at t0 + 1 h, all of it at once.
+    assert_eq!(m.count(t0 + s(3600), a), 0);
+    m.add(t0 + s(3600), a, 1);
+    assert_eq!(m.count(t0 + s(3700), a), 1);
+    m.add(t0 + s(3700), a, 0);
+    assert_eq!(m.len(), 1, "adding nothing tracks nothing");
+    // Full: the oldest window goes first.
+    m.add(t0 + s(3800), b, 1);
+    m.add(t0 + s(3900), c, 1);
+    assert_eq!(m.len(), 2);
+    assert_eq!(m.count(t0 + s(3950), a), 0);
+    assert_eq!((m.count(t0 + s(3950), b), m.count(t0 + s(3950), c)), (1, 1));
+    // Ended windows are dropped as time passes: nothing grows without bound.
+    m.add(t0 + s(9000), a, 1);
+    assert_eq!(m.len(), 1);
+    assert!(!m.is_empty());
+}
+
 /// B4's share test (docs/design.md §2): a client whose local recipients in the window were
 /// mostly valid (unknown share < 50 %, at least 10 seen) is an MTA whose users mistype: 550,
 /// no ban. Below 10 recipients, or at half unknown, the threshold rules as before. (Each

@@ -75,6 +75,13 @@ impl Reply {
         Reply::new(421, Enhanced(4, 7, 0), format!("{host} Too many messages in this session, closing connection"))
     }
 
+    /// 451 4.7.1: the client gave its hourly share of messages (`smtp.client_messages_max`);
+    /// its queue retries later. (Postfix says 450, which RFC 5321 §4.3.2 does not list for
+    /// MAIL.)
+    pub fn too_much_mail_from_client() -> Reply {
+        Reply::new(451, Enhanced(4, 7, 1), "Too much mail from your address this hour, try again later")
+    }
+
     /// 221 2.0.0: the answer to QUIT.
     pub fn bye(host: &str) -> Reply {
         Reply::new(221, Enhanced(2, 0, 0), format!("{host} Bye"))

@@ -1578,6 +1578,35 @@ fn messages_per_session_are_bounded() {
     assert_eq!(t.session.transactions(), 2);
 }
 
+/// `smtp.client_messages_max`: the messages a client gave in earlier sessions this hour count;
+/// at the limit, MAIL gets 451 4.7.1 (a tempfail the client's queue retries), nothing is
+/// closed or banned, and the session can still QUIT.
+#[test]
+fn messages_per_client_and_hour_are_bounded() {
+    let cfg = SessionConfig { client_messages_max: 3, ..session_config() };
+    let session = Session::new(t0(), Arc::new(cfg), directory(), ClientInfo { messages_before: 2, ..client(0) });
+    let mut t = Driver::new(session, t0(), Answers::ok());
+    assert_eq!(codes(&t.replies()), [220]);
+    assert_eq!(t.codes("EHLO c.example.org\r\n"), [250]);
+    let message =
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: m\r\n\r\nx\r\n.\r\n";
+    assert_eq!(t.codes(message), [250, 250, 354, 250]);
+    let r = t.send("MAIL FROM:<x@elsewhere.test>\r\n");
+    assert_eq!(codes(&r), [451]);
+    assert_eq!(enhanced(&r[0]), "4.7.1");
+    assert!(!t.session.is_closed());
+    assert!(t.bans().is_empty());
+    assert_eq!(t.codes("QUIT\r\n"), [221]);
+    assert_eq!(t.session.transactions(), 1);
+    // 0 is no limit.
+    let cfg = SessionConfig { client_messages_max: 0, ..session_config() };
+    let session = Session::new(t0(), Arc::new(cfg), directory(), ClientInfo { messages_before: u32::MAX, ..client(0) });
+    let mut t = Driver::new(session, t0(), Answers::ok());
+    t.replies();
+    assert_eq!(t.codes("EHLO c.example.org\r\n"), [250]);
+    assert_eq!(t.codes(message), [250, 250, 354, 250]);
+}
+
 #[test]
 fn a_refused_session_waits_at_most_refused_wait_whatever_the_client_does() {
     let mut t = refused(Refusal::Banned);
