@@ -152,6 +152,8 @@ pub struct App {
     pub server: Server,
     /// The ban manager: the server's ban sink (or behind it), mirrored into its gate.
     pub bans: BanManager,
+    /// The callback verifier (C1), when `rules.verify_senders` is on: its counters.
+    pub verifier: Option<Arc<CallbackVerifier>>,
 }
 
 /// Builds the application from `settings` and `edges`, in this order: the ban manager on the
@@ -200,6 +202,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         builder = builder.scanner(scanner);
     }
     // C1: callback verification of external senders.
+    let mut callbacks = None;
     if c.rules.verify_senders {
         let seed = c.callbacks.seed.unwrap_or_else(|| {
             let t = clock.wall().duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -227,9 +230,11 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         let edges = VerifierEdges { resolver, connector, cache: Arc::new(cache), clock };
         let verifier = CallbackVerifier::new(&c.callbacks, &c.server.hostname, seed, edges)
             .with_directory(settings.directory.clone());
-        builder = builder.verifier(Arc::new(verifier));
+        let verifier = Arc::new(verifier);
+        builder = builder.verifier(verifier.clone());
+        callbacks = Some(verifier);
     }
-    Ok(App { server: builder.build(), bans })
+    Ok(App { server: builder.build(), bans, verifier: callbacks })
 }
 
 impl App {

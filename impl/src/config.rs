@@ -55,6 +55,8 @@ pub struct Config {
     pub tls: crate::edges::TlsSection,
     /// The Postfix policy service (docs/postfix.md).
     pub postfix_policy: crate::front::PolicySection,
+    /// The Prometheus endpoint (docs/metrics.md).
+    pub metrics: crate::metrics::MetricsSection,
 }
 
 /// `server.queue_minfree` by default: 256 MiB, ten largest messages of the default size.
@@ -484,6 +486,18 @@ impl Config {
             problems.push(format!("server.hostname: {:?} is not a domain name", self.server.hostname));
         }
         problems.extend(self.postfix_policy.problems());
+        problems.extend(self.metrics.problems());
+        if let (Some(m), Some(l)) = (self.metrics.addr(), listen)
+            && m == l
+        {
+            problems.push(format!("metrics.listen: {m} is server.listen too"));
+        }
+        if let (Some(m), Some(p)) =
+            (self.metrics.addr(), self.postfix_policy.listen.as_deref().and_then(|p| p.parse::<SocketAddr>().ok()))
+            && m == p
+        {
+            problems.push(format!("metrics.listen: {m} is postfix_policy.listen too"));
+        }
         if self.server.max_sessions == 0 {
             problems.push("server.max_sessions: must be at least 1".into());
         }

@@ -22,6 +22,8 @@
 //! - [`app`] — the application assembled from settings and edges, for `gatekeeper serve` and
 //!   the simulation alike.
 //! - [`reload`] — SIGHUP: the configuration read again, the live part applied.
+//! - [`metrics`] — the Prometheus endpoint (`[metrics] listen`): what the application counts,
+//!   served at `GET /metrics`.
 //!
 //! Beside the layers, `testing` (in unit tests, and with the `testing` feature) is the test
 //! kit: fixtures and one session driver for the tests, fuzz targets and benches.
@@ -36,6 +38,7 @@ pub mod dbfile;
 pub mod edges;
 pub mod front;
 pub mod gate;
+pub mod metrics;
 pub mod policy;
 pub mod privilege;
 pub mod proto;

@@ -7,7 +7,7 @@
 //! `local` for the rules), `[rules]` tunables and `mode`, and the certificate and key of
 //! `[tls]` (new handshakes). Everything else is read at start only, and a change to it is
 //! logged as needing a restart: `[server]`, `[gate]`, `[bans]`, `[delivery]`, `[scan]`,
-//! `[callbacks]`, `rules.verify_senders`, `rules.scan`, `rules.b4_window` (the B4 counters'
+//! `[callbacks]`, `[metrics]`, `rules.verify_senders`, `rules.scan`, `rules.b4_window` (the B4 counters'
 //! window), `tls.handshake_timeout`, `tls.max_handshakes`, and turning TLS on or off. The
 //! callback verifier keeps the `domains.local` it started with.
 
@@ -21,13 +21,14 @@ use crate::server::Server;
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 6] = [
+    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
         ("[server]", &old.server, &new.server),
         ("[gate]", &old.gate, &new.gate),
         ("[bans]", &old.bans, &new.bans),
         ("[delivery]", &old.delivery, &new.delivery),
         ("[scan]", &old.scan, &new.scan),
         ("[callbacks]", &old.callbacks, &new.callbacks),
+        ("[metrics]", &old.metrics, &new.metrics),
     ];
     for (name, a, b) in sections {
         if differs(a, b) {

@@ -53,6 +53,10 @@ use crate::proto::{PROXY_HEADER_MAX, escape};
 use crate::session::{Action, ClientInfo, Mode, REFUSED_WAIT, Refusal, Session, SessionConfig};
 
 mod front;
+mod metrics;
+
+use self::metrics::Marks;
+pub use self::metrics::{ObservedLabels, OutcomeLabel, ReasonLabel, ResultLabel, ServerMetrics, VerdictLabels};
 
 /// Concurrency and shutdown limits.
 #[derive(Debug, Clone)]
@@ -127,6 +131,17 @@ pub struct Stats {
     pub would_reject: AtomicU64,
     /// Observe mode: bans not requested (`would_ban`).
     pub would_ban: AtomicU64,
+}
+
+/// What is open now ([`Server::load`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    /// Sessions holding a slot (against `max_sessions`).
+    pub sessions: usize,
+    /// Connections open, whatever their state.
+    pub connections: usize,
+    /// Connections being refused (against `max_refused`).
+    pub refused: usize,
 }
 
 /// Builds a [`Server`].
@@ -225,6 +240,7 @@ impl ServerBuilder {
                 total: AtomicUsize::new(0),
                 next_id: AtomicU64::new(1),
                 stats: Stats::default(),
+                metrics: ServerMetrics::default(),
                 live: RwLock::new((self.session, self.directory)),
                 downstream: self.downstream,
                 clock: self.clock,
@@ -277,6 +293,7 @@ struct Shared {
     total: AtomicUsize,
     next_id: AtomicU64,
     stats: Stats,
+    metrics: ServerMetrics,
 }
 
 /// `server.max_refused` by default.
@@ -369,6 +386,22 @@ impl Server {
     /// The counters.
     pub fn stats(&self) -> &Stats {
         &self.shared.stats
+    }
+
+    /// The labelled metrics and latencies (`GET /metrics`).
+    pub fn metrics(&self) -> &ServerMetrics {
+        &self.shared.metrics
+    }
+
+    /// What is open now: sessions (holding a slot), connections (any state), connections being
+    /// refused.
+    pub fn load(&self) -> Load {
+        let s = &self.shared;
+        Load {
+            sessions: s.total.load(Ordering::Relaxed),
+            connections: s.connections.load(Ordering::Relaxed),
+            refused: s.refused.load(Ordering::Relaxed),
+        }
     }
 
     /// `true` if a ban covers `addr` now.
@@ -676,9 +709,14 @@ impl Shared {
         let mut told = false;
         // STARTTLS granted: the handshake follows our 220.
         let mut upgrade = None;
+        let refused = session.is_refused();
+        if !refused {
+            self.metrics.sessions_opened.inc();
+        }
+        let mut marks = Marks::default();
         loop {
-            let closing = self.carry_out(&mut session, addr, id, &mut incoming, &mut upgrade).await;
-            self.log_events(&mut session, addr, id);
+            let closing = self.carry_out(&mut session, addr, id, &mut incoming, &mut upgrade, &mut marks).await;
+            marks.merge(self.log_events(&mut session, addr, id));
             out.clear();
             while let Some(reply) = session.poll_reply() {
                 reply.write_to(&mut out);
@@ -739,6 +777,9 @@ impl Shared {
             && !session.is_refused()
         {
             self.record_b4(&session, key);
+        }
+        if !refused {
+            self.metrics.sessions_closed.get_or_create(&OutcomeLabel { outcome: marks.outcome() }).inc();
         }
         drop(slot);
     }
@@ -862,6 +903,7 @@ impl Shared {
         id: u64,
         incoming: &mut Incoming,
         upgrade: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+        marks: &mut Marks,
     ) -> bool {
         let mut closing = false;
         while let Some(action) = session.poll_action() {
@@ -894,10 +936,7 @@ impl Shared {
                 Action::Discard => *incoming = None,
                 Action::Scan => match incoming {
                     Some(Ok(file)) => {
-                        let outcome = match &self.scanner {
-                            Some(s) => s.scan(file).await,
-                            None => ScanOutcome::Failed { reason: "no scanner configured".into() },
-                        };
+                        let outcome = self.scan(file).await;
                         session.handle_scanned(self.clock.now(), outcome);
                     }
                     _ => {
@@ -910,9 +949,19 @@ impl Shared {
                 },
                 Action::Deliver { envelope } => match incoming.take() {
                     Some(Ok(file)) => {
+                        let start = self.clock.now();
                         let result = self.downstream.deliver(&envelope, file).await;
+                        let took = self.clock.now().saturating_duration_since(start);
+                        self.metrics.delivery_seconds.observe(took.as_secs_f64());
+                        let label = match &result {
+                            Ok(_) => "ok",
+                            Err(crate::session::DeliveryError::Temporary(_)) => "tempfail",
+                            Err(crate::session::DeliveryError::Permanent(_)) => "reject",
+                        };
+                        self.metrics.deliveries.get_or_create(&ResultLabel { result: label }).inc();
                         if result.is_ok() {
                             self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                            marks.delivered = true;
                         }
                         session.handle_delivered(self.clock.now(), result);
                     }
@@ -928,13 +977,36 @@ impl Shared {
                 }
                 Action::Close => closing = true,
             }
-            self.log_events(session, addr, id);
+            marks.merge(self.log_events(session, addr, id));
         }
         closing
     }
 
-    fn log_events(&self, session: &mut Session, addr: IpAddr, id: u64) {
+    /// Scans a message file (V1), counted by result; `Failed` without a scanner.
+    async fn scan(&self, file: &MessageFile) -> ScanOutcome {
+        let outcome = match &self.scanner {
+            Some(s) => s.scan(file).await,
+            None => ScanOutcome::Failed { reason: "no scanner configured".into() },
+        };
+        let result = match &outcome {
+            ScanOutcome::Clean => "clean",
+            ScanOutcome::Infected { .. } => "infected",
+            ScanOutcome::Failed { .. } => "failed",
+        };
+        self.metrics.scans.get_or_create(&ResultLabel { result }).inc();
+        outcome
+    }
+
+    /// Logs, counts and hands to the observer every verdict event the session has; what they
+    /// did to the session's outcome.
+    fn log_events(&self, session: &mut Session, addr: IpAddr, id: u64) -> Marks {
+        let mut marks = Marks::default();
         while let Some(ev) = session.poll_event() {
+            self.metrics.event(&ev);
+            if !ev.observed && ev.code >= 400 {
+                marks.rejected = true;
+                marks.banned |= ev.ban.is_some();
+            }
             if ev.observed {
                 // Observe mode: what would have been done, and was not.
                 self.stats.would_reject.fetch_add(1, Ordering::Relaxed);
@@ -965,6 +1037,7 @@ impl Shared {
                 o.on_event(addr, id, &ev);
             }
         }
+        marks
     }
 }
 

@@ -22,6 +22,22 @@ use super::{
 use crate::edges::{BanOrder, BanSink, BoxFuture, Clock};
 use crate::gate::GateConfig;
 use crate::policy::BanReason;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+
+/// The bans and the backend at one moment ([`BanManager::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BanState {
+    /// Bans in force as this process knows them: IPv4, IPv6.
+    pub active: [usize; 2],
+    /// Backend operations waiting for a retry.
+    pub pending: usize,
+    /// Bans in force whose database commit failed, waiting for a retry.
+    pub unsaved: usize,
+    /// A kernel backend: the bans written to its tables (IPv4, IPv6). None: no kernel.
+    pub applied: Option<[usize; 2]>,
+    /// Entries one kernel table holds before it evicts (xt_recent's `ip_list_tot`), if known.
+    pub capacity: Option<usize>,
+}
 
 /// The ban manager. Cheap to clone; clones share state.
 #[derive(Debug, Clone)]
@@ -102,6 +118,8 @@ impl BanManager {
                 turn_cv: Condvar::new(),
                 mirror: Mutex::new(None),
                 stats: BanStats::default(),
+                // 0.1 ms .. 3.3 s.
+                commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             }),
             offload,
         }
@@ -204,6 +222,31 @@ impl BanManager {
         self.inner.core.lock().expect("core lock").pending.len()
     }
 
+    /// How long ban orders took, request to answer (`gatekeeper_ban_commit_duration_seconds`).
+    pub fn commit_seconds(&self) -> &Histogram {
+        &self.inner.commit_seconds
+    }
+
+    /// The bans and the backend now, for the metrics endpoint.
+    pub fn state(&self) -> BanState {
+        let core = self.inner.core.lock().expect("core lock");
+        let v4 = |nets: &mut dyn Iterator<Item = &Net>| {
+            let (mut a, mut b) = (0, 0);
+            for n in nets {
+                if n.addr().is_ipv4() { a += 1 } else { b += 1 }
+            }
+            [a, b]
+        };
+        let kernel = self.inner.backend.capacity().is_some() || self.inner.cfg.backend.is_kernel();
+        BanState {
+            active: v4(&mut core.active.keys()),
+            pending: core.pending.len(),
+            unsaved: core.unsaved.len(),
+            applied: kernel.then(|| v4(&mut core.applied.keys())),
+            capacity: self.inner.backend.capacity(),
+        }
+    }
+
     /// On start: re-applies every unexpired ban (remaining time) to the backend and the
     /// in-process gate; drops expired ones.
     pub async fn restore(&self) -> Result<RestoreReport, BanError> {
@@ -220,7 +263,11 @@ impl BanSink for BanManager {
         Box::pin(async move {
             let (addr, reason) = (order.addr, order.reason);
             let wait = self.inner.cfg.order_timeout;
-            let result = match tokio::time::timeout(wait, self.blocking(move |i| i.record(order))).await {
+            let start = self.inner.clock.now();
+            let timed = tokio::time::timeout(wait, self.blocking(move |i| i.record(order))).await;
+            let took = self.inner.clock.now().saturating_duration_since(start);
+            self.inner.commit_seconds.observe(took.as_secs_f64());
+            let result = match timed {
                 Ok(result) => result.and_then(|r| r),
                 Err(_) => {
                     // The order goes on in the background; the in-process gate holds the ban.

@@ -68,7 +68,7 @@ use std::time::{Duration, Instant, SystemTime};
 pub use active::ActiveBans;
 pub use backend::{BackendError, BanBackend, MemoryBackend, NftBackend, XtRecentBackend};
 pub use config::{BackendKind, BanConfig, Escalation, NftablesSection, XtRecentSection};
-pub use manager::BanManager;
+pub use manager::{BanManager, BanState};
 pub use net::Net;
 pub use store::{BanStore, HistoryEvent, HistoryRow, StoreError};
 
@@ -300,6 +300,9 @@ struct Inner {
     turn_cv: Condvar,
     mirror: Mutex<Option<Arc<dyn BanMirror>>>,
     stats: BanStats,
+    /// How long a ban order took from the session's request to its answer (group commit,
+    /// fsync, kernel), on the manager's clock.
+    commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 /// A ban order waiting to be committed, and where its answer goes.

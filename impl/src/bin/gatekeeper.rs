@@ -183,6 +183,18 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         }
         None => None,
     };
+    // The metrics endpoint, if configured: bound here too.
+    let metrics_listener = match c.metrics.addr() {
+        Some(addr) => {
+            let l = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(async { tokio::net::TcpListener::bind(addr).await?.into_std() })
+                .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?;
+            Some(l)
+        }
+        None => None,
+    };
     let identity = settings.identity.as_ref();
     let secured = privilege::secure_state_dir(&c.server.state_dir, identity)
         .with_context(|| format!("cannot prepare the state dir {}", c.server.state_dir.display()))?;
@@ -230,6 +242,11 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
+        if let Some(l) = metrics_listener {
+            let registry = std::sync::Arc::new(gatekeeper::metrics::registry(&app));
+            let l = tokio::net::TcpListener::from_std(l)?;
+            tokio::spawn(gatekeeper::metrics::serve(l, registry, stopped(stop_rx.clone())));
+        }
         let policy = async {
             match policy_listener {
                 Some(l) => {

@@ -80,16 +80,13 @@ impl Server {
 
     /// Scans a message file (V1); `Failed` without a scanner.
     pub async fn front_scan(&self, file: &MessageFile) -> ScanOutcome {
-        match &self.shared.scanner {
-            Some(s) => s.scan(file).await,
-            None => ScanOutcome::Failed { reason: "no scanner configured".into() },
-        }
+        self.shared.scan(file).await
     }
 
     /// Logs the session's verdict events and hands them to the observer.
     pub fn front_events(&self, session: &mut Session) {
         let (addr, id) = (session.client().addr, session.client().id);
-        self.shared.log_events(session, addr, id);
+        let _ = self.shared.log_events(session, addr, id);
     }
 }
 
@@ -106,6 +103,7 @@ impl Shared {
         // In force at once; the manager's mirror then sets its escalated length.
         self.bans.lock().expect("bans lock").ban(self.clock.now(), self.ban_key(addr), duration);
         self.stats.bans.fetch_add(1, Ordering::Relaxed);
+        self.metrics.bans.get_or_create(&super::ReasonLabel { reason: request.reason.as_str() }).inc();
         tracing::info!(reason = request.reason.as_str(), evidence = %escape(&request.evidence), ?duration, "ban");
         if let Some(sink) = &self.ban_sink {
             let order = BanOrder::from_request(addr, sid, request).decided_at(self.clock.wall()).lasting(duration);
@@ -115,10 +113,13 @@ impl Shared {
 
     /// The callback probe of `sender`, logged; `Unknown` without a verifier.
     pub(super) async fn probe(&self, sender: &Mailbox) -> Verification {
+        let start = self.clock.now();
         let result = match &self.verifier {
             Some(v) => v.verify(sender).await,
             None => Verification::Unknown { evidence: "no verifier configured".into() },
         };
+        let took = self.clock.now().saturating_duration_since(start);
+        self.metrics.callback(&result, took.as_secs_f64());
         tracing::info!(sender = %sender, ?result, "callback");
         result
     }
