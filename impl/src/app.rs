@@ -91,7 +91,7 @@ impl Edges {
                 let path = c.server.state_dir.join("tmp");
                 let timeout = c.delivery.relay_timeout;
                 match SmtpRelay::new(addr, &c.server.hostname, timeout, clock.clone(), path.clone()) {
-                    Ok(relay) => Arc::new(relay),
+                    Ok(relay) => Arc::new(relay.with_tls(settings.relay_tls.clone())),
                     Err(error) => return Err(AppError::Spool { path, error }),
                 }
             }

@@ -258,11 +258,24 @@ pub struct DeliverySection {
     /// Per-message timeout of the relay.
     #[serde(with = "humantime_serde")]
     pub relay_timeout: Duration,
+    /// STARTTLS towards the relay: `none`, `may` (when offered; the default) or `verify`.
+    pub relay_tls: crate::edges::RelayTlsMode,
+    /// `verify`: the CA certificates (PEM) the relay's certificate must chain to; relative to
+    /// the config file.
+    pub relay_ca: Option<PathBuf>,
+    /// `verify`: the name the relay's certificate must have (default: its IP address).
+    pub relay_tls_name: Option<String>,
 }
 
 impl Default for DeliverySection {
     fn default() -> Self {
-        DeliverySection { relay: None, relay_timeout: Duration::from_secs(60) }
+        DeliverySection {
+            relay: None,
+            relay_timeout: Duration::from_secs(60),
+            relay_tls: crate::edges::RelayTlsMode::default(),
+            relay_ca: None,
+            relay_tls_name: None,
+        }
     }
 }
 
@@ -402,6 +415,8 @@ pub struct Settings {
     pub identity: Option<crate::privilege::Identity>,
     /// STARTTLS's certificate and key, loaded (`[tls]`), if configured.
     pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// STARTTLS towards the relay (`[delivery] relay_tls`), if there is a relay and it is on.
+    pub relay_tls: Option<crate::edges::RelayTls>,
 }
 
 impl Config {
@@ -607,6 +622,14 @@ impl Config {
                 .map_err(|e| problems.push(format!("delivery.relay: {r:?} is not an address:port ({e})")))
                 .ok()
         });
+        let relay_tls = relay.and_then(|addr| {
+            let d = &self.delivery;
+            let ca = d.relay_ca.as_ref().map(|p| base.map_or_else(|| p.clone(), |b| b.join(p)));
+            crate::edges::RelayTls::new(d.relay_tls, ca.as_deref(), d.relay_tls_name.as_deref(), addr)
+                .map_err(|p| problems.extend(p))
+                .ok()
+                .flatten()
+        });
         problems.extend(self.gate.problems().into_iter().map(|p| format!("gate.{p}")));
         problems.extend(self.bans.problems().into_iter().map(|p| format!("bans.{p}")));
         problems.extend(self.bans.problems_with_gate(&self.gate));
@@ -658,6 +681,7 @@ impl Config {
             proxy_trusted,
             identity,
             tls,
+            relay_tls,
             config,
         })
     }
@@ -666,6 +690,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_tls_problems_are_listed_with_the_others() {
+        let text = "[server]\nmax_sessions = 0\n[delivery]\nrelay = \"127.0.0.1:10025\"\nrelay_tls = \"verify\"\n";
+        let err = Config::parse(text).unwrap().validate(None).unwrap_err();
+        assert!(err.problems.iter().any(|p| p.starts_with("server.max_sessions")), "{err:?}");
+        assert!(err.problems.iter().any(|p| p.starts_with("delivery.relay_ca: needed")), "{err:?}");
+        let may = Config::parse("[delivery]\nrelay = \"127.0.0.1:10025\"\n").unwrap().validate(None).unwrap();
+        assert!(may.relay_tls.is_some(), "STARTTLS when offered, by default");
+        let none = "[delivery]\nrelay = \"127.0.0.1:10025\"\nrelay_tls = \"none\"\n";
+        assert!(Config::parse(none).unwrap().validate(None).unwrap().relay_tls.is_none());
+    }
 
     #[test]
     fn shipped_example_is_valid() {
