@@ -245,6 +245,37 @@ fn counters_move_by_what_the_dialogue_did() {
 }
 
 #[test]
+fn observe_mode_counts_what_it_would_have_done_by_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let config = dir.path().join("gatekeeper.toml");
+    let text =
+        CONFIG.replace("METRICS", &metrics.to_string()).replace("scan = true", "scan = true\nmode = \"observe\"");
+    std::fs::write(&config, text).unwrap();
+    let _s = serve(dir.path(), &config, smtp);
+    let before = scrape(metrics);
+    // A forged local sender: 250 in observe mode, and no ban.
+    let mut c = Client::connect(smtp, "127.0.0.5");
+    assert_eq!(c.say("EHLO client.test"), "250");
+    assert_eq!(c.say("MAIL FROM:<nobody@example.test>"), "250");
+    assert_eq!(c.say("QUIT"), "221");
+    let after = scrape(metrics);
+    let delta = |series: &str| after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0);
+    for (series, want) in [
+        ("gatekeeper_observed_verdicts_total{rule=\"E1\",code=\"550\",would_ban=\"B1\"}", 1.0),
+        ("gatekeeper_would_reject_total", 1.0),
+        ("gatekeeper_would_ban_total", 1.0),
+        ("gatekeeper_bans_total{reason=\"B1\"}", 0.0),
+        ("gatekeeper_ban_recorded_total", 0.0),
+        ("gatekeeper_bans_active{family=\"ipv4\"}", 0.0),
+        ("gatekeeper_verdicts_total{rule=\"E1\",verdict=\"reject\",code=\"550\"}", 0.0),
+    ] {
+        assert_eq!(delta(series), want, "{series}: {after:#?}");
+    }
+}
+
+#[test]
 fn a_bad_metrics_section_is_listed_with_the_other_problems() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gatekeeper.toml");
