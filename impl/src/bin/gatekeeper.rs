@@ -245,7 +245,8 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         if let Some(l) = metrics_listener {
             let registry = std::sync::Arc::new(gatekeeper::metrics::registry(&app));
             let l = tokio::net::TcpListener::from_std(l)?;
-            tokio::spawn(gatekeeper::metrics::serve(l, registry, stopped(stop_rx.clone())));
+            // Until the process ends: the drain after SIGTERM stays observable.
+            tokio::spawn(gatekeeper::metrics::serve(l, registry, std::future::pending()));
         }
         let policy = async {
             match policy_listener {
