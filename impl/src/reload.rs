@@ -21,14 +21,15 @@ use crate::server::Server;
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let differs = |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
     let mut changed = Vec::new();
-    let sections: [(&'static str, &dyn std::fmt::Debug, &dyn std::fmt::Debug); 7] = [
-        ("[server]", &old.server, &new.server),
+    let sections = [
+        ("[server]", &old.server as &dyn std::fmt::Debug, &new.server as &dyn std::fmt::Debug),
         ("[gate]", &old.gate, &new.gate),
         ("[bans]", &old.bans, &new.bans),
         ("[delivery]", &old.delivery, &new.delivery),
         ("[scan]", &old.scan, &new.scan),
         ("[callbacks]", &old.callbacks, &new.callbacks),
         ("[metrics]", &old.metrics, &new.metrics),
+        ("[postfix_policy]", &old.postfix_policy, &new.postfix_policy),
     ];
     for (name, a, b) in sections {
         if differs(a, b) {
@@ -112,7 +113,12 @@ mod tests {
         let old = config("[smtp]\nrcpt_max = 100\n[rules]\nb4_threshold = 1\n");
         let live = config("[smtp]\nrcpt_max = 200\n[rules]\nb4_threshold = 3\nmode = \"observe\"\n");
         assert!(restart_only_changes(&old, &live).is_empty());
-        let restart = config("[server]\nmax_sessions = 10\n[rules]\nscan = true\nb4_window = \"2h\"\n");
-        assert_eq!(restart_only_changes(&old, &restart), ["[server]", "rules.scan", "rules.b4_window"]);
+        let restart = config(
+            "[server]\nmax_sessions = 10\n[rules]\nscan = true\nb4_window = \"2h\"\n[postfix_policy]\nlisten = \"127.0.0.1:10040\"\n",
+        );
+        assert_eq!(
+            restart_only_changes(&old, &restart),
+            ["[server]", "[postfix_policy]", "rules.scan", "rules.b4_window"]
+        );
     }
 }

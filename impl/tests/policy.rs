@@ -151,6 +151,22 @@ async fn verdicts_and_bans_are_the_front_ends_on_one_reused_connection() {
     assert!(!gk.server.is_banned(ip("192.0.2.3")));
 }
 
+/// DATA after an unknown recipient that bans nobody (here a raised B4 threshold; also observe
+/// mode, the share test, an allowlisted client): the session's 354 is DUNNO to Postfix, never
+/// `action=354` (which Postfix answers 451 4.3.5, deferring honest mail at every retry).
+#[tokio::test]
+async fn data_that_decides_nothing_is_dunno() {
+    let gk = start("[rules]\nb4_threshold = 5\n", None).await;
+    let mut smtpd = Smtpd::connect(gk.addr).await;
+    let client = "192.0.2.40";
+    let a = smtpd.ask(&request("RCPT", "d.1", client, "someone@remote.test", "zz9@example.test")).await;
+    assert!(a.starts_with("550 5.1.1 "), "{a}");
+    let a = smtpd.ask(&request("RCPT", "d.1", client, "someone@remote.test", "alice@example.test")).await;
+    assert_eq!(a, "DUNNO");
+    assert_eq!(smtpd.ask(&request("DATA", "d.1", client, "someone@remote.test", "")).await, "DUNNO");
+    assert!(!gk.server.is_banned(ip(client)));
+}
+
 #[tokio::test]
 async fn pipelined_and_malformed_requests_are_answered_in_order() {
     let gk = start("", None).await;

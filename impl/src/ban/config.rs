@@ -398,8 +398,8 @@ impl BanConfig {
                     "bans: an xt_recent table holds at most ip_list_tot = {} entries (bans.xt_recent.capacity); the \
                      kernel silently evicts the least recently stamped entry when a table is full, unbanning a \
                      client. The gatekeeper warns at {}% of it. To raise it, add `xt_recent.ip_list_tot=N` to the \
-                     kernel command line (xt_recent is built into this kernel; as a module it would be `options \
-                     xt_recent ip_list_tot=N` in /etc/modprobe.d/), reboot, check \
+                     kernel command line when xt_recent is built in, or `options xt_recent ip_list_tot=N` in \
+                     /etc/modprobe.d/ when it is a module (reload it with no table in use), check \
                      /sys/module/xt_recent/parameters/ip_list_tot, and set bans.xt_recent.capacity = N",
                     x.capacity, x.warn_percent
                 ));
@@ -434,7 +434,8 @@ impl BanConfig {
             ));
         } else if self.backend == BackendKind::XtRecent && self.widen_v6_after >= 2 {
             out.push(
-                "bans: IPv6 bans are not widened to /48 with xt_recent (the table's --mask is fixed);                  bans.max_active still caps them"
+                "bans: IPv6 bans are not widened to /48 with xt_recent (the table's --mask is fixed); \
+                 bans.max_active still caps them"
                     .into(),
             );
         }

@@ -39,4 +39,4 @@ pub use self::relay::{RelayTls, RelayTlsMode, SmtpRelay};
 pub use self::spool::MaildirSpool;
 pub use self::tcp::{LISTEN_BACKLOG, NOFILE_SPARE, NofileLimit, raise_nofile_limit, tcp_listener};
 pub use self::tls::{Conn, Tls, TlsSection};
-pub use self::trace::{rfc5322_date, trace_headers};
+pub use self::trace::{received_header, rfc5322_date, trace_headers};

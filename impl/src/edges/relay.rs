@@ -32,7 +32,7 @@ use tokio_rustls::rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, S
 use super::clock::Clock;
 use super::message::{Content, MessageFile, available_space};
 use super::ports::{BoxFuture, Downstream};
-use super::trace::trace_headers;
+use super::trace::received_header;
 use crate::proto::Reply;
 use crate::session::{DeliveryError, Envelope};
 
@@ -495,7 +495,9 @@ impl Downstream for SmtpRelay {
     fn create(&self, envelope: &Envelope) -> io::Result<MessageFile> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("G{}.{n}.{}", envelope.session, std::process::id());
-        let head = trace_headers(envelope, &self.hostname, &id, self.clock.wall());
+        // Only the trace header: the envelope travels in SMTP, and recipients copied into the
+        // message would show every Bcc to everyone.
+        let head = received_header(envelope, &self.hostname, &id, self.clock.wall());
         MessageFile::create(&self.tmp, &id, head.as_bytes())
     }
 
@@ -613,7 +615,8 @@ mod tests {
             ["MAIL FROM:<> BODY=8BITMIME", "RCPT TO:<alice@example.test>", "RCPT TO:<Postmaster>", "DATA", "QUIT"]
         );
         let text = String::from_utf8(data).unwrap();
-        assert!(text.starts_with("Return-Path: <>\r\n"), "the trace headers lead");
+        assert!(text.starts_with("Received: from "), "the trace header leads");
+        assert!(!text.contains("X-Gatekeeper-Rcpt") && !text.contains("Return-Path"), "no envelope copied in");
         let unstuffed = text.replace("\r\n..", "\r\n.");
         assert!(unstuffed.ends_with(&format!("Subject: relayed\r\n\r\n{}", String::from_utf8(body).unwrap())));
         assert!(!text.contains("\r\n.l"), "every leading dot doubled");

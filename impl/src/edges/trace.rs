@@ -13,8 +13,23 @@ use crate::session::Envelope;
 /// never copy it raw: it is shown as `from unknown`, with a sanitised copy (every octet but
 /// printable ASCII, and the comment's own `(`, `)` and `\`, as `?`) in the comment, e.g.
 /// `Received: from unknown ([192.0.2.1] helo=bad?host)`.
+///
+/// For a local store (the Maildir spool), which has no envelope: the envelope goes into the
+/// message as `Return-Path:` and `X-Gatekeeper-Rcpt:` above the `Received:` line. A relay
+/// carries the envelope in SMTP and uses [`received_header`] alone: it must never copy the
+/// recipients into the message, where every recipient would see the Bcc ones.
 pub fn trace_headers(envelope: &Envelope, hostname: &str, id: &str, wall: SystemTime) -> String {
     let rcpts: Vec<String> = envelope.rcpts.iter().map(ForwardPath::to_string).collect();
+    format!(
+        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\n{}",
+        envelope.from,
+        rcpts.join(", "),
+        received_header(envelope, hostname, id, wall)
+    )
+}
+
+/// The `Received:` trace header alone (RFC 5321 §4.4), for a message relayed to the MTA.
+pub fn received_header(envelope: &Envelope, hostname: &str, id: &str, wall: SystemTime) -> String {
     let (helo, client) = (envelope.helo.as_str(), envelope.client);
     let from = if Host::parse(helo).is_ok() {
         format!("{helo} ([{client}])")
@@ -27,10 +42,8 @@ pub fn trace_headers(envelope: &Envelope, hostname: &str, id: &str, wall: System
     // RFC 3848: ESMTPS when the message came over TLS.
     let with = if envelope.tls { "ESMTPS" } else { "ESMTP" };
     format!(
-        "Return-Path: {}\r\nX-Gatekeeper-Rcpt: {}\r\nReceived: from {from}\r\n\tby {hostname} (Gatekeeper) with {with} id {id};\r\n\t{}\r\n",
-        envelope.from,
-        rcpts.join(", "),
-        rfc5322_date(wall),
+        "Received: from {from}\r\n\tby {hostname} (Gatekeeper) with {with} id {id};\r\n\t{}\r\n",
+        rfc5322_date(wall)
     )
 }
 

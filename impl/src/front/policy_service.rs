@@ -233,7 +233,9 @@ impl Conn<'_> {
             _ => Ok(Reply::noop()),
         };
         match result {
-            Ok(reply) if reply.is_positive() => Answer::Dunno,
+            // 2xx, and the 354 of a DATA the session lets through (observe mode, an exempt
+            // client, the share test): Postfix knows no `action=354`, only DUNNO goes on.
+            Ok(reply) if reply.is_positive() || reply.code == 354 => Answer::Dunno,
             Ok(reply) => Answer::Reply(reply),
             Err(Slow) => {
                 // The session waits on a probe no one will hand it: it is over.
