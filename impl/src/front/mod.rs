@@ -1,9 +1,10 @@
 //! Front ends beside the SMTP server (docs/design.md §6, "Front ends are drivers"): the
-//! Postfix policy service. Each parses its own protocol sans-IO ([`policy`]) and drives the
-//! same [`Session`](crate::session::Session), rules, tallies, verifier and ban manager as the
-//! SMTP server, through the server's front-end methods; a verdict becomes an `action=` only
-//! here, at the edge.
+//! Postfix policy service and the milter. Each parses its own protocol sans-IO ([`policy`],
+//! [`milter`]) and drives the same [`Session`](crate::session::Session), rules, tallies,
+//! verifier and ban manager as the SMTP server, through the server's front-end methods; a
+//! verdict becomes an `action=` or a milter response only here, at the edge.
 
+pub mod milter;
 pub mod policy;
 pub mod policy_service;
 
