@@ -137,8 +137,12 @@ impl BanSink for LedgerSink {
             if self.manager.is_allowlisted(order.addr) {
                 return BanSink::ban(&self.manager, order).await;
             }
-            // The server always says how long; the manager's default stands in otherwise.
-            let duration = order.duration.unwrap_or(self.world.cfg.settings.config.gate.ban_time);
+            // The oracle's length comes from the configuration (`[gate] ban_time`, escalated by
+            // the world's own count of earlier bans), never from the order: a gatekeeper that
+            // banned for less is then caught letting a client in whose ban still runs.
+            let ban_time = self.world.cfg.settings.config.gate.ban_time;
+            let duration =
+                if order.reason == BanReason::Manual { order.duration.unwrap_or(ban_time) } else { ban_time };
             self.world.record_ban(order.addr, order.reason, duration);
             if self.world.cfg.sabotage == Sabotage::LoseForgedBans && order.reason == BanReason::ForgedLocalSender {
                 return;

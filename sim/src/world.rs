@@ -419,7 +419,12 @@ impl World {
             let times = st.ban_times.entry(self.ban_key(addr)).or_default();
             let earlier = times.iter().filter(|t| **t >= since).count() as u32;
             times.push(now);
-            escalation.duration(duration, earlier)
+            // The world's own arithmetic (docs/design.md, `[bans.escalation]`): the base
+            // times `factor` per earlier ban in the lookback, at most `max`, never below the
+            // base — not the ban manager's function, which is what is being checked.
+            let factor = u128::from(escalation.factor).saturating_pow(earlier);
+            let secs = (duration.as_millis().saturating_mul(factor) / 1000).min(u128::from(u64::MAX)) as u64;
+            Duration::from_secs(secs).min(escalation.max).max(duration)
         } else {
             duration
         };

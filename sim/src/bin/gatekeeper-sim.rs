@@ -1,6 +1,9 @@
 //! `gatekeeper-sim run [SCENARIO.toml ... | DIR] [--seed N] [--out DIR] [--json]`: runs the
 //! scenario suite in the deterministic simulation and reports; exit status 1 if any
 //! expectation fails.
+//!
+//! `gatekeeper-sim sweep [PATHS] --seeds A..B [--jobs N]`: runs every scenario on every seed of
+//! the range, in parallel, and reports per expectation the seeds on which it failed.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -39,11 +42,120 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Sabotage::None)]
         sabotage: Sabotage,
     },
+    /// Runs every scenario on every seed of a range, in parallel, and lists per expectation
+    /// the seeds that fail it: an expectation must hold for any seed, not only the embedded one.
+    Sweep {
+        /// Scenario files or directories.
+        paths: Vec<PathBuf>,
+        /// Seeds, `A..B` (inclusive) or one number.
+        #[arg(long, default_value = "1..20", value_parser = parse_seeds)]
+        seeds: (u64, u64),
+        /// Runs at once (default: the machine's cores).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+}
+
+/// `A..B` (inclusive) or `N`.
+fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
+    let (a, b) = s.split_once("..").unwrap_or((s, s));
+    let parse = |x: &str| x.trim().parse::<u64>().map_err(|e| format!("{x:?}: {e}"));
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a > b {
+        return Err(format!("{s:?}: the first seed is after the last"));
+    }
+    Ok((a, b))
 }
 
 fn main() -> ExitCode {
-    let Cli { command: Command::Run { paths, seed, out, json, sabotage } } = Cli::parse();
-    let paths = if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths };
+    match Cli::parse().command {
+        Command::Run { paths, seed, out, json, sabotage } => run(paths, seed, out, json, sabotage),
+        Command::Sweep { paths, seeds, jobs } => sweep(paths, seeds, jobs),
+    }
+}
+
+fn default_paths(paths: Vec<PathBuf>) -> Vec<PathBuf> {
+    if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths }
+}
+
+/// What one (run, seed) of a sweep gave.
+struct Swept {
+    name: String,
+    seed: u64,
+    result: Result<Report, String>,
+}
+
+fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) -> ExitCode {
+    let paths = default_paths(paths);
+    let mut work = Vec::new();
+    for seed in first..=last {
+        match runner::load(&paths, Some(seed)) {
+            Ok(runs) => work.extend(runs),
+            Err(e) => {
+                eprintln!("gatekeeper-sim: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    println!("sweep: {} runs (seeds {first}..{last}) on {jobs} threads", work.len());
+    let started = Instant::now();
+    let total = work.len();
+    let queue = std::sync::Mutex::new(work.into_iter());
+    let (tx, rx) = std::sync::mpsc::channel::<Swept>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let tx = tx.clone();
+            let queue = &queue;
+            scope.spawn(move || {
+                loop {
+                    let Some(run) = queue.lock().expect("work queue").next() else { return };
+                    let (name, seed) = (run.name.clone(), run.seed);
+                    let result = runner::resolve(&run, Sabotage::None)
+                        .and_then(|cfg| runner::run(cfg, &mut ()).map_err(|e| format!("{e:#}")));
+                    if tx.send(Swept { name, seed, result }).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+    });
+    let mut done: Vec<Swept> = rx.into_iter().collect();
+    done.sort_by(|a, b| a.name.cmp(&b.name).then(a.seed.cmp(&b.seed)));
+    // Per run: seeds passed; per failing expectation: seed (actual).
+    let mut failed = false;
+    let mut by_run: std::collections::BTreeMap<&str, Vec<&Swept>> = std::collections::BTreeMap::new();
+    for s in &done {
+        by_run.entry(&s.name).or_default().push(s);
+    }
+    for (name, swept) in &by_run {
+        let passed = swept.iter().filter(|s| s.result.as_ref().is_ok_and(|r| r.passed)).count();
+        println!("{:<44} {passed}/{} seeds", name, swept.len());
+        let mut fails: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
+        for s in swept {
+            match &s.result {
+                Err(e) => fails.entry("(error)".into()).or_default().push(format!("{}: {e}", s.seed)),
+                Ok(r) => {
+                    for e in r.expectations.iter().filter(|e| !e.pass) {
+                        let key = format!("{} {}", e.metric, e.expect);
+                        fails.entry(key).or_default().push(format!("{} ({})", s.seed, num(e.actual)));
+                    }
+                }
+            }
+        }
+        failed |= !fails.is_empty();
+        for (what, seeds) in fails {
+            println!("   FAIL {what}: seeds {}", seeds.join(", "));
+        }
+    }
+    let passed = done.iter().filter(|s| s.result.as_ref().is_ok_and(|r| r.passed)).count();
+    println!("{passed}/{total} runs passed in {:.1} s wall", started.elapsed().as_secs_f64());
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+fn run(paths: Vec<PathBuf>, seed: Option<u64>, out: Option<PathBuf>, json: bool, sabotage: Sabotage) -> ExitCode {
+    let paths = default_paths(paths);
     // The seed comes first, so that any run can be reproduced from its first line.
     let seed_line = match seed {
         Some(s) => format!("seed {s}"),
