@@ -55,6 +55,8 @@ pub struct Config {
     pub tls: crate::edges::TlsSection,
     /// The Postfix policy service (docs/postfix.md).
     pub postfix_policy: crate::front::PolicySection,
+    /// The milter for Postfix and sendmail (docs/postfix.md).
+    pub milter: crate::front::MilterSection,
     /// The Prometheus endpoint (docs/metrics.md).
     pub metrics: crate::metrics::MetricsSection,
 }
@@ -507,11 +509,21 @@ impl Config {
         {
             problems.push(format!("metrics.listen: {m} is server.listen too"));
         }
-        if let (Some(m), Some(p)) =
-            (self.metrics.addr(), self.postfix_policy.listen.as_deref().and_then(|p| p.parse::<SocketAddr>().ok()))
+        let policy = self.postfix_policy.listen.as_deref().and_then(|p| p.parse::<SocketAddr>().ok());
+        if let (Some(m), Some(p)) = (self.metrics.addr(), policy)
             && m == p
         {
             problems.push(format!("metrics.listen: {m} is postfix_policy.listen too"));
+        }
+        problems.extend(self.milter.problems());
+        if let Some(a) = self.milter.addr() {
+            for (name, other) in
+                [("server.listen", listen), ("postfix_policy.listen", policy), ("metrics.listen", self.metrics.addr())]
+            {
+                if other == Some(a) {
+                    problems.push(format!("milter.listen: {a} is {name} too"));
+                }
+            }
         }
         if self.server.max_sessions == 0 {
             problems.push("server.max_sessions: must be at least 1".into());

@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::config::{Config, LoadError, Overrides, Settings};
 use gatekeeper::edges::systemd;
-use gatekeeper::front::PolicyService;
+use gatekeeper::front::{MilterService, PolicyService};
 
 /// SMTP gatekeeper against backscatter floods: connection gate, early rejects, bans.
 #[derive(Debug, Parser)]
@@ -183,6 +183,18 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         }
         None => None,
     };
+    // The milter, if configured: bound here too.
+    let milter_listener = match c.milter.addr() {
+        Some(addr) => {
+            let l = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
+                .with_context(|| format!("cannot listen on {addr} (milter.listen)"))?;
+            Some(l)
+        }
+        None => None,
+    };
     // The metrics endpoint, if configured: bound here too.
     let metrics_listener = match c.metrics.addr() {
         Some(addr) => {
@@ -224,6 +236,8 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
         let policy_config = settings.config.postfix_policy.clone();
+        let milter_config = settings.config.milter.clone();
+        let milter_dir = settings.config.server.state_dir.join("milter");
         let status = ready_status(&settings);
         tokio::spawn(reload_on_sighup(app.server.clone(), config, overrides, settings));
         // One signal stops every listener.
@@ -257,9 +271,39 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
                 None => Ok(()),
             }
         };
-        tokio::try_join!(app.run(listener, stopped(stop_rx.clone())), policy)?;
+        let milter = async {
+            match milter_listener {
+                Some(l) => {
+                    // Messages are written here for the scan, and removed after it; a crash
+                    // may leave some behind, removed now.
+                    prepare_private_dir(&milter_dir)
+                        .with_context(|| format!("cannot prepare {}", milter_dir.display()))?;
+                    let service = MilterService::new(app.server.clone(), milter_config, milter_dir);
+                    service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await?;
+                    Ok::<(), anyhow::Error>(())
+                }
+                None => Ok(()),
+            }
+        };
+        let smtp = async { app.run(listener, stopped(stop_rx.clone())).await.map_err(anyhow::Error::from) };
+        let policy = async { policy.await.map_err(anyhow::Error::from) };
+        tokio::try_join!(smtp, policy, milter)?;
         Ok(())
     })
+}
+
+/// Creates `dir` (mode 0700) or empties it of files.
+fn prepare_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// On SIGHUP, reads the configuration and the users file again and applies what can change

@@ -5,8 +5,10 @@
 //! verdict becomes an `action=` or a milter response only here, at the edge.
 
 pub mod milter;
+pub mod milter_service;
 pub mod policy;
 pub mod policy_service;
 
+pub use self::milter_service::{MilterSection, MilterService};
 pub use self::policy::{Answer, PolicyError, PolicyEvent, PolicyReceiver, Request};
 pub use self::policy_service::{OnTimeout, PolicySection, PolicyService};
