@@ -64,6 +64,11 @@ pub async fn connect_as(world: &World, src: IpAddr, port: u16, proxy: ProxyMode)
     let mut delayed = false;
     for &offset in syns {
         tokio::time::sleep_until(start + Duration::from_secs(offset)).await;
+        if world.state().machine_down {
+            // A machine that is rebooting answers nothing; the client retransmits.
+            world.state().bump(src, |c| c.syns += 1);
+            continue;
+        }
         match syn(world, src) {
             GateDecision::Accept => {
                 let stream = open(world, src, port, proxy).await;

@@ -183,9 +183,13 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
                     if reboot {
                         world.kernel().reboot();
                         st.kernel_lost = true;
+                        st.machine_down = true;
                     }
                 }
-                Action::Start => sim.bounce(HOSTS[0]),
+                Action::Start => {
+                    world.state().machine_down = false;
+                    sim.bounce(HOSTS[0]);
+                }
             }
         }
         sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;

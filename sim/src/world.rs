@@ -201,6 +201,9 @@ pub struct State {
     pub pending: u64,
     /// Set by a reboot: the gatekeeper must re-apply its bans to the kernel when it starts.
     pub kernel_lost: bool,
+    /// The gatekeeper's machine is rebooting: SYNs get no answer at all (not a refusal: no
+    /// kernel is there to send a RST), so clients retransmit on their schedule.
+    pub machine_down: bool,
     /// Distinct client addresses that tried to connect.
     pub seen: BTreeSet<IpAddr>,
     /// Per actor, the same counters as per class.
