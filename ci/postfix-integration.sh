@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Debian's Postfix in front, the gatekeeper beside it as its policy service (docs/postfix.md):
-# a private Postfix instance on loopback with a main.cf written here (nothing of the system's
-# Postfix is touched), swaks as the SMTP client, the gatekeeper binary as the policy server.
+# Debian's Postfix in front, the gatekeeper beside it as its policy service and as its milter
+# (docs/postfix.md): a private Postfix instance on loopback with a main.cf written here (nothing
+# of the system's Postfix is touched), swaks as the SMTP client, the gatekeeper binary as the
+# policy server and the milter. Two smtpd listeners: one with the policy service (and no
+# milter), one with only the milter (smtpd_milters, as a sendmail with INPUT_MAIL_FILTER has).
 #
 #   bash ci/postfix-integration.sh            # builds the release binary
 #   GATEKEEPER_BIN=target/debug/gatekeeper bash ci/postfix-integration.sh
@@ -11,6 +13,10 @@
 # unknown user refused 550 5.1.1 and not banned; two unknown recipients banned (B4); a valid
 # message delivered; the gatekeeper stopped: Postfix's default action applies (451 4.3.5, the
 # sender keeps the message) and nothing is lost.
+# Through the milter alone: the forged local sender refused 550 5.7.1 at MAIL and banned (B1);
+# EICAR refused at the end of DATA with the gatekeeper's 554 5.7.1 and banned (B3), from <> not
+# banned; a clean message delivered; the gatekeeper stopped: milter_default_action = tempfail
+# (451 4.7.1), and the retry once it is back is delivered.
 # Fails (never skips) when postfix or swaks is missing and GATEKEEPER_REQUIRE_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +44,8 @@ chmod 755 "$work"
 smtp_port=$((20000 + RANDOM % 20000))
 policy_port=$((smtp_port + 1))
 gk_port=$((smtp_port + 2))
+milter_smtp_port=$((smtp_port + 3))
+milter_port=$((smtp_port + 4))
 etc=$work/etc
 gk_pid=""
 cleanup() {
@@ -56,14 +64,19 @@ state_dir = "$work/state"
 [domains]
 local = ["example.test"]
 users = ["alice@example.test", "bob@example.test"]
+[rules]
+scan = true
 [postfix_policy]
 listen = "127.0.0.1:$policy_port"
+[milter]
+listen = "127.0.0.1:$milter_port"
 EOF2
 start_gatekeeper() {
   "$bin" serve --config "$work/gatekeeper.toml" 2>>"$work/gatekeeper.log" &
   gk_pid=$!
   for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$policy_port") 2>/dev/null && return 0
+    (exec 3<>"/dev/tcp/127.0.0.1/$policy_port") 2>/dev/null \
+      && (exec 3<>"/dev/tcp/127.0.0.1/$milter_port") 2>/dev/null && return 0
     sleep 0.1
   done
   echo "postfix-integration: the gatekeeper did not start:" >&2; cat "$work/gatekeeper.log" >&2; exit 1
@@ -109,10 +122,15 @@ smtpd_data_restrictions = check_policy_service inet:127.0.0.1:$policy_port
 smtpd_client_connection_rate_limit = 0
 smtpd_tls_security_level = none
 smtp_tls_security_level = none
+milter_default_action = tempfail
 EOF2
 printf '%s %s/\n' alice@example.test alice bob@example.test bob postmaster@example.test postmaster abuse@example.test abuse >"$etc/users"
 cat >"$etc/master.cf" <<EOF2
 127.0.0.1:$smtp_port inet n - n - - smtpd
+127.0.0.1:$milter_smtp_port inet n - n - - smtpd
+  -o smtpd_milters=inet:127.0.0.1:$milter_port
+  -o smtpd_recipient_restrictions=
+  -o smtpd_data_restrictions=
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n - 0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -151,8 +169,10 @@ check() { # name, expected regex, text
 }
 sw() { # source address, swaks args...
   local src=$1; shift
-  swaks --server "127.0.0.1:$smtp_port" --local-interface "$src" --helo client.test --timeout ${SWAKS_TIMEOUT:-30} "$@" 2>&1 || true
+  swaks --server "127.0.0.1:${port:-$smtp_port}" --local-interface "$src" --helo client.test --timeout ${SWAKS_TIMEOUT:-30} "$@" 2>&1 || true
 }
+swm() { port=$milter_smtp_port sw "$@"; } # through the milter-only smtpd
+eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 bans() { "$bin" bans --config "$work/gatekeeper.toml" list 2>&1 || true; }
 
 out=$(sw 127.0.0.22 --from nobody@example.test --to alice@example.test --quit-after RCPT)
@@ -177,22 +197,43 @@ check "... not banned: the next one is accepted" '<- +250 2\.1\.5' "$out"
 out=$(sw 127.0.0.27 --from news@elsewhere.test --to alice@example.test --header "Subject: via postfix" --body "hello through postfix")
 check "a message to alice: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
+# The milter alone (a sendmail with INPUT_MAIL_FILTER, or Postfix without the policy service).
+out=$(swm 127.0.0.41 --from nobody@example.test --to alice@example.test --quit-after RCPT)
+check "milter: forged local sender, the gatekeeper's 550 5.7.1" '<\*\* +550 5\.7\.1 .*Sender is not a user of this domain' "$out"
+check "... banned (B1)" '127\.0\.0\.41.* B1 ' "$(bans)"
+out=$(swm 127.0.0.42 --from someone@elsewhere.test --to alice@example.test --header "Subject: invoice" --body "$eicar")
+check "milter: EICAR refused at the end of DATA with the gatekeeper's 554 5.7.1" '<\*\* +554 5\.7\.1 .*Eicar-Test-Signature' "$out"
+check "... banned (B3)" '127\.0\.0\.42.* B3 ' "$(bans)"
+out=$(swm 127.0.0.43 --from '<>' --to alice@example.test --header "Subject: Undelivered Mail Returned to Sender" --body "$eicar")
+check "milter: EICAR from <>: 554 5.7.1" '<\*\* +554 5\.7\.1 .*Eicar-Test-Signature' "$out"
+check "... and not banned" '^0$' "$(bans | grep -c '127\.0\.0\.43' || true)"
+out=$(swm 127.0.0.44 --from news@elsewhere.test --to alice@example.test --header "Subject: via the milter" --body "hello through the milter")
+check "milter: a clean message to alice: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
+
 # The gatekeeper stopped: Postfix's default action (smtpd_policy_service_default_action,
 # 451 4.3.5) tempfails; the sending MTA keeps the message. Started again: delivered.
 kill "$gk_pid"; wait "$gk_pid" 2>/dev/null || true; gk_pid=""
 out=$(sw 127.0.0.28 --from later@elsewhere.test --to bob@example.test --header "Subject: retried" --body "sent while the gatekeeper was down")
 check "gatekeeper stopped: Postfix's default action, 451 4.3.5" '<\*\* +451 4\.3\.5' "$out"
+out=$(swm 127.0.0.45 --from later@elsewhere.test --to bob@example.test --header "Subject: milter retried" --body "sent while the milter was down")
+check "gatekeeper stopped: milter_default_action = tempfail, 451 4.7.1" '<\*\* +451 4\.7\.1' "$out"
 start_gatekeeper
+out=$(swm 127.0.0.45 --from later@elsewhere.test --to bob@example.test --header "Subject: milter retried" --body "sent while the milter was down")
+check "... the retry through the milter once it is back: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 out=$(sw 127.0.0.28 --from later@elsewhere.test --to bob@example.test --header "Subject: retried" --body "sent while the gatekeeper was down")
 check "... the retry once it is back: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
-for _ in $(seq 50); do
-  [ -n "$(grep -rl 'hello through postfix' "$work/mail/alice" 2>/dev/null)" ] \
-    && [ -n "$(grep -rl 'sent while the gatekeeper was down' "$work/mail/bob" 2>/dev/null)" ] && break
-  sleep 0.2
-done
-check "both messages delivered into their Maildirs" '^2$' \
-  "$(( $(grep -rl 'hello through postfix' "$work/mail/alice" 2>/dev/null | wc -l) + $(grep -rl 'sent while the gatekeeper was down' "$work/mail/bob" 2>/dev/null | wc -l) ))"
+delivered() { # how many of the four accepted messages are in their Maildirs
+  local n=0 f
+  for f in "alice:hello through postfix" "bob:sent while the gatekeeper was down" \
+    "alice:hello through the milter" "bob:sent while the milter was down"; do
+    [ -n "$(grep -rl "${f#*:}" "$work/mail/${f%%:*}" 2>/dev/null)" ] && n=$((n + 1))
+  done
+  echo $n
+}
+for _ in $(seq 50); do [ "$(delivered)" = 4 ] && break; sleep 0.2; done
+check "all four accepted messages delivered into their Maildirs" '^4$' "$(delivered)"
+check "... and no message with EICAR delivered" '^0$' "$(grep -rl 'EICAR-STANDARD' "$work/mail" 2>/dev/null | wc -l)"
 
 echo "postfix-integration: $pass passed, $fail failed"
 if [ "$fail" -gt 0 ]; then

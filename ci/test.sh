@@ -12,7 +12,7 @@ echo "== tests"; cargo test --workspace
 echo "== scenario suite (release)"; cargo run --release -q -p gatekeeper-sim -- run scenarios/
 echo "== systemd unit: systemd-analyze verify"; bash ci/systemd.sh
 echo "== swaks against the release binary"; bash ci/swaks.sh
-echo "== Postfix with the gatekeeper as its policy service"; bash ci/postfix-integration.sh
+echo "== Postfix with the gatekeeper as its policy service and its milter"; bash ci/postfix-integration.sh
 echo "== outside robustness suite (abuse, memory, descriptors) against the release binary"; bash ci/torture.sh
 echo "== real kernel: xt_recent and nftables in network namespaces"; bash ci/kernel.sh
 echo "== criterion smoke"; cargo bench -p gatekeeper-benches -- --test
