@@ -30,6 +30,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("[callbacks]", &old.callbacks, &new.callbacks),
         ("[metrics]", &old.metrics, &new.metrics),
         ("[postfix_policy]", &old.postfix_policy, &new.postfix_policy),
+        ("[milter]", &old.milter, &new.milter),
     ];
     for (name, a, b) in sections {
         if differs(a, b) {
