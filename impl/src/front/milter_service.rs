@@ -572,6 +572,10 @@ impl<'a> Conn<'a> {
                     let waited = server.front_waited(&cur.session, &result, &sender);
                     cur.session.handle_verified(server.now(), result, waited);
                 }
+                // Without the scan (V1 off) nothing reads the message: no file.
+                Action::Receive { .. } if !cur.session.config().scan => {
+                    self.message.get_or_insert(Message { open: true, line_start: true, body: false, file: None });
+                }
                 Action::Receive { envelope } => {
                     let name = format!(
                         "{}.{}.{}",
