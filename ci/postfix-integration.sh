@@ -2,11 +2,13 @@
 # Debian's Postfix in front, the gatekeeper beside it as its policy service and as its milter
 # (docs/postfix.md): a private Postfix instance on loopback with a main.cf written here (nothing
 # of the system's Postfix is touched), swaks as the SMTP client, the gatekeeper binary as the
-# policy server and the milter. Two smtpd listeners: one with the policy service (and no
-# milter), one with only the milter (smtpd_milters, as a sendmail with INPUT_MAIL_FILTER has).
+# policy server and the milter. Three smtpd listeners: one with the policy service (and no
+# milter), one with only the milter (smtpd_milters, as a sendmail with INPUT_MAIL_FILTER has),
+# one with neither (for BENCH).
 #
 #   bash ci/postfix-integration.sh            # builds the release binary
 #   GATEKEEPER_BIN=target/debug/gatekeeper bash ci/postfix-integration.sh
+#   BENCH=5000 bash ci/postfix-integration.sh # then messages/s: Postfix alone, policy, milter
 #
 # Shows, through Postfix: a forged local sender refused with the gatekeeper's 550 5.7.1 and
 # banned (B1; the client's next message is refused 421 and Postfix disconnects it); <> to an
@@ -46,6 +48,7 @@ policy_port=$((smtp_port + 1))
 gk_port=$((smtp_port + 2))
 milter_smtp_port=$((smtp_port + 3))
 milter_port=$((smtp_port + 4))
+plain_port=$((smtp_port + 5))
 etc=$work/etc
 gk_pid=""
 cleanup() {
@@ -129,6 +132,9 @@ cat >"$etc/master.cf" <<EOF2
 127.0.0.1:$smtp_port inet n - n - - smtpd
 127.0.0.1:$milter_smtp_port inet n - n - - smtpd
   -o smtpd_milters=inet:127.0.0.1:$milter_port
+  -o smtpd_recipient_restrictions=
+  -o smtpd_data_restrictions=
+127.0.0.1:$plain_port inet n - n - - smtpd
   -o smtpd_recipient_restrictions=
   -o smtpd_data_restrictions=
 pickup    unix  n - n 60 1 pickup
@@ -234,6 +240,19 @@ delivered() { # how many of the four accepted messages are in their Maildirs
 for _ in $(seq 50); do [ "$(delivered)" = 4 ] && break; sleep 0.2; done
 check "all four accepted messages delivered into their Maildirs" '^4$' "$(delivered)"
 check "... and no message with EICAR delivered" '^0$' "$(grep -rl 'EICAR-STANDARD' "$work/mail" 2>/dev/null | wc -l)"
+
+# BENCH=N: N messages through each listener, side by side: Postfix alone, with the policy
+# service, with the milter (smtp-source, 10 sessions in parallel, 1 KiB messages, one message
+# per connection, from 127.0.0.1 to alice; delivered to her Maildir in the background).
+if [ -n "${BENCH:-}" ] && command -v smtp-source >/dev/null; then
+  echo "messages/s through Postfix ($BENCH messages, 10 sessions, 1 KiB each):"
+  for run in "Postfix alone:$plain_port" "with the policy service:$smtp_port" "with the milter (V1 scan):$milter_smtp_port"; do
+    start=$(date +%s.%N)
+    smtp-source -s 10 -m "$BENCH" -l 1024 -f bench@elsewhere.test -t alice@example.test "127.0.0.1:${run##*:}"
+    end=$(date +%s.%N)
+    printf '  %-28s %8.0f\n' "${run%:*}" "$(echo "$BENCH / ($end - $start)" | bc -l)"
+  done
+fi
 
 echo "postfix-integration: $pass passed, $fail failed"
 if [ "$fail" -gt 0 ]; then

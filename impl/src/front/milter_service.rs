@@ -244,6 +244,8 @@ struct Slow;
 
 /// Most macros kept per connection (Postfix sends about twenty).
 const MACROS_MAX: usize = 256;
+/// Longest macro (name and value) kept: addresses, queue ids and host names are short.
+const MACRO_MAX: usize = 4096;
 
 impl<'a> Conn<'a> {
     fn new(service: &'a MilterService) -> Self {
@@ -275,6 +277,9 @@ impl<'a> Conn<'a> {
             },
             Command::Macro { macros, .. } => {
                 for (name, value) in macros {
+                    if name.len() + value.len() > MACRO_MAX {
+                        continue;
+                    }
                     if self.macros.len() < MACROS_MAX || self.macros.contains_key(&name) {
                         self.macros.insert(name, value);
                     }
