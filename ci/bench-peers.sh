@@ -7,7 +7,10 @@
 #   null        the do-nothing SMTP responder (`loadgen responder`): the ceiling
 # then the early-reject workload again with Postfix's smtp-source as a second, independent
 # client; the seed's mix at 1,000x the 4,500/h spike (1,250 sessions/s, open loop) against the
-# gatekeeper; and 10,000 sessions held open at once. Prints one table (Markdown).
+# gatekeeper; 10,000 sessions held open at once; and STARTTLS: the gatekeeper and Postfix
+# restarted with the same ECDSA P-256 self-signed certificate (made here with openssl), every
+# session EHLO, STARTTLS, a full handshake, EHLO again, then its workload. Prints one table
+# (Markdown).
 #
 #   bash ci/bench-peers.sh --repeat 3 --out bench-results   # the full run, ~12 minutes; installs postfix
 #   bash ci/bench-peers.sh --smoke                           # CI: a few hundred sessions each; < 1 minute
@@ -15,9 +18,14 @@
 # Options: --sessions N --concurrency C --warmup N --workloads "early-reject forged accept mix"
 #          --repeat K (each side-by-side run K times, round robin; the table shows the median)
 #          --spike-rate R --spike-secs S --hold N --postfix yes|no|auto --out DIR (keep results, logs)
+#          --tls-workloads "early-reject accept" --tls-sessions N (STARTTLS runs; concurrency as above)
+#          --phases "closed external spike hold tls" (which parts run; all by default)
 # Every session comes from its own source address in 127.0.0.0/8 (the gate allows one
 # connection per address per minute). Figures are printed, never judged; --smoke fails only
-# if a session went wrong (a wrong reply, a reset, a timeout).
+# if a session went wrong (a wrong reply, a reset, a timeout, a failed handshake).
+# Server CPU is utime+stime (+cutime+cstime) from /proc/PID/stat of the server's whole process
+# tree (Postfix: the master and every daemon under it, smtpd and tlsmgr included; the time
+# of daemons that exited is in the master's cutime), before and after, per measured session.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,9 +33,14 @@ sessions=20000 concurrency=100 warmup=1000 repeat=1
 workloads="early-reject forged accept mix"
 spike_rate=1250 spike_secs=60 hold=10000
 postfix=yes out="" smoke=0
+tls_workloads="early-reject accept" tls_sessions=10000
+phases="closed external spike hold tls"
 while [ $# -gt 0 ]; do
   case "$1" in
-  --smoke) smoke=1 sessions=300 concurrency=20 warmup=50 spike_rate=200 spike_secs=3 hold=500 postfix=auto ;;
+  --smoke)
+    smoke=1 sessions=300 concurrency=20 warmup=50 spike_rate=200 spike_secs=3 hold=500 postfix=auto
+    tls_sessions=200 tls_workloads="early-reject accept"
+    ;;
   --sessions) sessions=$2; shift ;;
   --concurrency) concurrency=$2; shift ;;
   --warmup) warmup=$2; shift ;;
@@ -37,6 +50,9 @@ while [ $# -gt 0 ]; do
   --spike-secs) spike_secs=$2; shift ;;
   --hold) hold=$2; shift ;;
   --postfix) postfix=$2; shift ;;
+  --tls-workloads) tls_workloads=$2; shift ;;
+  --tls-sessions) tls_sessions=$2; shift ;;
+  --phases) phases=$2; shift ;;
   --out) out=$2; shift ;;
   -h | --help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
   *) echo "bench-peers: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -51,6 +67,13 @@ if [ "$postfix" = yes ] && ! command -v postfix >/dev/null; then
   bash ci/setup.sh postfix
 fi
 [ "$postfix" = auto ] && { command -v postfix >/dev/null && postfix=yes || postfix=no; }
+phase() { [[ " $phases " == *" $1 "* ]]; }
+if phase tls && [ -n "$tls_workloads" ] && ! command -v openssl >/dev/null; then
+  # ci/install-virus.sh installs it; CI must not lose the STARTTLS part silently.
+  [ "${GATEKEEPER_REQUIRE_TOOLS:-}" = 1 ] && { echo "bench-peers: openssl missing (GATEKEEPER_REQUIRE_TOOLS=1)" >&2; exit 1; }
+  echo "bench-peers: openssl missing; no STARTTLS runs" >&2
+  tls_workloads=""
+fi
 cargo build --release -q -p gatekeeper --bin gatekeeper
 cargo build --release -q -p gatekeeper-benches --bin loadgen
 gk_bin=$PWD/target/release/gatekeeper
@@ -61,7 +84,7 @@ if [ -n "$out" ]; then
   # its bans would greet this run's clients with 554.
   mkdir -p "$out"
   work=$(realpath "$out")
-  rm -rf "$work"/gatekeeper-* "$work/postfix"
+  rm -rf "$work"/gatekeeper-* "$work/postfix" "$work/postfix-tls" "$work/tls"
 else
   work=$(mktemp -d)
 fi
@@ -81,7 +104,10 @@ gk_pid="" pf_pid=""
 cleanup() {
   [ -n "$gk_pid" ] && kill "$gk_pid" 2>/dev/null && wait "$gk_pid" 2>/dev/null
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null && wait "$p" 2>/dev/null; done
-  [ "$postfix" = yes ] && bash ci/postfix-bench.sh stop "$work/postfix" 2>/dev/null
+  if [ "$postfix" = yes ]; then
+    bash ci/postfix-bench.sh stop "$work/postfix" 2>/dev/null
+    bash ci/postfix-bench.sh stop "$work/postfix-tls" 2>/dev/null
+  fi
   if [ -z "$out" ]; then rm -rf "$work"; fi
 }
 trap 'cleanup || true' EXIT
@@ -95,9 +121,9 @@ wait_port() { # port
   return 1
 }
 
-gk_start() { # a fresh gatekeeper with a fresh state dir: its memory starts from scratch
-  local n=$1
-  "$gk_bin" serve --config benches/load/gatekeeper.toml --listen "127.0.0.1:$gk_port" \
+gk_start() { # n [config]: a fresh gatekeeper with a fresh state dir: its memory starts from scratch
+  local n=$1 config=${2:-benches/load/gatekeeper.toml}
+  "$gk_bin" serve --config "$config" --listen "127.0.0.1:$gk_port" \
     --state-dir "$work/gatekeeper-$n" 2>"$work/gatekeeper-$n.log" &
   gk_pid=$!
   wait_port "$gk_port"
@@ -133,10 +159,12 @@ run() { # loadgen subcommand, arguments...
   echo "machine: $(nproc) cores ($(lscpu | sed -n 's/^Model name: *//p' | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GiB," \
     "Linux $(uname -r), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "run: $sessions sessions per workload at concurrency $concurrency after $warmup warm-up, x$repeat;" \
-    "spike $spike_rate/s for $spike_secs s; hold $hold; servers: $servers"
+    "spike $spike_rate/s for $spike_secs s; hold $hold; STARTTLS: ${tls_workloads:-none}, $tls_sessions sessions;" \
+    "phases: $phases; servers: $servers"
 } | tee "$work/machine.txt"
 
 # --- 1. closed loop, every workload, every server (round robin, so noise hits all alike) --------
+phase closed || workloads=""
 for rep in $(seq "$repeat"); do
   for w in $workloads; do
     for s in $servers; do
@@ -152,7 +180,9 @@ if [[ " $workloads " == *" accept "* ]]; then
 fi
 
 # --- 2. early reject with smtp-source, a second independent client ----------------------------
-if command -v smtp-source >/dev/null && command -v gcc >/dev/null; then
+if ! phase external; then
+  :
+elif command -v smtp-source >/dev/null && command -v gcc >/dev/null; then
   gcc -O2 -shared -fPIC -o "$work/srcaddr.so" ci/postfix-srcaddr.c -ldl
   for rep in $(seq "$repeat"); do
     for s in $servers; do
@@ -169,18 +199,55 @@ else
 fi
 
 # --- 3. the spike: the seed's mix at 1,000x, open loop, against a fresh gatekeeper ------------
-gk_stop
-gk_start 2
-run spike --workload mix --rate "$spike_rate" --duration "$spike_secs" \
-  --target "127.0.0.1:$gk_port" --server gatekeeper --server-pid "$gk_pid" --sources "$sources" --json "$results"
+if phase spike; then
+  gk_stop
+  gk_start 2
+  run spike --workload mix --rate "$spike_rate" --duration "$spike_secs" \
+    --target "127.0.0.1:$gk_port" --server gatekeeper --server-pid "$gk_pid" --sources "$sources" --json "$results"
+fi
 
 # --- 4. sessions held open at once: memory ------------------------------------------------------
-gk_stop
-gk_start 3
-for s in gatekeeper null; do
-  run hold --sessions "$hold" --target "127.0.0.1:$(port_of "$s")" --server "$s" --server-pid "$(pid_of "$s")" \
-    --sources "$sources" --json "$results"
-done
+if phase hold; then
+  gk_stop
+  gk_start 3
+  for s in gatekeeper null; do
+    run hold --sessions "$hold" --target "127.0.0.1:$(port_of "$s")" --server "$s" --server-pid "$(pid_of "$s")" \
+      --sources "$sources" --json "$results"
+  done
+fi
+
+# --- 5. STARTTLS: the gatekeeper and Postfix with the same certificate, side by side ------------
+# One self-signed ECDSA P-256 certificate; the client trusts it (and checks its name). Both
+# servers restart with it: the gatekeeper's [tls] (max_handshakes raised to the client's
+# concurrency, so the limit's 454s do not stand in for the handshake's cost; the default is
+# 64), Postfix's smtpd_tls_security_level = may. No resumption: every session a full handshake.
+if phase tls && [ -n "$tls_workloads" ]; then
+  tls=$work/tls
+  mkdir -p "$tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj "/CN=mx.bench.test" \
+    -addext "subjectAltName=DNS:mx.bench.test" -addext "basicConstraints=critical,CA:FALSE" \
+    -keyout "$tls/key.pem" -out "$tls/cert.pem" 2>"$tls/openssl.log"
+  { cat benches/load/gatekeeper.toml; printf '\n[tls]\ncert = "%s"\nkey = "%s"\nmax_handshakes = %d\n' \
+    "$tls/cert.pem" "$tls/key.pem" "$((concurrency > 64 ? concurrency : 64))"; } >"$work/gatekeeper-tls.toml"
+  gk_stop
+  gk_start 4 "$work/gatekeeper-tls.toml"
+  tls_servers=gatekeeper
+  if [ "$postfix" = yes ]; then
+    bash ci/postfix-bench.sh stop "$work/postfix"
+    pf_pid=$(bash ci/postfix-bench.sh start "$work/postfix-tls" "$pf_port" "$tls/cert.pem" "$tls/key.pem")
+    tls_servers="gatekeeper postfix"
+  fi
+  for rep in $(seq "$repeat"); do
+    for w in $tls_workloads; do
+      for s in $tls_servers; do
+        run run --workload "$w" --sessions "$tls_sessions" --concurrency "$concurrency" --warmup "$warmup" \
+          --starttls --tls-ca "$tls/cert.pem" --tls-name mx.bench.test \
+          --target "127.0.0.1:$(port_of "$s")" --server "$s" --server-pid "$(pid_of "$s")" \
+          --sources "$sources" --json "$results"
+      done
+    done
+  done
+fi
 
 echo
 cat "$work/machine.txt"

@@ -5,6 +5,7 @@
 # leaves. The system's Postfix (if any) is not touched.
 #
 #   bash ci/postfix-bench.sh start DIR PORT   # writes DIR/etc, starts; prints the master's pid
+#   bash ci/postfix-bench.sh start DIR PORT CERT KEY   # the same with STARTTLS offered (may)
 #   bash ci/postfix-bench.sh stop DIR         # stops it (and leaves DIR for its log)
 #
 # Equivalence with the gatekeeper (benches/load/gatekeeper.toml):
@@ -16,15 +17,31 @@
 #   no per-client limits (anvil rate and count limits 0), no reverse DNS of the client (the
 #   gatekeeper does none), no chroot, logging to DIR/maillog through postlogd (the gatekeeper
 #   logs every verdict too).
+#   STARTTLS (with CERT and KEY, PEM; the gatekeeper's [tls] with the same files):
+#       smtpd_tls_security_level = may, smtpd_tls_cert_file / smtpd_tls_key_file, tlsmgr
+#       running, no server-side session cache (the client resumes nothing anyway), TLS log
+#       level 0 (the handshake is not logged; the session's verdicts still are)
 # Postfix has no bans: its forged and fake sessions get the same 5xx and nothing else.
 set -euo pipefail
-cmd=${1:?usage: postfix-bench.sh start DIR PORT | stop DIR}
+cmd=${1:?usage: postfix-bench.sh start DIR PORT [CERT KEY] | stop DIR}
 dir=$(realpath -m "${2:?missing DIR}")
 etc=$dir/etc
 
 case "$cmd" in
 start)
   port=${3:?missing PORT}
+  cert=${4:-} key=${5:-}
+  if [ -n "$cert" ]; then
+    [ -r "$cert" ] && [ -r "${key:?missing KEY after CERT}" ] || { echo "postfix-bench: cannot read $cert or $key" >&2; exit 1; }
+    tls_main="smtpd_tls_security_level = may
+smtpd_tls_cert_file = $(realpath "$cert")
+smtpd_tls_key_file = $(realpath "$key")
+smtpd_tls_session_cache_database =
+smtpd_tls_loglevel = 0"
+    tls_master="tlsmgr    unix  - - n 1000? 1 tlsmgr"
+  else
+    tls_main="smtpd_tls_security_level = none" tls_master=""
+  fi
   command -v postfix >/dev/null || { echo "postfix-bench: postfix is not installed" >&2; exit 1; }
   mkdir -p "$etc" "$dir/queue" "$dir/data"
   # The daemons run as postfix: they must reach the directory (mktemp -d makes it 0700).
@@ -74,7 +91,7 @@ smtpd_client_message_rate_limit = 0
 smtpd_client_recipient_rate_limit = 0
 smtpd_client_new_tls_session_rate_limit = 0
 smtpd_client_auth_rate_limit = 0
-smtpd_tls_security_level = none
+$tls_main
 smtp_tls_security_level = none
 EOF
   printf '%s OK\n' alice@example.test bob@example.test postmaster@example.test abuse@example.test >"$etc/users"
@@ -104,6 +121,7 @@ lmtp      unix  - - n - - lmtp
 anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
+$tls_master
 EOF
   # Postfix writes its complaints to the terminal or syslog: keep them in a file instead.
   if ! script -qec "postfix -c '$etc' check && postfix -c '$etc' start" "$dir/start.log" >/dev/null; then
@@ -123,7 +141,7 @@ stop)
   [ -f "$etc/main.cf" ] && postfix -c "$etc" stop 2>&1 | grep -v "stopping the Postfix mail system" >&2 || true
   ;;
 *)
-  echo "usage: postfix-bench.sh start DIR PORT | stop DIR" >&2
+  echo "usage: postfix-bench.sh start DIR PORT [CERT KEY] | stop DIR" >&2
   exit 2
   ;;
 esac

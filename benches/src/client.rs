@@ -15,11 +15,20 @@
 //! Every session ends with QUIT and must get 221 — except one whose sender was banned on the
 //! spot (forged): the gatekeeper ends the session that earned a ban with 421 right after the
 //! 5xx (docs/design.md §2), so its QUIT finds a 421 or a closed connection.
+//!
+//! With STARTTLS ([`ClientConfig::tls`]), every session says EHLO, STARTTLS (220), does a full
+//! TLS handshake (no resumption: each session pays for its own key exchange and signature, as
+//! a stranger's MTA does), says EHLO again over TLS and plays its class from MAIL on. A refused
+//! STARTTLS or a failed handshake fails the session ([`Failure::is_tls`]).
 
+use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+use anyhow::Context as _;
 
 use gatekeeper::proto::Reply;
 use rand::rngs::SmallRng;
@@ -27,6 +36,13 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::sources::SourceCursor;
 
@@ -132,6 +148,8 @@ pub struct ClientConfig {
     pub seed: u64,
     /// The honest message, dot-stuffed, ending with `.\r\n`.
     pub message: Arc<[u8]>,
+    /// STARTTLS in every session, or none.
+    pub tls: Option<StartTls>,
 }
 
 impl ClientConfig {
@@ -145,7 +163,129 @@ impl ClientConfig {
         message_bytes: usize,
     ) -> Self {
         let message = message(domain, users.first().map_or("postmaster", String::as_str), message_bytes);
-        ClientConfig { target, domain: domain.into(), users, timeout, seed, message: message.into() }
+        ClientConfig { target, domain: domain.into(), users, timeout, seed, message: message.into(), tls: None }
+    }
+
+    /// The same with STARTTLS in every session.
+    pub fn with_starttls(self, tls: StartTls) -> Self {
+        ClientConfig { tls: Some(tls), ..self }
+    }
+}
+
+/// STARTTLS as a client: the TLS client configuration (rustls with *ring*, as the server; no
+/// session resumption) and the name the server is addressed by (SNI, and the name checked
+/// against its certificate when one is trusted).
+#[derive(Clone)]
+pub struct StartTls {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+impl fmt::Debug for StartTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StartTls").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl StartTls {
+    /// A client that trusts the certificate(s) in `ca` (PEM: the benchmark's self-signed
+    /// certificate) for `name`; with no `ca`, any certificate (the handshake's signatures are
+    /// still verified, as an opportunistic MTA does).
+    pub fn new(ca: Option<&Path>, name: &str) -> anyhow::Result<StartTls> {
+        #[allow(deprecated)] // ring, as the gatekeeper (impl/src/edges/tls.rs).
+        let mut provider = rustls::crypto::ring::default_provider();
+        // Key exchange as a sending MTA offers it: OpenSSL's clients (Postfix's smtp, Exim,
+        // sendmail) lead with X25519 and send only its key share; this rustls's own default
+        // would lead with P-384, several times dearer for both sides.
+        {
+            use rustls::crypto::ring::kx_group::{SECP256R1, SECP384R1, X25519};
+            provider.kx_groups = vec![X25519, SECP256R1, SECP384R1];
+        }
+        let provider = Arc::new(provider);
+        let builder =
+            rustls::ClientConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let mut config = match ca {
+            Some(ca) => {
+                let certs = CertificateDer::pem_file_iter(ca)
+                    .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+                    .with_context(|| format!("reading {}", ca.display()))?;
+                let mut roots = rustls::RootCertStore::empty();
+                let (_, bad) = roots.add_parsable_certificates(certs);
+                anyhow::ensure!(bad == 0 && !roots.is_empty(), "{}: no usable certificate", ca.display());
+                builder.with_root_certificates(roots).with_no_client_auth()
+            }
+            None => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.signature_verification_algorithms)))
+                .with_no_client_auth(),
+        };
+        // Every session a full handshake: what a server pays for a client it has not seen.
+        config.resumption = rustls::client::Resumption::disabled();
+        let name = ServerName::try_from(name.to_string()).with_context(|| format!("server name {name:?}"))?;
+        Ok(StartTls { connector: TlsConnector::from(Arc::new(config)), name })
+    }
+}
+
+/// Any certificate, its handshake signatures verified (the client without `--tls-ca`).
+#[derive(Debug)]
+struct AnyCertificate(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
+/// What a TLS session negotiated: version, cipher suite, key exchange group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Negotiated {
+    /// The protocol version.
+    pub version: Option<rustls::ProtocolVersion>,
+    /// The cipher suite.
+    pub suite: Option<rustls::CipherSuite>,
+    /// The key exchange group.
+    pub group: Option<rustls::NamedGroup>,
+}
+
+impl fmt::Display for Negotiated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        write!(
+            f,
+            "{} {} {}",
+            show(self.version.map(|v| format!("{v:?}"))),
+            show(self.suite.map(|v| format!("{v:?}"))),
+            show(self.group.map(|v| format!("{v:?}")))
+        )
     }
 }
 
@@ -174,6 +314,12 @@ pub enum Step {
     Greeting,
     /// EHLO.
     Ehlo,
+    /// STARTTLS (the 220).
+    StartTls,
+    /// The TLS handshake.
+    Handshake,
+    /// EHLO again, over TLS.
+    EhloTls,
     /// MAIL FROM.
     Mail,
     /// RCPT TO.
@@ -194,6 +340,9 @@ impl Step {
             Step::Connect => "connect",
             Step::Greeting => "greeting",
             Step::Ehlo => "EHLO",
+            Step::StartTls => "STARTTLS",
+            Step::Handshake => "TLS handshake",
+            Step::EhloTls => "EHLO over TLS",
             Step::Mail => "MAIL",
             Step::Rcpt => "RCPT",
             Step::Data => "DATA",
@@ -226,6 +375,11 @@ pub enum Failure {
         /// Where it was stuck.
         step: Step,
     },
+    /// The TLS handshake failed (rustls's reason, or a socket error's kind).
+    Handshake {
+        /// What.
+        reason: String,
+    },
     /// The open-loop driver had too many sessions in flight and skipped this one.
     Overload,
 }
@@ -238,7 +392,19 @@ impl Failure {
             Failure::Unexpected { step, code } => format!("{} got {code}", step.as_str()),
             Failure::Io { step, kind } => format!("{}: {kind:?}", step.as_str()),
             Failure::Timeout { step } => format!("timeout at {}", step.as_str()),
+            Failure::Handshake { reason } => format!("TLS handshake: {reason}"),
             Failure::Overload => "client overload (skipped)".into(),
+        }
+    }
+
+    /// A STARTTLS refused or a handshake failed or timed out: a handshake failure.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Failure::Handshake { .. } => true,
+            Failure::Unexpected { step, .. } | Failure::Io { step, .. } | Failure::Timeout { step } => {
+                matches!(step, Step::StartTls | Step::Handshake)
+            }
+            Failure::Overload => false,
         }
     }
 }
@@ -246,10 +412,17 @@ impl Failure {
 /// A failed session's step and reason; `Ok` for a session that went as its class must.
 pub type SessionResult = Result<(), Failure>;
 
+/// The connection, in clear text or after STARTTLS.
+#[derive(Debug)]
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
 /// An open SMTP connection with a reply reader.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: Box<[u8]>,
     start: usize,
     end: usize,
@@ -272,7 +445,10 @@ impl Conn {
         loop {
             let source = sources.take();
             match Self::connect_from(source, target).await {
-                Ok(stream) => return Ok((Conn { stream, buf: vec![0; 4096].into(), start: 0, end: 0 }, skipped)),
+                Ok(stream) => {
+                    let conn = Conn { stream: Stream::Plain(stream), buf: vec![0; 4096].into(), start: 0, end: 0 };
+                    return Ok((conn, skipped));
+                }
                 Err(e) if is_address_problem(e.kind()) && skipped + 1 < SOURCE_TRIES => skipped += 1,
                 Err(e) => return Err(e),
             }
@@ -307,7 +483,11 @@ impl Conn {
             if self.end == self.buf.len() {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "reply too long"));
             }
-            let n = self.stream.read(&mut self.buf[self.end..]).await?;
+            let into = &mut self.buf[self.end..];
+            let n = match &mut self.stream {
+                Stream::Plain(s) => s.read(into).await?,
+                Stream::Tls(s) => s.read(into).await?,
+            };
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -317,8 +497,37 @@ impl Conn {
 
     /// Sends `bytes` and reads the reply.
     pub async fn command(&mut self, bytes: &[u8]) -> io::Result<u16> {
-        self.stream.write_all(bytes).await?;
+        match &mut self.stream {
+            Stream::Plain(s) => s.write_all(bytes).await?,
+            Stream::Tls(s) => s.write_all(bytes).await?,
+        }
         self.reply().await
+    }
+
+    /// The TLS handshake after the server's 220 to STARTTLS. Anything the server sent after
+    /// that 220 in clear text is a protocol error (it would be read as if over TLS).
+    async fn starttls(self, tls: &StartTls) -> Result<(Conn, Negotiated), Failure> {
+        let Stream::Plain(tcp) = self.stream else {
+            return Err(Failure::Handshake { reason: "STARTTLS inside TLS".into() });
+        };
+        if self.start != self.end {
+            return Err(Failure::Handshake { reason: "clear text after the 220".into() });
+        }
+        let stream = tls.connector.connect(tls.name.clone(), tcp).await.map_err(|e| {
+            // rustls's own errors come as InvalidData with the reason inside.
+            let reason = match e.get_ref() {
+                Some(inner) => inner.to_string(),
+                None => format!("{:?}", e.kind()),
+            };
+            Failure::Handshake { reason }
+        })?;
+        let c = stream.get_ref().1;
+        let negotiated = Negotiated {
+            version: c.protocol_version(),
+            suite: c.negotiated_cipher_suite().map(|s| s.suite()),
+            group: c.negotiated_key_exchange_group().map(|g| g.name()),
+        };
+        Ok((Conn { stream: Stream::Tls(Box::new(stream)), buf: self.buf, start: 0, end: 0 }, negotiated))
     }
 }
 
@@ -329,13 +538,27 @@ pub struct Progress {
     pub step: Step,
     /// Source addresses skipped (EADDRINUSE / EADDRNOTAVAIL).
     pub skipped: u32,
+    /// What STARTTLS negotiated, once it has.
+    pub tls: Option<Negotiated>,
+}
+
+impl Progress {
+    /// At the start of a session.
+    pub fn new() -> Progress {
+        Progress { step: Step::Connect, skipped: 0, tls: None }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Progress::new()
+    }
 }
 
 /// Reads the greeting, says EHLO and MAIL FROM:<>: the state the hold driver keeps a session
 /// in. `Ok(conn)` with the connection at the RCPT step.
 pub async fn open_and_start(cfg: &ClientConfig, sources: &SourceCursor, p: &mut Progress) -> Result<Conn, Failure> {
     let mut c = connect(cfg, sources, p).await?;
-    expect(p, Step::Ehlo, c.command(b"EHLO client.bench.test\r\n").await, |c| c == 250)?;
     expect(p, Step::Mail, c.command(b"MAIL FROM:<>\r\n").await, |c| c == 250)?;
     Ok(c)
 }
@@ -353,6 +576,13 @@ async fn connect(cfg: &ClientConfig, sources: &SourceCursor, p: &mut Progress) -
         Conn::open(cfg.target, sources).await.map_err(|e| Failure::Io { step: Step::Connect, kind: e.kind() })?;
     p.skipped = skipped;
     expect(p, Step::Greeting, c.reply().await, |c| c == 220)?;
+    expect(p, Step::Ehlo, c.command(b"EHLO client.bench.test\r\n").await, |c| c == 250)?;
+    let Some(tls) = &cfg.tls else { return Ok(c) };
+    expect(p, Step::StartTls, c.command(b"STARTTLS\r\n").await, |c| c == 220)?;
+    p.step = Step::Handshake;
+    let (mut c, negotiated) = c.starttls(tls).await?;
+    p.tls = Some(negotiated);
+    expect(p, Step::EhloTls, c.command(b"EHLO client.bench.test\r\n").await, |c| c == 250)?;
     Ok(c)
 }
 
@@ -396,8 +626,8 @@ pub async fn session(
         ),
         Class::Honest => ("MAIL FROM:<sender@honest.test>\r\n".to_string(), format!("RCPT TO:<{user}@{d}>\r\n")),
     };
+    // Greeting and EHLO (and STARTTLS, the handshake and EHLO again).
     let mut c = connect(cfg, sources, p).await?;
-    expect(p, Step::Ehlo, c.command(b"EHLO client.bench.test\r\n").await, |c| c == 250)?;
     let mail_code = c.command(mail.as_bytes()).await;
     let mut banned = false;
     match class {
@@ -447,19 +677,19 @@ fn expect_after_ban(p: &mut Progress, quit: io::Result<u16>) -> SessionResult {
     }
 }
 
-/// [`session`] under the run's timeout.
+/// [`session`] under the run's timeout; the result and where the session got.
 pub async fn timed_session(
     cfg: &ClientConfig,
     sources: &SourceCursor,
     class: Class,
     index: u64,
-) -> (SessionResult, u32) {
-    let mut p = Progress { step: Step::Connect, skipped: 0 };
+) -> (SessionResult, Progress) {
+    let mut p = Progress::new();
     let result = match tokio::time::timeout(cfg.timeout, session(cfg, sources, class, index, &mut p)).await {
         Ok(r) => r,
         Err(_) => Err(Failure::Timeout { step: p.step }),
     };
-    (result, p.skipped)
+    (result, p)
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@
 //!
 //! - [`sources`] — the 127.0.0.0/8 source addresses, one per session, and their cursor.
 //! - [`procfs`] — CPU time and resident memory of a server process (and its children).
-//! - [`client`] — one SMTP session of a workload class, as a client, with its checks.
+//! - [`client`] — one SMTP session of a workload class, as a client, with its checks;
+//!   optionally over STARTTLS (a full TLS handshake per session).
 //! - [`load`] — the drivers: closed loop (N sessions at concurrency C), open loop (a rate
 //!   for a duration), hold (C sessions open at once), and an external client's run.
 //! - [`report`] — the result of a run (one JSON line) and the side-by-side table.

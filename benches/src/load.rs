@@ -51,11 +51,16 @@ struct Tally {
     ok: u64,
     failed: u64,
     skipped: u64,
+    tls_failed: u64,
+    tls: BTreeMap<String, u64>,
 }
 
 impl Tally {
-    fn add(&mut self, class: Class, result: &SessionResult, took: Duration, skipped: u32) {
-        self.skipped += u64::from(skipped);
+    fn add(&mut self, class: Class, result: &SessionResult, took: Duration, p: &Progress) {
+        self.skipped += u64::from(p.skipped);
+        if let Some(n) = p.tls {
+            *self.tls.entry(n.to_string()).or_default() += 1;
+        }
         match result {
             Ok(()) => {
                 self.ok += 1;
@@ -64,6 +69,7 @@ impl Tally {
             }
             Err(f) => {
                 self.failed += 1;
+                self.tls_failed += u64::from(f.is_tls());
                 *self.errors.entry(f.key()).or_default() += 1;
             }
         }
@@ -79,6 +85,10 @@ impl Tally {
         self.ok += other.ok;
         self.failed += other.failed;
         self.skipped += other.skipped;
+        self.tls_failed += other.tls_failed;
+        for (k, n) in other.tls {
+            *self.tls.entry(k).or_default() += n;
+        }
     }
 
     fn into_report(mut self, run: &Run, mode: &str, elapsed: Duration) -> RunReport {
@@ -105,6 +115,9 @@ impl Tally {
             error_kinds: self.errors,
             latency,
             sources_skipped: self.skipped,
+            starttls: run.cfg.tls.is_some(),
+            tls_handshake_failures: self.tls_failed,
+            tls_negotiated: self.tls,
             ..RunReport::default()
         }
     }
@@ -220,8 +233,8 @@ async fn closed_phase(run: &Run, first: u64, n: u64, concurrency: usize) -> (Tal
                 let index = first + i;
                 let class = run.workload.class(run.cfg.seed, index);
                 let t0 = Instant::now();
-                let (result, skipped) = timed_session(&run.cfg, &run.sources, class, index).await;
-                tally.add(class, &result, t0.elapsed(), skipped);
+                let (result, progress) = timed_session(&run.cfg, &run.sources, class, index).await;
+                tally.add(class, &result, t0.elapsed(), &progress);
             }
         });
     }
@@ -260,11 +273,11 @@ pub async fn open_loop(run: &Run, rate: f64, duration: Duration, max_inflight: u
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let monitor = Monitor::start(run.server_pid)?;
     let inflight = Arc::new(Semaphore::new(max_inflight));
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Class, SessionResult, Duration, u32)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Class, SessionResult, Duration, Progress)>();
     let collector = tokio::spawn(async move {
         let mut tally = Tally::default();
-        while let Some((class, result, took, skipped)) = rx.recv().await {
-            tally.add(class, &result, took, skipped);
+        while let Some((class, result, took, progress)) = rx.recv().await {
+            tally.add(class, &result, took, &progress);
         }
         tally
     });
@@ -276,14 +289,14 @@ pub async fn open_loop(run: &Run, rate: f64, duration: Duration, max_inflight: u
         max_lag = max_lag.max(tokio::time::Instant::now().saturating_duration_since(at));
         let class = run.workload.class(run.cfg.seed, i);
         let Ok(permit) = inflight.clone().try_acquire_owned() else {
-            let _ = tx.send((class, Err(Failure::Overload), Duration::ZERO, 0));
+            let _ = tx.send((class, Err(Failure::Overload), Duration::ZERO, Progress::new()));
             continue;
         };
         let (run, tx) = (run.clone(), tx.clone());
         tokio::spawn(async move {
-            let (result, skipped) = timed_session(&run.cfg, &run.sources, class, i).await;
+            let (result, progress) = timed_session(&run.cfg, &run.sources, class, i).await;
             // From the scheduled start: a client that fell behind shows as latency too.
-            let _ = tx.send((class, result, at.elapsed(), skipped));
+            let _ = tx.send((class, result, at.elapsed(), progress));
             drop(permit);
         });
     }
@@ -312,7 +325,7 @@ pub async fn hold(run: &Run, sessions: u64, connect_concurrency: usize, settle: 
         let (opened, failed) = (opened.clone(), failed.clone());
         tasks.spawn(async move {
             let t0 = Instant::now();
-            let mut p = Progress { step: Step::Connect, skipped: 0 };
+            let mut p = Progress::new();
             let permit = connecting.acquire().await.expect("semaphore open");
             let conn = tokio::time::timeout(run.cfg.timeout, open_and_start(&run.cfg, &run.sources, &mut p)).await;
             drop(permit);
@@ -320,11 +333,11 @@ pub async fn hold(run: &Run, sessions: u64, connect_concurrency: usize, settle: 
                 Ok(Ok(c)) => c,
                 Ok(Err(f)) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    return (Err(f), t0.elapsed(), p.skipped);
+                    return (Err(f), t0.elapsed(), p);
                 }
                 Err(_) => {
                     failed.fetch_add(1, Ordering::Relaxed);
-                    return (Err(Failure::Timeout { step: p.step }), t0.elapsed(), p.skipped);
+                    return (Err(Failure::Timeout { step: p.step }), t0.elapsed(), p);
                 }
             };
             opened.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +347,7 @@ pub async fn hold(run: &Run, sessions: u64, connect_concurrency: usize, settle: 
                 Ok(r) => r,
                 Err(_) => Err(Failure::Timeout { step: p.step }),
             };
-            (result, t0.elapsed(), p.skipped)
+            (result, t0.elapsed(), p)
         });
     }
     while opened.load(Ordering::Relaxed) + failed.load(Ordering::Relaxed) < sessions {
@@ -347,8 +360,8 @@ pub async fn hold(run: &Run, sessions: u64, connect_concurrency: usize, settle: 
     let _ = release_tx.send(true);
     let mut tally = Tally::default();
     while let Some(joined) = tasks.join_next().await {
-        let (result, took, skipped) = joined.expect("session task panicked");
-        tally.add(Class::Backscatter, &result, took, skipped);
+        let (result, took, progress) = joined.expect("session task panicked");
+        tally.add(Class::Backscatter, &result, took, &progress);
     }
     let mut report = tally.into_report(run, "hold", started.elapsed());
     // Session times here are the hold's length, not the server's speed.

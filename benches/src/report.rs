@@ -126,6 +126,16 @@ pub struct RunReport {
     /// External client: its exit status.
     #[serde(default)]
     pub exit_status: Option<i32>,
+    /// Every session did STARTTLS (a full handshake) after its first EHLO.
+    #[serde(default)]
+    pub starttls: bool,
+    /// Sessions whose STARTTLS was refused or whose handshake failed or timed out (counted in
+    /// `errors` too).
+    #[serde(default)]
+    pub tls_handshake_failures: u64,
+    /// What the handshakes negotiated (version, cipher suite, key exchange), by sessions.
+    #[serde(default)]
+    pub tls_negotiated: BTreeMap<String, u64>,
 }
 
 fn mib(kib: u64) -> f64 {
@@ -137,6 +147,11 @@ fn ms(us: u64) -> f64 {
 }
 
 impl RunReport {
+    /// The workload's name, with ` + STARTTLS` when every session did STARTTLS.
+    pub fn workload_label(&self) -> String {
+        if self.starttls { format!("{} + STARTTLS", self.workload) } else { self.workload.clone() }
+    }
+
     /// A human summary, several lines.
     pub fn summary(&self) -> String {
         let mut s = String::new();
@@ -149,7 +164,7 @@ impl RunReport {
             s,
             "{} [{}] {} via {} ({}): {} sessions in {:.2} s = {:.0} sessions/s; ok {}, errors {}",
             self.server,
-            self.workload,
+            self.workload_label(),
             self.mode,
             self.client,
             shape,
@@ -161,6 +176,15 @@ impl RunReport {
         );
         for (k, n) in &self.error_kinds {
             let _ = writeln!(s, "  error: {k} x{n}");
+        }
+        if self.starttls {
+            let negotiated: Vec<String> = self.tls_negotiated.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+            let _ = writeln!(
+                s,
+                "  STARTTLS: {} handshake failures; negotiated {}",
+                self.tls_handshake_failures,
+                if negotiated.is_empty() { "nothing".into() } else { negotiated.join(", ") }
+            );
         }
         for (class, l) in &self.latency {
             let _ = writeln!(
@@ -249,7 +273,7 @@ impl Row<'_> {
 fn medians<'a>(runs: &[&'a RunReport]) -> Vec<Row<'a>> {
     let mut groups: Vec<Vec<&'a RunReport>> = Vec::new();
     for r in runs {
-        let key = |o: &RunReport| (o.workload.clone(), o.client.clone(), o.server.clone());
+        let key = |o: &RunReport| (o.workload_label(), o.client.clone(), o.server.clone());
         match groups.iter_mut().find(|g| key(g[0]) == key(r)) {
             Some(g) => g.push(r),
             None => groups.push(vec![r]),
@@ -283,7 +307,9 @@ pub fn table(reports: &[RunReport]) -> String {
             let r = row.run;
             let peer = |name: &str| {
                 rows.iter()
-                    .find(|o| o.run.server == name && o.run.workload == r.workload && o.run.client == r.client)
+                    .find(|o| {
+                        o.run.server == name && o.run.workload_label() == r.workload_label() && o.run.client == r.client
+                    })
                     .and_then(|o| row.ratio_to(o))
             };
             let all = r.latency.get("all");
@@ -291,7 +317,7 @@ pub fn table(reports: &[RunReport]) -> String {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {} |{runs}",
-                r.workload,
+                r.workload_label(),
                 r.client,
                 r.server,
                 r.sessions_per_s,
@@ -310,6 +336,29 @@ pub fn table(reports: &[RunReport]) -> String {
                  per-round ratios (the k-th runs of two servers ran in the same round); errors are summed over all runs.\n",
             );
         }
+    }
+    let tls_rows: Vec<&Row<'_>> = rows.iter().filter(|r| r.run.starttls).collect();
+    if !tls_rows.is_empty() {
+        s.push_str("\nSTARTTLS rows: every session a full handshake (no resumption);");
+        for row in tls_rows {
+            let failed: u64 = row.all.iter().map(|r| r.tls_handshake_failures).sum();
+            let mut negotiated: BTreeMap<&str, u64> = BTreeMap::new();
+            for r in &row.all {
+                for (k, n) in &r.tls_negotiated {
+                    *negotiated.entry(k).or_default() += n;
+                }
+            }
+            let negotiated: Vec<String> = negotiated.iter().map(|(k, n)| format!("{k} x{n}")).collect();
+            let _ = write!(
+                s,
+                " {} {}: {failed} handshake failures, negotiated {};",
+                row.run.server,
+                row.run.workload,
+                if negotiated.is_empty() { "nothing".into() } else { negotiated.join(", ") }
+            );
+        }
+        s.pop();
+        s.push_str(".\n");
     }
     if side.iter().any(|r| r.server_use.as_ref().is_some_and(|u| u.processes > 1)) {
         s.push_str(
@@ -413,5 +462,31 @@ mod tests {
         assert!(t.contains("| early-reject | loadgen | gatekeeper | 900 | 80 % | 2.00 |"), "{t}");
         assert!(t.contains("| early-reject | loadgen | null | 1000 | 100 % | 2.67 |"), "{t}");
         assert!(t.contains(" 3 |\n"), "{t}");
+    }
+
+    #[test]
+    fn starttls_runs_are_their_own_rows() {
+        let run = |server: &str, rate: f64, tls: bool| RunReport {
+            server: server.into(),
+            client: "loadgen".into(),
+            mode: "closed".into(),
+            workload: "early-reject".into(),
+            sessions_per_s: rate,
+            starttls: tls,
+            tls_handshake_failures: u64::from(tls && server == "postfix"),
+            tls_negotiated: if tls { [("TLSv1_3 X25519".to_string(), 9)].into() } else { BTreeMap::new() },
+            ..RunReport::default()
+        };
+        let t = table(&[
+            run("gatekeeper", 900.0, false),
+            run("postfix", 450.0, false),
+            run("gatekeeper", 300.0, true),
+            run("postfix", 100.0, true),
+        ]);
+        assert!(t.contains("| early-reject | loadgen | gatekeeper | 900 | – | 2.00 |"), "{t}");
+        assert!(t.contains("| early-reject + STARTTLS | loadgen | gatekeeper | 300 | – | 3.00 |"), "{t}");
+        assert!(t.contains("postfix early-reject: 1 handshake failures, negotiated TLSv1_3 X25519 x9."), "{t}");
+        let back: RunReport = serde_json::from_str(&serde_json::to_string(&run("x", 1.0, true)).unwrap()).unwrap();
+        assert!(back.starttls && back.workload_label() == "early-reject + STARTTLS");
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! loadgen run       --target 127.0.0.1:2525 --workload early-reject -n 20000 -c 100 --server-pid PID
+//! loadgen run       --target 127.0.0.1:2525 --workload early-reject --starttls --tls-ca cert.pem --tls-name mx.bench.test
 //! loadgen spike     --target 127.0.0.1:2525 --workload mix --rate 1250 --duration 60 --server-pid PID
 //! loadgen hold      --target 127.0.0.1:2525 -n 10000 --server-pid PID
 //! loadgen external  --server postfix --server-pid PID --workload early-reject -n 20000 --client smtp-source -- smtp-source ...
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use gatekeeper_benches::client::{ClientConfig, Workload};
+use gatekeeper_benches::client::{ClientConfig, StartTls, Workload};
 use gatekeeper_benches::load::{self, Run};
 use gatekeeper_benches::null_smtpd::{self, Responder};
 use gatekeeper_benches::report::{self, RunReport};
@@ -179,6 +180,20 @@ struct Common {
     /// Exit 2 if any session failed (for CI smoke runs; figures are never judged).
     #[arg(long)]
     fail_on_errors: bool,
+    /// STARTTLS in every session: EHLO, STARTTLS (220), a full TLS handshake (no resumption),
+    /// EHLO again, then the workload's dialogue. A refused STARTTLS or a failed handshake is a
+    /// failed session, counted as a handshake failure.
+    #[arg(long)]
+    starttls: bool,
+    /// With --starttls: trust the certificate(s) in this PEM file (the benchmark's self-signed
+    /// certificate) for --tls-name; without it, any certificate is taken (its handshake
+    /// signatures still verified).
+    #[arg(long, requires = "starttls")]
+    tls_ca: Option<PathBuf>,
+    /// With --starttls: the server's name (SNI, and the name its certificate must carry
+    /// with --tls-ca).
+    #[arg(long, default_value = "mx.bench.test", requires = "starttls")]
+    tls_name: String,
 }
 
 impl Common {
@@ -195,6 +210,8 @@ impl Common {
             self.seed,
             self.message_bytes,
         );
+        let cfg =
+            if self.starttls { cfg.with_starttls(StartTls::new(self.tls_ca.as_deref(), &self.tls_name)?) } else { cfg };
         Ok(Run {
             cfg: Arc::new(cfg),
             sources: Arc::new(sources),
