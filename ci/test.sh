@@ -10,6 +10,7 @@ echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 echo "== tests"; cargo test --workspace
 echo "== scenario suite (release)"; cargo run --release -q -p gatekeeper-sim -- run scenarios/
+echo "== scenario suite on seeds 1-2 (expectations hold for any seed)"; target/release/gatekeeper-sim sweep scenarios/ --seeds 1..2
 echo "== systemd unit: systemd-analyze verify"; bash ci/systemd.sh
 echo "== swaks against the release binary"; bash ci/swaks.sh
 echo "== Postfix with the gatekeeper as its policy service and its milter"; bash ci/postfix-integration.sh

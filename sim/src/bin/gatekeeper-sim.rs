@@ -103,6 +103,7 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
     let total = work.len();
     let queue = std::sync::Mutex::new(work.into_iter());
     let (tx, rx) = std::sync::mpsc::channel::<Swept>();
+    let mut done: Vec<Swept> = Vec::with_capacity(total);
     std::thread::scope(|scope| {
         for _ in 0..jobs {
             let tx = tx.clone();
@@ -120,8 +121,17 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
             });
         }
         drop(tx);
+        // As each run ends, one line on stderr: a long sweep shows where it is.
+        for (k, s) in rx.iter().enumerate() {
+            let verdict = match &s.result {
+                Ok(r) if r.passed => "pass",
+                Ok(_) => "FAIL",
+                Err(_) => "error",
+            };
+            eprintln!("[{}/{total}] {} seed {}: {verdict}", k + 1, s.name, s.seed);
+            done.push(s);
+        }
     });
-    let mut done: Vec<Swept> = rx.into_iter().collect();
     done.sort_by(|a, b| a.name.cmp(&b.name).then(a.seed.cmp(&b.seed)));
     // Per run: seeds passed; per failing expectation: seed (actual).
     let mut failed = false;
