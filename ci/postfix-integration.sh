@@ -58,10 +58,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# The gatekeeper: the same users as Postfix, its policy service on $policy_port.
+# The gatekeeper: the same users as Postfix, its policy service on $policy_port, its milter on
+# $milter_port, and no SMTP front end of its own (server.listen = ""): Postfix keeps port 25.
 cat >"$work/gatekeeper.toml" <<EOF2
 [server]
-listen = "127.0.0.1:$gk_port"
+listen = ""
 hostname = "mx.example.test"
 state_dir = "$work/state"
 [domains]
@@ -180,6 +181,9 @@ sw() { # source address, swaks args...
 swm() { port=$milter_smtp_port sw "$@"; } # through the milter-only smtpd
 eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 bans() { "$bin" bans --config "$work/gatekeeper.toml" list 2>&1 || true; }
+
+if (exec 3<>"/dev/tcp/127.0.0.1/$gk_port") 2>/dev/null; then smtp_open=yes; else smtp_open=no; fi
+check "no SMTP listener of its own beside Postfix (server.listen = \"\")" '^no$' "$smtp_open"
 
 out=$(sw 127.0.0.22 --from nobody@example.test --to alice@example.test --quit-after RCPT)
 check "forged local sender through Postfix: the gatekeeper's 550 5.7.1" '<\*\* +550 5\.7\.1 .*Sender is not a user of this domain' "$out"

@@ -68,7 +68,8 @@ pub const DEFAULT_QUEUE_MINFREE: u64 = 256 * 1024 * 1024;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerSection {
-    /// Address to listen on.
+    /// Address to listen on for SMTP; `""`: no SMTP front end (only the Postfix policy service
+    /// and/or the milter serve; one of them must be set).
     pub listen: String,
     /// Our host name in the greeting, EHLO and Received headers.
     pub hostname: String,
@@ -403,8 +404,9 @@ impl LoadError {
 pub struct Settings {
     /// The file as read.
     pub config: Config,
-    /// The listening address.
-    pub listen: SocketAddr,
+    /// The SMTP listening address; `None` (`server.listen = ""`): no SMTP front end, only the
+    /// Postfix policy service and/or the milter.
+    pub listen: Option<SocketAddr>,
     /// Session limits and rule tunables.
     pub session: Arc<SessionConfig>,
     /// Local domains and users.
@@ -493,12 +495,25 @@ impl Config {
     /// `base` (the config file's directory).
     pub fn validate(self, base: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut problems = Vec::new();
-        let listen = self
-            .server
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| problems.push(format!("server.listen: {:?} is not an address:port ({e})", self.server.listen)))
-            .ok();
+        let smtp = !self.server.listen.trim().is_empty();
+        let listen = if smtp {
+            self.server
+                .listen
+                .parse::<SocketAddr>()
+                .map_err(|e| {
+                    problems.push(format!("server.listen: {:?} is not an address:port ({e})", self.server.listen))
+                })
+                .ok()
+        } else {
+            if self.postfix_policy.listen.is_none() && self.milter.addr().is_none() {
+                problems.push(
+                    "server.listen: empty (no SMTP front end), and neither postfix_policy.listen nor milter.listen \
+                     is set: nothing would be served"
+                        .into(),
+                );
+            }
+            None
+        };
         if Domain::parse(&self.server.hostname).is_err() {
             problems.push(format!("server.hostname: {:?} is not a domain name", self.server.hostname));
         }
@@ -686,7 +701,7 @@ impl Config {
             mode: config.rules.mode,
         };
         Ok(Settings {
-            listen: listen.expect("checked above"),
+            listen,
             session: Arc::new(session),
             directory: Arc::new(directory),
             relay,
@@ -719,7 +734,7 @@ mod tests {
     fn shipped_example_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/gatekeeper.toml");
         let settings = Config::load(&path, Overrides::default()).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(settings.listen, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(settings.listen, Some("127.0.0.1:2525".parse().unwrap()));
         assert_eq!(settings.directory.user_count(), 2);
     }
 
@@ -836,7 +851,7 @@ mod tests {
             callbacks_seed: Some(7),
         };
         let s = Config::load(Source::Table { table: table.clone(), base: Some(Path::new("/etc")) }, overrides).unwrap();
-        assert_eq!(s.listen, "0.0.0.0:25".parse().unwrap());
+        assert_eq!(s.listen, Some("0.0.0.0:25".parse().unwrap()));
         assert_eq!(s.config.server.state_dir, Path::new("/var/lib/gk"));
         assert_eq!(s.config.bans.backend, crate::ban::BackendKind::XtRecent);
         assert_eq!(s.config.bans.xt_recent.capacity, 300);
@@ -850,6 +865,18 @@ mod tests {
         assert!(matches!(&err, LoadError::Invalid(_)) && err.problems()[0].starts_with("server.listen"), "{err}");
         let err = Config::load(Path::new("/nonexistent/gatekeeper.toml"), Overrides::default()).unwrap_err();
         assert!(err.problems()[0].starts_with("cannot read /nonexistent/gatekeeper.toml: "), "{err}");
+    }
+
+    /// `server.listen = ""`: no SMTP front end, allowed only beside the policy service or the
+    /// milter (issue 14 item 3).
+    #[test]
+    fn smtp_listener_is_optional_beside_another_front_end() {
+        let policy_only = "[server]\nlisten = \"\"\n[postfix_policy]\nlisten = \"127.0.0.1:10040\"\n";
+        assert_eq!(Config::parse(policy_only).unwrap().validate(None).unwrap().listen, None);
+        let milter_only = "[server]\nlisten = \"\"\n[milter]\nlisten = \"127.0.0.1:10041\"\n";
+        assert_eq!(Config::parse(milter_only).unwrap().validate(None).unwrap().listen, None);
+        let err = Config::parse("[server]\nlisten = \"\"\n").unwrap().validate(None).unwrap_err();
+        assert!(err.problems.iter().any(|p| p.contains("nothing would be served")), "{err}");
     }
 
     #[test]

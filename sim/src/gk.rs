@@ -70,7 +70,7 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
         st.c.reapplied += restored.restored as u64;
         st.kernel_lost = false;
     }
-    let listener = SimListener::bind(settings.listen).await?;
+    let listener = SimListener::bind(settings.listen.expect("the world sets server.listen")).await?;
     app.run(listener, std::future::pending()).await?;
     Ok(())
 }

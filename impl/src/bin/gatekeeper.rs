@@ -101,7 +101,7 @@ fn main() -> ExitCode {
                 println!(
                     "{}: OK (listen {}, {} local domain(s), {} user(s), delivery: {})",
                     config.display(),
-                    s.listen,
+                    listening(&s),
                     s.directory.domains().count(),
                     s.directory.user_count(),
                     s.relay.map_or_else(|| "Maildir spool".to_string(), |r| format!("relay to {r}")),
@@ -165,11 +165,16 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
     let c = &settings.config;
     // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
     // Bound on a thread-less runtime, handed over to the serving runtime below.
-    let listener = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()?
-        .block_on(async { gatekeeper::edges::tcp_listener(settings.listen)?.into_std() })
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let listener = match settings.listen {
+        Some(addr) => Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
     // The Postfix policy service, if configured, bound here too (before any privilege drop).
     let policy_listener = match &c.postfix_policy.listen {
         Some(addr) => {
@@ -232,7 +237,7 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let listener = listener.map(tokio::net::TcpListener::from_std).transpose()?;
         let app = assemble(&settings, Edges::production(&settings)?).await?;
         app.start().await?;
         let policy_config = settings.config.postfix_policy.clone();
@@ -285,7 +290,13 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
                 None => Ok(()),
             }
         };
-        let smtp = async { app.run(listener, stopped(stop_rx.clone())).await.map_err(anyhow::Error::from) };
+        let smtp = async {
+            match listener {
+                Some(l) => app.run(l, stopped(stop_rx.clone())).await.map_err(anyhow::Error::from),
+                // No SMTP front end: the policy service and/or the milter serve alone.
+                None => Ok(()),
+            }
+        };
         let policy = async { policy.await.map_err(anyhow::Error::from) };
         tokio::try_join!(smtp, policy, milter)?;
         Ok(())
@@ -345,11 +356,27 @@ async fn reload_on_sighup(
     }
 }
 
+/// What serves, and where: the SMTP listener, the policy service, the milter.
+fn listening(s: &Settings) -> String {
+    let c = &s.config;
+    let mut parts = Vec::new();
+    if let Some(l) = s.listen {
+        parts.push(format!("{l} (SMTP)"));
+    }
+    if let Some(p) = &c.postfix_policy.listen {
+        parts.push(format!("{p} (policy service)"));
+    }
+    if let Some(m) = c.milter.addr() {
+        parts.push(format!("{m} (milter)"));
+    }
+    parts.join(", ")
+}
+
 /// systemd's `STATUS=` line while serving.
 fn ready_status(settings: &Settings) -> String {
     format!(
         "serving on {}, mode {}, {} user(s)",
-        settings.listen,
+        listening(settings),
         format!("{:?}", settings.session.mode).to_lowercase(),
         settings.directory.user_count()
     )

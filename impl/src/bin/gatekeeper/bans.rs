@@ -38,7 +38,7 @@ pub struct RulesetArgs {
     /// The TOML configuration.
     #[arg(long, short)]
     config: PathBuf,
-    /// The port to protect; default: the port of `server.listen`.
+    /// The port to protect; default: the port of `server.listen` (25 without an SMTP listener).
     #[arg(long)]
     port: Option<u16>,
 }
@@ -99,7 +99,7 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn params(s: &Settings, port: Option<u16>) -> RuleParams {
     let g = &s.config.gate;
     RuleParams {
-        port: port.unwrap_or(s.listen.port()),
+        port: port.or(s.listen.map(|l| l.port())).unwrap_or(25),
         window: g.window,
         ban_time: g.ban_time,
         ipv6_prefix: g.ipv6_prefix,
