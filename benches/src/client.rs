@@ -555,8 +555,9 @@ impl Default for Progress {
     }
 }
 
-/// Reads the greeting, says EHLO and MAIL FROM:<>: the state the hold driver keeps a session
-/// in. `Ok(conn)` with the connection at the RCPT step.
+/// Reads the greeting, says EHLO (with STARTTLS: STARTTLS, the handshake, EHLO again) and
+/// MAIL FROM:<>: the state the hold driver keeps a session in. `Ok(conn)` with the connection
+/// at the RCPT step.
 pub async fn open_and_start(cfg: &ClientConfig, sources: &SourceCursor, p: &mut Progress) -> Result<Conn, Failure> {
     let mut c = connect(cfg, sources, p).await?;
     expect(p, Step::Mail, c.command(b"MAIL FROM:<>\r\n").await, |c| c == 250)?;
@@ -570,6 +571,8 @@ pub async fn finish_held(cfg: &ClientConfig, c: &mut Conn, p: &mut Progress) -> 
     expect(p, Step::Quit, c.command(b"QUIT\r\n").await, |c| c == 221)
 }
 
+/// Connects, reads the 220 and says EHLO; with STARTTLS, then STARTTLS, the handshake and EHLO
+/// again. The connection is ready for MAIL.
 async fn connect(cfg: &ClientConfig, sources: &SourceCursor, p: &mut Progress) -> Result<Conn, Failure> {
     p.step = Step::Connect;
     let (mut c, skipped) =
