@@ -714,6 +714,12 @@ impl MessageCounter {
         }
         self.seen.insert(key, (now, n));
         self.order.push_back((key, now));
+        // Keys dropped for capacity leave stale pairs behind until their window ends; many new
+        // keys an hour would grow `order` past any bound: compact it now and then (amortised).
+        if self.order.len() > 2 * self.capacity {
+            let seen = &self.seen;
+            self.order.retain(|(k, t)| seen.get(k).is_some_and(|e| e.0 == *t));
+        }
         // Drop pairs that can no longer match (their window ended), so `order` stays bounded.
         while let Some(&(old, start)) = self.order.front() {
             let live = self.seen.get(&old).is_some_and(|e| e.0 == start);

@@ -35,7 +35,7 @@ pub mod trace;
 pub use self::clock::{Clock, SystemClock};
 pub use self::message::{Content, MessageFile, available_space};
 pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
-pub use self::relay::{RelayTls, RelayTlsMode, SmtpRelay};
+pub use self::relay::{AnyCertificate, RelayTls, RelayTlsMode, SmtpRelay};
 pub use self::spool::MaildirSpool;
 pub use self::tcp::{LISTEN_BACKLOG, NOFILE_SPARE, NofileLimit, raise_nofile_limit, tcp_listener};
 pub use self::tls::{Conn, Tls, TlsSection};

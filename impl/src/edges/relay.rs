@@ -153,9 +153,9 @@ impl RelayTls {
 
 /// `relay_tls = "may"`: any certificate is taken (nothing to check it against, as Postfix's
 /// `may`), but the handshake's signatures are still verified, so the session is encrypted to
-/// whoever holds the certificate's key.
+/// whoever holds the certificate's key. (The load generator's client uses it too.)
 #[derive(Debug)]
-struct AnyCertificate(WebPkiSupportedAlgorithms);
+pub struct AnyCertificate(pub WebPkiSupportedAlgorithms);
 
 impl ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(

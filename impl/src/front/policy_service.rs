@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinSet;
 
 use super::policy::{Answer, PolicyEvent, PolicyReceiver, Request};
 use crate::edges::Listener;
@@ -118,31 +117,11 @@ impl PolicyService {
 
     /// Serves policy connections from `listener` until `shutdown` completes; connections
     /// then end after the request in progress.
-    pub async fn run<L: Listener>(&self, mut listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        tracing::info!(listen = %listener.local_addr()?, "policy service");
-        let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) if tasks.len() < self.cfg.max_connections => {
-                        let me = self.clone();
-                        tasks.spawn(async move { me.connection(stream, peer).await });
-                    }
-                    Ok((_, peer)) => tracing::warn!(%peer, max = self.cfg.max_connections, "policy: too many connections"),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "policy: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-            }
-        }
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-        Ok(())
+    pub async fn run<L: Listener>(&self, listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        super::accept_loop("policy service", listener, self.cfg.max_connections, shutdown, |stream, peer| {
+            self.clone().connection(stream, peer)
+        })
+        .await
     }
 
     async fn connection<S>(self, mut stream: S, peer: SocketAddr)
@@ -335,30 +314,18 @@ impl Conn<'_> {
             match action {
                 Action::Ban { addr, session, request } => server.front_ban(addr, session, request).await,
                 Action::Verify { sender } => {
-                    let mut probe = tokio::spawn(server.front_probe(sender.clone()));
-                    let result = match tokio::time::timeout_at(started + timeout, &mut probe).await {
-                        Ok(Ok(result)) => result,
-                        Ok(Err(e)) => crate::policy::Verification::Unknown { evidence: format!("probe failed: {e}") },
-                        Err(_) => {
-                            server.front_events(&mut cur.session);
-                            return Err(Slow);
-                        }
-                    };
-                    let waited = server.front_waited(&cur.session, &result, &sender);
-                    cur.session.handle_verified(server.now(), result, waited);
+                    if !server.front_verify(&mut cur.session, sender, started + timeout).await {
+                        return Err(Slow);
+                    }
                 }
                 // The MTA keeps the message: nothing to receive, store or deliver here.
                 Action::Receive { .. } | Action::Append { .. } | Action::Discard | Action::Scan => {}
                 Action::Deliver { .. } | Action::StartTls | Action::Close => {}
             }
         }
-        server.front_events(&mut cur.session);
-        let mut replies = std::iter::from_fn(|| cur.session.poll_reply());
-        let first = replies.next();
-        if let Some(closing) = replies.filter(|r| r.code == 421).last() {
-            cur.closing = Some(closing);
-        } else if first.as_ref().is_some_and(|r| r.code == 421) {
-            cur.closing = first.clone();
+        let (first, closing) = server.front_replies(&mut cur.session);
+        if closing.is_some() {
+            cur.closing = closing;
         }
         Ok(first)
     }

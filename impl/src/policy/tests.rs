@@ -273,6 +273,12 @@ fn message_counter_fixed_window_and_capacity() {
     m.add(t0 + s(9000), a, 1);
     assert_eq!(m.len(), 1);
     assert!(!m.is_empty());
+    // Many new keys inside one window: the table stays at its capacity.
+    for i in 0..10_000u32 {
+        m.add(t0 + s(9001), IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i)), 1);
+    }
+    assert_eq!(m.len(), 2);
+    assert!(m.order.len() <= 2 * 2 + 1, "{}", m.order.len());
 }
 
 /// B4's share test (docs/design.md §2): a client whose local recipients in the window were

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{Server, Shared};
 use crate::edges::{BanOrder, MessageFile};
 use crate::policy::{BanRequest, OnUnknown, ScanOutcome, Verification};
-use crate::proto::{Mailbox, escape};
+use crate::proto::{Mailbox, Reply, escape};
 use crate::session::{ClientInfo, Session, SessionConfig};
 
 impl Server {
@@ -76,6 +76,36 @@ impl Server {
     /// C1's wait for an unknown result (see [`Session::handle_verified`]).
     pub fn front_waited(&self, session: &Session, result: &Verification, sender: &Mailbox) -> Duration {
         self.shared.unknown_waited(result, sender, session.client().addr, session.config().on_unknown)
+    }
+
+    /// A front end's session asked for a callback ([`Action::Verify`](crate::session::Action)):
+    /// probes `sender` and hands the result to the session, or, if it is not there by
+    /// `deadline`, logs the session's events and returns `false` (the front end answers its
+    /// MTA without it; the probe goes on and fills the cache).
+    pub async fn front_verify(&self, session: &mut Session, sender: Mailbox, deadline: tokio::time::Instant) -> bool {
+        let mut probe = tokio::spawn(self.front_probe(sender.clone()));
+        let result = match tokio::time::timeout_at(deadline, &mut probe).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(e)) => Verification::Unknown { evidence: format!("probe failed: {e}") },
+            Err(_) => {
+                self.front_events(session);
+                return false;
+            }
+        };
+        let waited = self.front_waited(session, &result, &sender);
+        session.handle_verified(self.now(), result, waited);
+        true
+    }
+
+    /// After a front end's session was given input and its actions were carried out: logs its
+    /// events and returns its first reply, and the 421 that closed it if one did (the first
+    /// reply itself, or a later one).
+    pub fn front_replies(&self, session: &mut Session) -> (Option<Reply>, Option<Reply>) {
+        self.front_events(session);
+        let mut replies = std::iter::from_fn(|| session.poll_reply());
+        let first = replies.next();
+        let closing = replies.filter(|r| r.code == 421).last().or_else(|| first.clone().filter(|r| r.code == 421));
+        (first, closing)
     }
 
     /// Scans a message file (V1); `Failed` without a scanner.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use gatekeeper_sim::fmt::num;
-use gatekeeper_sim::report::{Report, reset_peak_rss};
+use gatekeeper_sim::report::{ExpectResult, Report, reset_peak_rss};
 use gatekeeper_sim::runner::{self, Progress};
 use gatekeeper_sim::world::Sabotage;
 
@@ -78,11 +78,12 @@ fn default_paths(paths: Vec<PathBuf>) -> Vec<PathBuf> {
     if paths.is_empty() { vec![PathBuf::from("scenarios")] } else { paths }
 }
 
-/// What one (run, seed) of a sweep gave.
+/// What one (run, seed) of a sweep gave: its failed expectations (none: it passed), not the
+/// whole report — hundreds of runs are kept until the end.
 struct Swept {
     name: String,
     seed: u64,
-    result: Result<Report, String>,
+    result: Result<Vec<ExpectResult>, String>,
 }
 
 fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) -> ExitCode {
@@ -113,7 +114,8 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
                     let Some(run) = queue.lock().expect("work queue").next() else { return };
                     let (name, seed) = (run.name.clone(), run.seed);
                     let result = runner::resolve(&run, Sabotage::None)
-                        .and_then(|cfg| runner::run(cfg, &mut ()).map_err(|e| format!("{e:#}")));
+                        .and_then(|cfg| runner::run(cfg, &mut ()).map_err(|e| format!("{e:#}")))
+                        .map(|r| r.expectations.into_iter().filter(|e| !e.pass).collect());
                     if tx.send(Swept { name, seed, result }).is_err() {
                         return;
                     }
@@ -124,7 +126,7 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
         // As each run ends, one line on stderr: a long sweep shows where it is.
         for (k, s) in rx.iter().enumerate() {
             let verdict = match &s.result {
-                Ok(r) if r.passed => "pass",
+                Ok(failed) if failed.is_empty() => "pass",
                 Ok(_) => "FAIL",
                 Err(_) => "error",
             };
@@ -140,14 +142,14 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
         by_run.entry(&s.name).or_default().push(s);
     }
     for (name, swept) in &by_run {
-        let passed = swept.iter().filter(|s| s.result.as_ref().is_ok_and(|r| r.passed)).count();
+        let passed = swept.iter().filter(|s| s.result.as_ref().is_ok_and(Vec::is_empty)).count();
         println!("{:<44} {passed}/{} seeds", name, swept.len());
         let mut fails: std::collections::BTreeMap<String, Vec<String>> = std::collections::BTreeMap::new();
         for s in swept {
             match &s.result {
                 Err(e) => fails.entry("(error)".into()).or_default().push(format!("{}: {e}", s.seed)),
-                Ok(r) => {
-                    for e in r.expectations.iter().filter(|e| !e.pass) {
+                Ok(failed) => {
+                    for e in failed {
                         let key = format!("{} {}", e.metric, e.expect);
                         fails.entry(key).or_default().push(format!("{} ({})", s.seed, num(e.actual)));
                     }
@@ -159,7 +161,7 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
             println!("   FAIL {what}: seeds {}", seeds.join(", "));
         }
     }
-    let passed = done.iter().filter(|s| s.result.as_ref().is_ok_and(|r| r.passed)).count();
+    let passed = done.iter().filter(|s| s.result.as_ref().is_ok_and(Vec::is_empty)).count();
     println!("{passed}/{total} runs passed in {:.1} s wall", started.elapsed().as_secs_f64());
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
