@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
 # Debian's Postfix in front, the gatekeeper beside it as its policy service and as its milter
-# (docs/postfix.md): a private Postfix instance on loopback with a main.cf written here (nothing
-# of the system's Postfix is touched), swaks as the SMTP client, the gatekeeper binary as the
-# policy server and the milter. Three smtpd listeners: one with the policy service (and no
-# milter), one with only the milter (smtpd_milters, as a sendmail with INPUT_MAIL_FILTER has),
-# one with neither (for BENCH).
+# (docs/postfix.md): a private Postfix instance on loopback (nothing of the system's Postfix is
+# touched), swaks as the SMTP client, the gatekeeper binary as the policy server and the milter,
+# callback verification (C1) on, against a real DNS server (dnsmasq, on a loopback port) and a
+# remote MX (ci/mx-fixture.py, on 127.0.2.25).
+#
+# main.cf is Debian's own (what the postfix package's postinst writes: main.cf.debian, its TLS
+# lines when the snakeoil key exists, smtpd_relay_restrictions), then this test's site settings
+# (paths of the private instance, hostname, virtual mailboxes, loopback), then the gatekeeper's
+# two lines: smtpd_recipient_restrictions (the policy service) and smtpd_milters. A check
+# verifies that main.cf differs from the site's by exactly those two lines. Four smtpd
+# listeners (master.cf):
+#   two lines   main.cf as is: policy service and milter (the issue's "Done when")
+#   policy      -o smtpd_milters= and smtpd_data_restrictions (docs/postfix.md §2 in full)
+#   milter      -o smtpd_recipient_restrictions= : the milter alone, what sendmail gets
+#   plain       neither (for BENCH)
 #
 #   bash ci/postfix-integration.sh            # builds the release binary
 #   GATEKEEPER_BIN=target/debug/gatekeeper bash ci/postfix-integration.sh
-#   BENCH=5000 bash ci/postfix-integration.sh # then messages/s: Postfix alone, policy, milter
+#   BENCH=5000 bash ci/postfix-integration.sh # then messages/s: Postfix alone, policy, milter, both
+#   KEEP=1 ...                                # keep the work directory and its logs
 #
-# Shows, through Postfix: a forged local sender refused with the gatekeeper's 550 5.7.1 and
-# banned (B1; the client's next message is refused 421 and Postfix disconnects it); <> to an
-# unknown user refused 550 5.1.1 and not banned; two unknown recipients banned (B4); a valid
-# message delivered; the gatekeeper stopped: Postfix's default action applies (451 4.3.5, the
-# sender keeps the message) and nothing is lost.
+# Shows, through Postfix's policy service: a forged local sender refused with the gatekeeper's
+# 550 5.7.1 and banned (B1; the client's next message is refused 421 and Postfix disconnects
+# it); <> to an unknown user refused 550 5.1.1 and not banned; two unknown recipients banned
+# (B4); a Postfix-style probe not banned; a valid message delivered; C1: a sender its MX says
+# does not exist (550 5.1.1) refused 550 5.1.7 and banned (B2), as is one at a null-MX domain;
+# NXDOMAIN refused 550 5.1.7 without a ban; an MX answering 451 or a policy 550 5.7.1 gives
+# 451 4.4.3 and no ban; an existing sender at the probed domain delivered; <> not probed; the
+# gatekeeper stopped: Postfix's default action applies (451 4.3.5) and nothing is lost.
 # Through the milter alone: the forged local sender refused 550 5.7.1 at MAIL and banned (B1);
-# EICAR refused at the end of DATA with the gatekeeper's 554 5.7.1 and banned (B3), from <> not
-# banned; a clean message delivered; the gatekeeper stopped: milter_default_action = tempfail
-# (451 4.7.1), and the retry once it is back is delivered.
-# Fails (never skips) when postfix or swaks is missing and GATEKEEPER_REQUIRE_TOOLS=1.
+# C1 at RCPT as above (550 5.1.7 and B2; 451 4.4.3 and no ban; a real sender delivered; <> not
+# probed); EICAR refused at the end of DATA with the gatekeeper's 554 5.7.1 and banned (B3),
+# from <> not banned; a clean message delivered; the gatekeeper stopped: milter_default_action
+# (Postfix's default, tempfail: 451 4.7.1), and the retry once it is back is delivered.
+# Through the two lines: E1, E2 (and B4), C1 (and B2), V1 (and B3), a clean message delivered.
+# Fails (never skips) when a tool is missing and GATEKEEPER_REQUIRE_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v postfix >/dev/null || ! command -v swaks >/dev/null; then
+if ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || ! command -v dnsmasq >/dev/null \
+  || ! command -v python3 >/dev/null; then
   # Debian's postfix asks debconf for a mailer type: none, this script writes its own main.cf.
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
-  bash ci/setup.sh postfix swaks || true
+  bash ci/setup.sh postfix swaks dnsmasq-base python3 || true
 fi
-for tool in postfix swaks; do
+for tool in postfix swaks dnsmasq python3; do
   if ! command -v $tool >/dev/null; then
     if [ "${GATEKEEPER_REQUIRE_TOOLS:-0}" = 1 ]; then
-      echo "postfix-integration: $tool is not installed (bash ci/setup.sh postfix swaks)" >&2; exit 1
+      echo "postfix-integration: $tool is not installed (bash ci/setup.sh postfix swaks dnsmasq-base python3)" >&2; exit 1
     fi
     echo "postfix-integration: $tool is not installed; skipped (GATEKEEPER_REQUIRE_TOOLS=1 makes this fail)"; exit 0
   fi
@@ -49,17 +66,47 @@ gk_port=$((smtp_port + 2))
 milter_smtp_port=$((smtp_port + 3))
 milter_port=$((smtp_port + 4))
 plain_port=$((smtp_port + 5))
+two_port=$((smtp_port + 6))
+dns_port=$((smtp_port + 7))
+mx_port=$((smtp_port + 8))
+mx_addr=127.0.2.25
 etc=$work/etc
-gk_pid=""
+gk_pid="" dns_pid="" mx_pid=""
 cleanup() {
-  [ -n "$gk_pid" ] && kill "$gk_pid" 2>/dev/null && wait "$gk_pid" 2>/dev/null
+  for pid in $gk_pid $dns_pid $mx_pid; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   [ -f "$etc/main.cf" ] && postfix -c "$etc" stop >/dev/null 2>&1 || true
   if [ "${KEEP:-0}" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
+wait_port() { # address, port, what
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "postfix-integration: $3 did not start on $1:$2" >&2; return 1
+}
+
+# The world C1 probes: a DNS server on loopback with the sender domains' MX records
+# (dnsmasq, authoritative for .test only: any other name under .test is NXDOMAIN), and one
+# remote MX for all of them (ci/mx-fixture.py: 250 for the users below, 550 5.1.1 for anyone
+# else, 451 for tempfail.test, 550 5.7.1 for policy.test). nullmx.test has a null MX (RFC 7505).
+dnsmasq --keep-in-foreground --conf-file=/dev/null --port="$dns_port" --listen-address=127.0.0.1 \
+  --bind-interfaces --no-resolv --no-hosts --local=/test/ --user=nobody --group=nogroup --pid-file= \
+  --log-facility="$work/dnsmasq.log" --log-queries --host-record="mx.fixture.test,$mx_addr" \
+  --mx-host=elsewhere.test,mx.fixture.test,10 --mx-host=remote.test,mx.fixture.test,10 \
+  --mx-host=tempfail.test,mx.fixture.test,10 --mx-host=policy.test,mx.fixture.test,10 \
+  --mx-host=nullmx.test,.,0 2>>"$work/dnsmasq.log" &
+dns_pid=$!
+python3 ci/mx-fixture.py "$mx_addr:$mx_port" "$work/mx.log" someone@elsewhere.test news@elsewhere.test \
+  later@elsewhere.test bench@elsewhere.test carol@elsewhere.test dave@elsewhere.test \
+  erin@elsewhere.test frank@elsewhere.test double-bounce@remote.test 2>>"$work/mx-fixture.log" &
+mx_pid=$!
+wait_port 127.0.0.1 "$dns_port" dnsmasq || { cat "$work/dnsmasq.log" >&2; exit 1; }
+wait_port "$mx_addr" "$mx_port" ci/mx-fixture.py || { cat "$work/mx-fixture.log" >&2; exit 1; }
 
 # The gatekeeper: the same users as Postfix, its policy service on $policy_port, its milter on
 # $milter_port, and no SMTP front end of its own (server.listen = ""): Postfix keeps port 25.
+# C1 on, probing through the DNS server and MX above ([callbacks] port: the MX's port).
 cat >"$work/gatekeeper.toml" <<EOF2
 [server]
 listen = ""
@@ -70,6 +117,10 @@ local = ["example.test"]
 users = ["alice@example.test", "bob@example.test"]
 [rules]
 scan = true
+verify_senders = true
+[callbacks]
+nameservers = ["127.0.0.1:$dns_port"]
+port = $mx_port
 [postfix_policy]
 listen = "127.0.0.1:$policy_port"
 [milter]
@@ -86,58 +137,20 @@ start_gatekeeper() {
   echo "postfix-integration: the gatekeeper did not start:" >&2; cat "$work/gatekeeper.log" >&2; exit 1
 }
 
-# Postfix: virtual mailboxes for example.test (Maildirs under $work/mail), the gatekeeper as
-# its policy service for RCPT and DATA: the two lines of docs/postfix.md.
+# Postfix. master.cf first (postconf edits main.cf beside it): the four listeners; the
+# services are those of Debian's master.cf, unchrooted (the private instance has no chroot).
 mkdir -p "$etc" "$work/queue" "$work/data" "$work/mail"
 chown postfix "$work/data" "$work/mail"
-cat >"$etc/main.cf" <<EOF2
-compatibility_level = 3.6
-queue_directory = $work/queue
-data_directory = $work/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-meta_directory = /etc/postfix
-shlib_directory = /usr/lib/postfix
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = mx.example.test
-mydomain = example.test
-myorigin = \$myhostname
-mydestination =
-relay_domains =
-mynetworks = 192.0.2.1/32
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-alias_maps =
-alias_database =
-biff = no
-smtputf8_enable = no
-maillog_file = $work/maillog
-maillog_file_prefixes = $work
-virtual_mailbox_domains = example.test
-virtual_mailbox_maps = texthash:$etc/users
-virtual_mailbox_base = $work/mail
-virtual_uid_maps = static:$(id -u postfix)
-virtual_gid_maps = static:$(id -g postfix)
-smtpd_peername_lookup = no
-smtpd_relay_restrictions = reject_unauth_destination
-smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:$policy_port
-smtpd_data_restrictions = check_policy_service inet:127.0.0.1:$policy_port
-smtpd_client_connection_rate_limit = 0
-smtpd_tls_security_level = none
-smtp_tls_security_level = none
-milter_default_action = tempfail
-EOF2
-printf '%s %s/\n' alice@example.test alice bob@example.test bob postmaster@example.test postmaster abuse@example.test abuse >"$etc/users"
 cat >"$etc/master.cf" <<EOF2
+127.0.0.1:$two_port inet n - n - - smtpd
 127.0.0.1:$smtp_port inet n - n - - smtpd
+  -o smtpd_milters=
+  -o smtpd_data_restrictions=check_policy_service,inet:127.0.0.1:$policy_port
 127.0.0.1:$milter_smtp_port inet n - n - - smtpd
-  -o smtpd_milters=inet:127.0.0.1:$milter_port
   -o smtpd_recipient_restrictions=
-  -o smtpd_data_restrictions=
 127.0.0.1:$plain_port inet n - n - - smtpd
   -o smtpd_recipient_restrictions=
-  -o smtpd_data_restrictions=
+  -o smtpd_milters=
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n - 0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -155,15 +168,37 @@ discard   unix  - - n - - discard
 virtual   unix  - n n - - virtual
 anvil     unix  - - n - 1 anvil
 scache    unix  - - n - 1 scache
+tlsmgr    unix  - - n 1000? 1 tlsmgr
 postlog   unix-dgram n - n - 1 postlogd
 EOF2
+# 1. Stock Debian: what the postfix package's postinst writes for any mailer type but "No
+# configuration".
+cp /usr/share/postfix/main.cf.debian "$etc/main.cf"
+[ -f /etc/ssl/private/ssl-cert-snakeoil.key ] && cat /usr/share/postfix/main.cf.tls >>"$etc/main.cf"
+postconf -c "$etc" -e "smtpd_relay_restrictions=permit_mynetworks permit_sasl_authenticated defer_unauth_destination"
+# 2. This test's site, as an admin's would be: the private instance's paths and log, its
+# names, virtual mailboxes for example.test (Maildirs under $work/mail), loopback only, and
+# no trusted network (the loopback clients stand for the Internet). Nothing for the gatekeeper.
+postconf -c "$etc" -e "queue_directory=$work/queue" "data_directory=$work/data" \
+  "maillog_file=$work/maillog" "maillog_file_prefixes=$work" \
+  myhostname=mx.example.test mydomain=example.test 'myorigin=$myhostname' mydestination= \
+  relay_domains= mynetworks=192.0.2.1/32 inet_interfaces=loopback-only inet_protocols=ipv4 \
+  alias_maps= alias_database= smtputf8_enable=no smtpd_peername_lookup=no \
+  virtual_mailbox_domains=example.test "virtual_mailbox_maps=texthash:$etc/users" \
+  "virtual_mailbox_base=$work/mail" "virtual_uid_maps=static:$(id -u postfix)" \
+  "virtual_gid_maps=static:$(id -g postfix)"
+cp "$etc/main.cf" "$work/main.cf.site"
+# 3. The gatekeeper: the two lines of docs/postfix.md (milter_default_action is Postfix's
+# default, tempfail).
+cat >>"$etc/main.cf" <<EOF2
+smtpd_recipient_restrictions = check_policy_service inet:127.0.0.1:$policy_port
+smtpd_milters = inet:127.0.0.1:$milter_port
+EOF2
+printf '%s %s/\n' alice@example.test alice bob@example.test bob postmaster@example.test postmaster abuse@example.test abuse >"$etc/users"
 if ! script -qec "postfix -c '$etc' check && postfix -c '$etc' start" "$work/start.log" >/dev/null; then
   echo "postfix-integration: postfix did not start:" >&2; tr -d '\r' <"$work/start.log" >&2; exit 1
 fi
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$smtp_port") 2>/dev/null && break
-  sleep 0.1
-done
+for p in $two_port $smtp_port $milter_smtp_port $plain_port; do wait_port 127.0.0.1 "$p" postfix; done
 start_gatekeeper
 
 pass=0 fail=0
@@ -179,8 +214,14 @@ sw() { # source address, swaks args...
   swaks --server "127.0.0.1:${port:-$smtp_port}" --local-interface "$src" --helo client.test --timeout ${SWAKS_TIMEOUT:-30} "$@" 2>&1 || true
 }
 swm() { port=$milter_smtp_port sw "$@"; } # through the milter-only smtpd
+sw2() { port=$two_port sw "$@"; }          # through main.cf's two lines: policy service and milter
 eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 bans() { "$bin" bans --config "$work/gatekeeper.toml" list 2>&1 || true; }
+ban_count() { bans | grep -c "${1//./\\.} " || true; }
+mx_connections() { grep -c '^CONNECT' "$work/mx.log" || true; }
+mx_asked() { # how often the MX was asked MAIL FROM:<> then RCPT TO:<$1> (a callback)
+  grep -A1 -E '^MAIL FROM:<>( |$)' "$work/mx.log" | grep -ciF "RCPT TO:<$1>" || true
+}
 
 if (exec 3<>"/dev/tcp/127.0.0.1/$gk_port") 2>/dev/null; then smtp_open=yes; else smtp_open=no; fi
 check "no SMTP listener of its own beside Postfix (server.listen = \"\")" '^no$' "$smtp_open"
@@ -207,6 +248,38 @@ check "... not banned: the next one is accepted" '<- +250 2\.1\.5' "$out"
 out=$(sw 127.0.0.27 --from news@elsewhere.test --to alice@example.test --header "Subject: via postfix" --body "hello through postfix")
 check "a message to alice: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
+# C1 through the policy service: once a valid recipient is given, the gatekeeper asks the
+# sender's MX (MAIL FROM:<>, RCPT TO:<sender>). It bans (B2) only on proof that the mailbox
+# does not exist: 5.1.1, 5.1.2 or 5.1.10 from the MX, or a null MX (docs/design.md §2, C1).
+# NXDOMAIN is refused without a ban; a 4xx or a policy 5xx at the MX is no verdict: 451 4.4.3.
+# The policy service answers action=550 5.1.7; Postfix, reporting it as a recipient restriction,
+# turns the sender DSN 5.1.7 into the recipient one, 5.1.3 (its smtpd_dsn_fix), and prefixes
+# "<rcpt>: Recipient address rejected:". The milter's reply reaches the client unchanged.
+fake_sender='<\*\* +550 5\.1\.3 <alice@example\.test>: Recipient address rejected: Sender address rejected: it does not exist at its domain'
+out=$(sw 127.0.0.31 --from ghost@elsewhere.test --to alice@example.test --quit-after RCPT)
+check "C1: a sender its MX refuses 550 5.1.1: the gatekeeper's 550 (5.1.7, as 5.1.3)" "$fake_sender" "$out"
+check "... the MX was asked MAIL FROM:<>, RCPT TO:<ghost@elsewhere.test>" '^[1-9]' "$(mx_asked ghost@elsewhere.test)"
+check "... banned (B2)" '127\.0\.0\.31.* B2 ' "$(bans)"
+out=$(sw 127.0.0.32 --from carol@elsewhere.test --to alice@example.test --header "Subject: verified" --body "carol verified through postfix")
+check "C1: a sender its MX accepts: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
+check "... the MX was asked about carol" '^[1-9]' "$(mx_asked carol@elsewhere.test)"
+out=$(sw 127.0.0.33 --from anyone@tempfail.test --to alice@example.test --quit-after RCPT)
+check "C1: the MX answers 451: 451 4.4.3, the sender retries" '<\*\* +451 4\.4\.3 .*could not be verified' "$out"
+check "... not banned" '^0$' "$(ban_count 127.0.0.33)"
+out=$(sw 127.0.0.34 --from anyone@policy.test --to alice@example.test --quit-after RCPT)
+check "C1: the MX refuses the prober 550 5.7.1 (no proof): 451 4.4.3" '<\*\* +451 4\.4\.3 .*could not be verified' "$out"
+check "... not banned" '^0$' "$(ban_count 127.0.0.34)"
+out=$(sw 127.0.0.35 --from anyone@gone.test --to alice@example.test --quit-after RCPT)
+check "C1: a sender domain that does not exist (NXDOMAIN): 550" "$fake_sender" "$out"
+check "... not banned (a broken resolver must never ban)" '^0$' "$(ban_count 127.0.0.35)"
+out=$(sw 127.0.0.36 --from anyone@nullmx.test --to alice@example.test --quit-after RCPT)
+check "C1: a sender domain with a null MX (RFC 7505): 550" "$fake_sender" "$out"
+check "... banned (B2)" '127\.0\.0\.36.* B2 ' "$(bans)"
+before=$(mx_connections)
+out=$(sw 127.0.0.37 --from '<>' --to alice@example.test --header "Subject: a bounce" --body "a bounce through postfix")
+check "C1: <> is not probed: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
+check "... and the MX was not asked" "^$before\$" "$(mx_connections)"
+
 # The milter alone (a sendmail with INPUT_MAIL_FILTER, or Postfix without the policy service).
 out=$(swm 127.0.0.41 --from nobody@example.test --to alice@example.test --quit-after RCPT)
 check "milter: forged local sender, the gatekeeper's 550 5.7.1" '<\*\* +550 5\.7\.1 .*Sender is not a user of this domain' "$out"
@@ -219,6 +292,43 @@ check "milter: EICAR from <>: 554 5.7.1" '<\*\* +554 5\.7\.1 .*Eicar-Test-Signat
 check "... and not banned" '^0$' "$(bans | grep -c '127\.0\.0\.43' || true)"
 out=$(swm 127.0.0.44 --from news@elsewhere.test --to alice@example.test --header "Subject: via the milter" --body "hello through the milter")
 check "milter: a clean message to alice: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
+# C1 through the milter alone, at RCPT.
+out=$(swm 127.0.0.51 --from ghost2@elsewhere.test --to alice@example.test --quit-after RCPT)
+check "milter: C1, a sender its MX refuses 550 5.1.1: the gatekeeper's 550 5.1.7 at RCPT" '<\*\* +550 5\.1\.7 Sender address rejected: it does not exist at its domain' "$out"
+check "... the MX was asked about ghost2" '^[1-9]' "$(mx_asked ghost2@elsewhere.test)"
+check "... banned (B2)" '127\.0\.0\.51.* B2 ' "$(bans)"
+out=$(swm 127.0.0.52 --from dave@elsewhere.test --to alice@example.test --header "Subject: verified" --body "dave verified through the milter")
+check "milter: C1, a sender its MX accepts: 250 queued by Postfix" '<- +250 2\.0\.0 Ok: queued as' "$out"
+out=$(swm 127.0.0.53 --from other@tempfail.test --to alice@example.test --quit-after RCPT)
+check "milter: C1, the MX answers 451: 451 4.4.3" '<\*\* +451 4\.4\.3 .*could not be verified' "$out"
+check "... not banned" '^0$' "$(ban_count 127.0.0.53)"
+before=$(mx_connections)
+out=$(swm 127.0.0.54 --from '<>' --to alice@example.test --quit-after RCPT)
+check "milter: <> is not probed: 250 at RCPT" '<- +250 2\.1\.5' "$out"
+check "... and the MX was not asked" "^$before\$" "$(mx_connections)"
+
+# main.cf's own smtpd: Debian's main.cf, the site's settings and the gatekeeper's two lines,
+# policy service and milter together: E1, E2, C1 and V1 with their bans.
+stock=/usr/share/postfix/main.cf.debian
+check "main.cf begins with Debian's main.cf.debian, unchanged" '^same$' \
+  "$(cmp -s "$stock" <(head -n "$(wc -l <"$stock")" "$etc/main.cf") && echo same || echo differs)"
+check "... and differs from the site's by exactly two lines, the gatekeeper's" \
+  '^> smtpd_recipient_restrictions = check_policy_service inet:127\.0\.0\.1:[0-9]+ > smtpd_milters = inet:127\.0\.0\.1:[0-9]+$' \
+  "$(diff "$work/main.cf.site" "$etc/main.cf" | grep '^[<>]' | tr '\n' ' ' | sed 's/ $//')"
+out=$(sw2 127.0.0.61 --from nobody@example.test --to alice@example.test --quit-after RCPT)
+check "two lines: E1, a forged local sender: 550 5.7.1" '<\*\* +550 5\.7\.1 .*Sender is not a user of this domain' "$out"
+check "... banned (B1)" '127\.0\.0\.61.* B1 ' "$(bans)"
+out=$(sw2 127.0.0.62 --from someone@elsewhere.test --to nobody@example.test,nobody2@example.test --quit-after RCPT)
+check "two lines: E2, unknown recipients: 550 5.1.1" '<\*\* +550 5\.1\.1' "$out"
+check "... banned (B4)" '127\.0\.0\.62.* B4 ' "$(bans)"
+out=$(sw2 127.0.0.63 --from ghost3@elsewhere.test --to alice@example.test --quit-after RCPT)
+check "two lines: C1, a sender its MX refuses 550 5.1.1: 550 (5.1.7, as 5.1.3)" "$fake_sender" "$out"
+check "... banned (B2)" '127\.0\.0\.63.* B2 ' "$(bans)"
+out=$(sw2 127.0.0.64 --from erin@elsewhere.test --to alice@example.test --header "Subject: invoice" --body "$eicar")
+check "two lines: V1, EICAR: 554 5.7.1 at the end of DATA" '<\*\* +554 5\.7\.1 .*Eicar-Test-Signature' "$out"
+check "... banned (B3)" '127\.0\.0\.64.* B3 ' "$(bans)"
+out=$(sw2 127.0.0.65 --from frank@elsewhere.test --to alice@example.test --header "Subject: two lines" --body "frank through the two lines")
+check "two lines: a clean message from a verified sender: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
 # The gatekeeper stopped: Postfix's default action (smtpd_policy_service_default_action,
 # 451 4.3.5) tempfails; the sending MTA keeps the message. Started again: delivered.
@@ -233,24 +343,28 @@ check "... the retry through the milter once it is back: 250 queued" '<- +250 2\
 out=$(sw 127.0.0.28 --from later@elsewhere.test --to bob@example.test --header "Subject: retried" --body "sent while the gatekeeper was down")
 check "... the retry once it is back: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
-delivered() { # how many of the four accepted messages are in their Maildirs
+delivered() { # how many of the eight accepted messages are in their Maildirs
   local n=0 f
   for f in "alice:hello through postfix" "bob:sent while the gatekeeper was down" \
-    "alice:hello through the milter" "bob:sent while the milter was down"; do
+    "alice:hello through the milter" "bob:sent while the milter was down" \
+    "alice:carol verified through postfix" "alice:a bounce through postfix" \
+    "alice:dave verified through the milter" "alice:frank through the two lines"; do
     [ -n "$(grep -rl "${f#*:}" "$work/mail/${f%%:*}" 2>/dev/null)" ] && n=$((n + 1))
   done
   echo $n
 }
-for _ in $(seq 50); do [ "$(delivered)" = 4 ] && break; sleep 0.2; done
-check "all four accepted messages delivered into their Maildirs" '^4$' "$(delivered)"
+for _ in $(seq 50); do [ "$(delivered)" = 8 ] && break; sleep 0.2; done
+check "all eight accepted messages delivered into their Maildirs" '^8$' "$(delivered)"
 check "... and no message with EICAR delivered" '^0$' "$(grep -rl 'EICAR-STANDARD' "$work/mail" 2>/dev/null | wc -l)"
+check "every callback said MAIL FROM:<> and none sent DATA" '^0 0$' \
+  "$(grep '^MAIL' "$work/mx.log" | grep -cvE '^MAIL FROM:<>( |$)' || true) $(grep -ci '^DATA' "$work/mx.log" || true)"
 
 # BENCH=N: N messages through each listener, side by side: Postfix alone, with the policy
-# service, with the milter (smtp-source, 10 sessions in parallel, 1 KiB messages, one message
+# service, with the milter, with both (smtp-source, 10 sessions in parallel, 1 KiB messages, one message
 # per connection, from 127.0.0.1 to alice; delivered to her Maildir in the background).
 if [ -n "${BENCH:-}" ] && command -v smtp-source >/dev/null; then
   echo "messages/s through Postfix ($BENCH messages, 10 sessions, 1 KiB each):"
-  for run in "Postfix alone:$plain_port" "with the policy service:$smtp_port" "with the milter (V1 scan):$milter_smtp_port"; do
+  for run in "Postfix alone:$plain_port" "with the policy service:$smtp_port" "with the milter (V1 scan):$milter_smtp_port" "with both (the two lines):$two_port"; do
     start=$(date +%s.%N)
     smtp-source -s 10 -m "$BENCH" -l 1024 -f bench@elsewhere.test -t alice@example.test "127.0.0.1:${run##*:}"
     end=$(date +%s.%N)
@@ -261,5 +375,6 @@ fi
 echo "postfix-integration: $pass passed, $fail failed"
 if [ "$fail" -gt 0 ]; then
   echo "--- gatekeeper log"; tail -40 "$work/gatekeeper.log"; echo "--- postfix log"; tail -40 "$work/maillog"
+  echo "--- remote MX (ci/mx-fixture.py)"; tail -40 "$work/mx.log"; echo "--- dnsmasq"; tail -20 "$work/dnsmasq.log"
   exit 1
 fi
