@@ -39,6 +39,7 @@ pub mod mta;
 pub mod net;
 pub mod profile;
 pub mod remote;
+pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod scenario;

@@ -204,6 +204,9 @@ pub struct State {
     /// The gatekeeper's machine is rebooting: SYNs get no answer at all (not a refusal: no
     /// kernel is there to send a RST), so clients retransmit on their schedule.
     pub machine_down: bool,
+    /// A log replay (`crate::replay`): clients are the log's own addresses, not actors, so a
+    /// ban of an address of no class is a finding, not a violation.
+    pub replay: bool,
     /// Distinct client addresses that tried to connect.
     pub seen: BTreeSet<IpAddr>,
     /// Per actor, the same counters as per class.
@@ -436,6 +439,9 @@ impl World {
         st.bans.insert(self.ban_key(addr), BanEntry { reason, at: now, expires: now + duration });
         let first = st.banned_ever.insert(addr);
         let Some(class) = class else {
+            if st.replay {
+                return;
+            }
             // Not an actor: the trusted proxy's own address (PROXY LOCAL / UNKNOWN sessions).
             let detail = format!("{addr} is no client of the simulation (the trusted proxy?) and was banned");
             st.violate(now, Invariant::ProtectedBanned, addr, detail);

@@ -2,6 +2,10 @@
 //! scenario suite in the deterministic simulation and reports; exit status 1 if any
 //! expectation fails.
 //!
+//! `gatekeeper-sim replay LOG... --config FILE [--format F] [--year Y] [--seed S]`: replays a
+//! real mail log through the gatekeeper on that configuration and reports what would have
+//! differed (docs/simulation.md §5).
+//!
 //! `gatekeeper-sim sweep [PATHS] --seeds A..B [--jobs N]`: runs every scenario on every seed of
 //! the range, in parallel, and reports per expectation the seeds on which it failed.
 
@@ -54,6 +58,55 @@ enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
+    /// Replays a mail log (Postfix, sendmail or the gatekeeper's JSON log) through the
+    /// gatekeeper on a configuration: what would it have done to that traffic?
+    Replay {
+        /// Log files; rotated and gzipped ones are read oldest first.
+        #[arg(required = true)]
+        logs: Vec<PathBuf>,
+        /// The gatekeeper's configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Which program wrote the log (default: each line decides).
+        #[arg(long, value_enum, default_value_t = gatekeeper_sim::replay::Format::Auto)]
+        format: gatekeeper_sim::replay::Format,
+        /// The year of timestamps without one (default: the oldest file's modification year).
+        #[arg(long)]
+        year: Option<i64>,
+        /// The zone of timestamps without one, as `+01:00` (default UTC).
+        #[arg(long, default_value = "+00:00", value_parser = parse_offset)]
+        utc_offset: i64,
+        /// The seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// turmoil's tick.
+        #[arg(long, default_value = "250ms", value_parser = humantime_serde::re::humantime::parse_duration)]
+        tick: Duration,
+        /// How long retries may go on after the last logged session.
+        #[arg(long, default_value = "6h", value_parser = humantime_serde::re::humantime::parse_duration)]
+        drain: Duration,
+        /// Writes <DIR>/replay/report.json, report.md, hourly.svg, and bans.txt.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `+01:00`, `-0230`, `Z`: seconds east of UTC.
+fn parse_offset(s: &str) -> Result<i64, String> {
+    if s == "Z" || s == "UTC" {
+        return Ok(0);
+    }
+    let (sign, rest) = match s.as_bytes().first() {
+        Some(b'+') => (1, &s[1..]),
+        Some(b'-') => (-1, &s[1..]),
+        _ => return Err(format!("{s:?}: expected +HH:MM or -HH:MM")),
+    };
+    let digits: String = rest.chars().filter(|c| *c != ':').collect();
+    if digits.len() != 4 || !digits.bytes().all(|c| c.is_ascii_digit()) {
+        return Err(format!("{s:?}: expected +HH:MM or -HH:MM"));
+    }
+    let (h, m): (i64, i64) = (digits[..2].parse().unwrap_or(0), digits[2..].parse().unwrap_or(0));
+    Ok(sign * (h * 3600 + m * 60))
 }
 
 /// `A..B` (inclusive) or `N`.
@@ -71,6 +124,19 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { paths, seed, out, json, sabotage } => run(paths, seed, out, json, sabotage),
         Command::Sweep { paths, seeds, jobs } => sweep(paths, seeds, jobs),
+        Command::Replay { logs, config, format, year, utc_offset, seed, tick, drain, out } => {
+            let opts = gatekeeper_sim::replay::drive::Options {
+                files: logs,
+                format,
+                config,
+                year,
+                utc_offset_secs: utc_offset,
+                seed,
+                tick,
+                drain,
+            };
+            replay(&opts, out)
+        }
     }
 }
 
@@ -249,6 +315,33 @@ fn run(paths: Vec<PathBuf>, seed: Option<u64>, out: Option<PathBuf>, json: bool,
         println!("{passed}/{} passed in {:.1} s wall", reports.len(), wall.as_secs_f64());
     }
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+fn replay(opts: &gatekeeper_sim::replay::drive::Options, out: Option<PathBuf>) -> ExitCode {
+    println!("seed {}", opts.seed);
+    reset_peak_rss();
+    let mut progress = Bar::new("replay", Duration::ZERO);
+    let result = gatekeeper_sim::replay::drive::replay(opts, &mut progress);
+    progress.finish();
+    let (report, findings) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gatekeeper-sim: replay: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", report.table());
+    print!("{}", findings.text());
+    if let Some(dir) = &out {
+        let written = report.write(dir).and_then(|()| {
+            std::fs::write(dir.join(&report.scenario).join("bans.txt"), findings.bans_text()).map_err(Into::into)
+        });
+        if let Err(e) = written {
+            eprintln!("gatekeeper-sim: writing {}: {e:#}", dir.display());
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// A progress bar on a terminal; plain lines every 25% otherwise.
