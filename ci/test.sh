@@ -14,6 +14,7 @@ echo "== scenario suite on seeds 1-2 (expectations hold for any seed)"; target/r
 echo "== systemd unit: systemd-analyze verify"; bash ci/systemd.sh
 echo "== swaks against the release binary"; bash ci/swaks.sh
 echo "== Postfix with the gatekeeper as its policy service and its milter"; bash ci/postfix-integration.sh
+echo "== log replay of a real Postfix's log (issue 17)"; SIM_BIN=target/release/gatekeeper-sim bash ci/replay-postfix.sh
 echo "== outside robustness suite (abuse, memory, descriptors) against the release binary"; bash ci/torture.sh
 echo "== real kernel: xt_recent and nftables in network namespaces"; bash ci/kernel.sh
 echo "== criterion smoke"; cargo bench -p gatekeeper-benches -- --test

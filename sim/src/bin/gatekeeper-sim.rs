@@ -85,7 +85,7 @@ enum Command {
         /// How long retries may go on after the last logged session.
         #[arg(long, default_value = "6h", value_parser = humantime_serde::re::humantime::parse_duration)]
         drain: Duration,
-        /// Writes <DIR>/replay/report.json, report.md, hourly.svg, and bans.txt.
+        /// Writes <DIR>/replay/report.json, report.md, hourly.svg, bans.txt and replay.json (the counts).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -334,7 +334,10 @@ fn replay(opts: &gatekeeper_sim::replay::drive::Options, out: Option<PathBuf>) -
     print!("{}", findings.text());
     if let Some(dir) = &out {
         let written = report.write(dir).and_then(|()| {
-            std::fs::write(dir.join(&report.scenario).join("bans.txt"), findings.bans_text()).map_err(Into::into)
+            let d = dir.join(&report.scenario);
+            std::fs::write(d.join("bans.txt"), findings.bans_text())?;
+            let summary = serde_json::to_string_pretty(&findings.summary_json()).expect("serializes");
+            std::fs::write(d.join("replay.json"), summary + "\n").map_err(Into::into)
         });
         if let Err(e) = written {
             eprintln!("gatekeeper-sim: writing {}: {e:#}", dir.display());

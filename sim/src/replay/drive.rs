@@ -215,6 +215,9 @@ struct Shared {
     in_flight: u64,
     /// Messages waiting in a replayed client's queue for their next retry.
     queued: u64,
+    /// Those messages, by a serial number: what is left of them at the end is reported.
+    pending: std::collections::BTreeMap<u64, Pending>,
+    next_pending: u64,
     last_start: Duration,
 }
 
@@ -235,7 +238,9 @@ impl std::fmt::Debug for Ctx {
 
 /// What the reader thread learned of the whole log: per (client, sender), when the MTA last
 /// took a message (for "honest-looking": delivered later from the same client).
-type LaterMap = HashMap<(IpAddr, u64), i64>;
+/// `(last, count)`: a message logged at `t` has a later one if `last > t`, or `last == t` with
+/// more than one message at `last` (syslog stamps have whole seconds).
+type LaterMap = HashMap<(IpAddr, u64), (i64, u32)>;
 
 /// The reader thread's result: line counts, [`LaterMap`], the log's time span.
 type ReadResult = (LineStats, LaterMap, Option<(i64, i64)>);
@@ -370,16 +375,28 @@ pub fn replay(
     let mut shared = std::mem::take(&mut *ctx.shared.lock().expect("shared"));
     // Honest-looking: the MTA took mail from the same client and sender after this one.
     for (client, sender, at, diff) in std::mem::take(&mut shared.to_review) {
-        if later.get(&(client, sender)).is_some_and(|&t| t > at) {
+        if later.get(&(client, sender)).is_some_and(|&(last, n)| last > at || (last == at && n > 1)) {
             shared.findings.review += 1;
             if let Some(i) = diff {
                 shared.findings.differences[i].review = true;
             }
         }
     }
-    let mut f = shared.findings;
     // Still queued when the replay ended: not delivered within the drain.
-    f.undelivered += shared.queued;
+    for p in std::mem::take(&mut shared.pending).into_values() {
+        shared.findings.undelivered += 1;
+        let what = format!("still undelivered at the end, after {} retries", p.attempt);
+        let i = push_retry_difference(&mut shared.findings, &p, what, false);
+        let sender = key_of(&[p.from.as_bytes()]);
+        if later.get(&(p.client, sender)).is_some_and(|&(last, n)| last > p.logged_ms || (last == p.logged_ms && n > 1))
+        {
+            shared.findings.review += 1;
+            if let Some(i) = i {
+                shared.findings.differences[i].review = true;
+            }
+        }
+    }
+    let mut f = shared.findings;
     f.lines = stats;
     f.span_ms = span;
     f.files = files;
@@ -415,8 +432,13 @@ fn read(
         for t in &s.txns {
             if t.queued && t.accepted().next().is_some() {
                 let from = t.from.as_deref().unwrap_or("");
-                let e = later.entry((s.client, key_of(&[from.as_bytes()]))).or_insert(s.start_ms);
-                *e = (*e).max(s.start_ms);
+                let e = later.entry((s.client, key_of(&[from.as_bytes()]))).or_insert((s.start_ms, 0));
+                if s.start_ms > e.0 {
+                    *e = (s.start_ms, 0);
+                }
+                if s.start_ms == e.0 {
+                    e.1 += 1;
+                }
             }
         }
         tx.send(s).is_ok()
@@ -842,6 +864,13 @@ async fn dialogue(
 /// address like a Postfix queue, or at the interval this client showed in the log.
 async fn retry(ctx: Arc<Ctx>, mut p: Pending, class: Class) {
     let w = ctx.world.clone();
+    let id = {
+        let mut sh = ctx.shared.lock().expect("shared");
+        sh.next_pending += 1;
+        let id = sh.next_pending;
+        sh.pending.insert(id, p.clone());
+        id
+    };
     loop {
         let gap = ctx.shared.lock().expect("shared").observed_gap.get(&p.client).copied();
         let backoff = gap.unwrap_or_else(|| (BACKOFF_MIN * 2u32.saturating_pow(p.attempt)).min(BACKOFF_MAX));
@@ -897,8 +926,13 @@ async fn retry(ctx: Arc<Ctx>, mut p: Pending, class: Class) {
         };
         let mut sh = ctx.shared.lock().expect("shared");
         sh.in_flight -= 1;
-        if !matches!(end, TxnEnd::Retry) {
+        if matches!(end, TxnEnd::Retry) {
+            if let Some(q) = sh.pending.get_mut(&id) {
+                q.attempt = p.attempt;
+            }
+        } else {
             sh.queued -= 1;
+            sh.pending.remove(&id);
         }
         match end {
             TxnEnd::Retry => continue,
@@ -925,6 +959,7 @@ async fn retry(ctx: Arc<Ctx>, mut p: Pending, class: Class) {
     }
     let mut sh = ctx.shared.lock().expect("shared");
     sh.queued -= 1;
+    sh.pending.remove(&id);
     sh.findings.undelivered += 1;
     let i = push_retry_difference(&mut sh.findings, &p, "never delivered (queue lifetime)".into(), false);
     let sender = key_of(&[p.from.as_bytes()]);

@@ -118,6 +118,38 @@ impl Findings {
         s
     }
 
+    /// The counts, as JSON (`--out`: `replay.json`), for scripts that check them.
+    pub fn summary_json(&self) -> serde_json::Value {
+        let mut bans: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+        for b in &self.bans {
+            *bans.entry(b.reason.as_str()).or_default() += 1;
+        }
+        serde_json::json!({
+            "lines": self.lines.lines,
+            "lines_used": self.lines.used,
+            "lines_ignored": self.lines.ignored,
+            "lines_unknown": self.lines.unknown,
+            "sessions": self.sessions,
+            "clients": self.clients,
+            "dropped_g1": self.dropped.0,
+            "dropped_g2": self.dropped.1,
+            "rate_delayed": self.rate_delayed,
+            "refused_greeting": self.refused_greeting,
+            "retries": self.retries,
+            "retry_dropped_g1": self.retry_dropped.0,
+            "retry_dropped_g2": self.retry_dropped.1,
+            "mta_messages": self.mta_messages,
+            "same": self.same,
+            "delayed": self.delayed,
+            "rejected": self.rejected,
+            "undelivered": self.undelivered,
+            "review": self.review,
+            "let_in": self.let_in,
+            "bans": self.bans.len(),
+            "bans_by_reason": bans,
+        })
+    }
+
     /// Every ban with its lines, one a line (for `--out`).
     pub fn bans_text(&self) -> String {
         let mut s = String::new();
