@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/install-virus.sh          # swaks, clamav-daemon (the tests start their own clamd)
-# Tests that drive installed tools (swaks, clamd, nft) fail instead of skipping here.
+bash ci/install-redis.sh          # redis-server (the cluster tests start their own)
+# Tests that drive installed tools (swaks, clamd, redis-server, nft) fail instead of skipping here.
 export GATEKEEPER_REQUIRE_TOOLS=1
 echo "== fmt"; cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings

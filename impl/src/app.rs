@@ -16,9 +16,11 @@ use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 use crate::ban::{BanBackend, BanError, BanManager, RestoreReport, build_backend};
+use crate::cluster::{ClusterSync, RedisStore};
 use crate::config::Settings;
 use crate::edges::{
-    BanSink, Clock, Downstream, Listener, MaildirSpool, Observer, Scanner, SmtpRelay, SystemClock, Tls,
+    BanSink, Clock, ClusterError, ClusterStore, Downstream, Listener, MaildirSpool, Observer, Scanner, SmtpRelay,
+    SystemClock, Tls,
 };
 use crate::scan::Engine;
 use crate::server::{Limits, Server};
@@ -60,6 +62,9 @@ pub struct Edges {
     pub ban_sink: Option<Tap<dyn BanSink>>,
     /// Sees every verdict (the simulation counts and checks them). None: no one.
     pub observer: Option<Tap<dyn Observer>>,
+    /// The store the cluster shares its bans through (`[cluster]`; production: Redis). None:
+    /// this node is alone.
+    pub cluster: Option<Arc<dyn ClusterStore>>,
 }
 
 impl fmt::Debug for Edges {
@@ -73,6 +78,7 @@ impl fmt::Debug for Edges {
             .field("connector", &self.connector)
             .field("ban_sink", &self.ban_sink.is_some())
             .field("observer", &self.observer.is_some())
+            .field("cluster", &self.cluster)
             .finish_non_exhaustive()
     }
 }
@@ -113,6 +119,12 @@ impl Edges {
             connector: Arc::new(TokioConnector),
             ban_sink: None,
             observer: None,
+            cluster: if c.cluster.enabled() {
+                let store = RedisStore::new(&c.cluster).map_err(AppError::Cluster)?;
+                Some(Arc::new(store) as Arc<dyn ClusterStore>)
+            } else {
+                None
+            },
         })
     }
 }
@@ -143,6 +155,9 @@ pub enum AppError {
     /// The scanner could not be built from `[scan]`.
     #[error("scan: {0}")]
     Scanner(String),
+    /// The cluster store could not be set up from `[cluster]` (a file it names).
+    #[error("cluster: {0}")]
+    Cluster(#[source] ClusterError),
 }
 
 /// The assembled application: the server and the ban manager behind it.
@@ -154,17 +169,22 @@ pub struct App {
     pub bans: BanManager,
     /// The callback verifier (C1), when `rules.verify_senders` is on: its counters.
     pub verifier: Option<Arc<CallbackVerifier>>,
+    /// The cluster sync, when a `[cluster]` store is configured.
+    pub cluster: Option<ClusterSync>,
 }
 
 /// Builds the application from `settings` and `edges`, in this order: the ban manager on the
-/// state dir, the scanner (a clamd gets one `PING`, logged, but need not be up yet), the
+/// state dir (and its cluster sync, with a cluster store), the scanner (a clamd gets one `PING`, logged, but need not be up yet), the
 /// callback verifier with its cache, the server. Nothing runs yet: see [`App::start`].
 pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError> {
     let c = &settings.config;
-    let Edges { clock, state_dir, offload, ban_backend, downstream, resolver, connector, ban_sink, observer } = edges;
+    let Edges { clock, state_dir, offload, ban_backend, downstream, resolver, connector, ban_sink, observer, cluster } =
+        edges;
     // G2: bans recorded in the state database and applied by the backend.
     let bans = BanManager::open_with(&c.bans, &c.gate, &state_dir, ban_backend, clock.clone(), offload)
         .map_err(AppError::Bans)?;
+    // Shared with the other MX hosts: decisions go to the outbox from the first one on.
+    let cluster = cluster.map(|store| ClusterSync::new(bans.clone(), store, clock.clone(), &c.cluster));
     let limits = Limits {
         max_sessions: c.server.max_sessions,
         max_refused: c.server.max_refused,
@@ -234,7 +254,7 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         builder = builder.verifier(verifier.clone());
         callbacks = Some(verifier);
     }
-    Ok(App { server: builder.build(), bans, verifier: callbacks })
+    Ok(App { server: builder.build(), bans, verifier: callbacks, cluster })
 }
 
 impl App {
@@ -245,6 +265,10 @@ impl App {
         self.bans.attach_mirror(Arc::new(self.server.clone()));
         let restored = self.bans.restore().await.map_err(AppError::Restore)?;
         tokio::spawn(self.bans.clone().run(std::future::pending()));
+        if let Some(sync) = &self.cluster {
+            // After the restore: the start reconcile compares the restored bans with the table.
+            tokio::spawn(sync.clone().run(std::future::pending()));
+        }
         Ok(restored)
     }
 

@@ -59,6 +59,8 @@ pub struct Config {
     pub milter: crate::front::MilterSection,
     /// The Prometheus endpoint (docs/metrics.md).
     pub metrics: crate::metrics::MetricsSection,
+    /// Several MX hosts sharing bans through Redis (docs/cluster.md).
+    pub cluster: crate::cluster::ClusterSection,
 }
 
 /// `server.queue_minfree` by default: 256 MiB, ten largest messages of the default size.
@@ -662,6 +664,9 @@ impl Config {
         problems.extend(self.bans.problems_with_gate(&self.gate));
         problems.extend(self.callbacks.problems().into_iter().map(|p| format!("callbacks.{p}")));
         problems.extend(self.scan.problems().into_iter().map(|p| format!("scan.{p}")));
+        problems.extend(self.cluster.problems().into_iter().map(|p| format!("cluster.{p}")));
+        let mut cluster = self.cluster.clone();
+        problems.extend(cluster.resolve(base).into_iter().map(|p| format!("cluster.{p}")));
         let tls = self.tls.load(base).map_err(|p| problems.extend(p)).ok().flatten();
         let oversize_tempfail = self.scan.on_oversize == Some(OnScanFailure::Tempfail);
         if oversize_tempfail && self.rules.on_scan_failure == OnScanFailure::Accept {
@@ -672,6 +677,7 @@ impl Config {
             return Err(ConfigError { problems });
         }
         let mut config = self;
+        config.cluster = cluster;
         if let Some(base) = base
             && config.server.state_dir.is_relative()
         {

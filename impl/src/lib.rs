@@ -14,6 +14,8 @@
 //!   nftables) or kept in process, expired and restored by the gatekeeper.
 //! - [`verify`] — callback verification (C1): resolver and connector edges, probe, cache, limits.
 //! - [`scan`] — virus scanning (V1): the clamd client and the builtin test-signature scanner.
+//! - [`cluster`] — several MX hosts as one gatekeeper: bans shared through a store (Redis),
+//!   published from an outbox, applied through the ban manager.
 //! - [`config`] — the TOML configuration, loaded with overrides, validated with every problem
 //!   listed.
 //! - [`server`] — the async driver: accept loop, gate, limits, timeouts, shutdown.
@@ -33,6 +35,7 @@
 
 pub mod app;
 pub mod ban;
+pub mod cluster;
 pub mod config;
 pub mod dbfile;
 pub mod edges;

@@ -62,6 +62,7 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
         connector: Arc::new(SimConnector),
         ban_sink: Some(Box::new(move |manager| Arc::new(LedgerSink { world: sink_world, manager: manager.clone() }))),
         observer: Some(Box::new(move |manager| Arc::new(Watch { world: watch_world, manager: manager.clone() }))),
+        cluster: None,
     };
     let app = assemble(&settings, edges).await.map_err(io::Error::other)?;
     let restored = app.start().await.map_err(io::Error::other)?;

@@ -15,11 +15,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
 use super::config::WIDE_V6_PREFIX;
+use super::store::{from_ms, parse_reason, to_ms};
 use super::{
     Ban, BanBackend, BanConfig, BanError, BanMirror, BanOutcome, BanStats, BanStore, Core, HistoryEvent, HistoryRow,
-    Inner, KernelOp, MirrorOp, Net, Queued, RestoreReport, STATE_DB, StoreError, build_backend, bump,
+    Inner, KernelOp, MirrorOp, Net, OutboxRow, Queued, RestoreReport, STATE_DB, StoreError, build_backend, bump,
 };
-use crate::edges::{BanOrder, BanSink, BoxFuture, Clock};
+use crate::edges::{BanOrder, BanSink, BoxFuture, Clock, SharedBan};
 use crate::gate::GateConfig;
 use crate::policy::BanReason;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -117,12 +118,67 @@ impl BanManager {
                 turn: Mutex::new(0),
                 turn_cv: Condvar::new(),
                 mirror: Mutex::new(None),
+                outbox_ready: tokio::sync::Notify::new(),
+                clustered: std::sync::atomic::AtomicBool::new(false),
                 stats: BanStats::default(),
                 // 0.1 ms .. 3.3 s.
                 commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             }),
             offload,
         }
+    }
+
+    /// Records this node's decisions (bans, extensions, liftings) in the cluster outbox from
+    /// now on, for the cluster sync to publish (`crate::cluster`). Bans applied from the
+    /// cluster ([`BanManager::apply_shared`]) never go there.
+    pub fn enable_cluster(&self) {
+        self.inner.clustered.store(true, Ordering::Relaxed);
+        self.inner.core.lock().expect("core lock").store.set_outbox(true);
+    }
+
+    /// Completes when a decision may have entered the outbox since the last call.
+    pub async fn outbox_ready(&self) {
+        self.inner.outbox_ready.notified().await;
+    }
+
+    /// The oldest `limit` outbox rows.
+    pub async fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, BanError> {
+        self.blocking(move |i| Ok(i.core.lock().expect("core lock").store.outbox(limit)?)).await?
+    }
+
+    /// Drops the outbox rows up to `id` (published).
+    pub async fn outbox_done(&self, id: i64) -> Result<(), BanError> {
+        self.blocking(move |i| Ok(i.core.lock().expect("core lock").store.outbox_done(id).map(|_| ())?)).await?
+    }
+
+    /// How many rows wait in the outbox.
+    pub async fn outbox_len(&self) -> Result<u64, BanError> {
+        self.blocking(|i| Ok(i.core.lock().expect("core lock").store.outbox_len()?)).await?
+    }
+
+    /// [`BanManager::outbox_len`] for synchronous callers.
+    pub fn outbox_len_blocking(&self) -> Result<u64, BanError> {
+        Ok(self.inner.core.lock().expect("core lock").store.outbox_len()?)
+    }
+
+    /// A value the cluster sync keeps in the database (its cursor).
+    pub async fn cluster_value(&self, key: &'static str) -> Result<Option<String>, BanError> {
+        self.blocking(move |i| Ok(i.core.lock().expect("core lock").store.cluster_value(key)?)).await?
+    }
+
+    /// Sets a value the cluster sync keeps in the database.
+    pub async fn set_cluster_value(&self, key: &'static str, value: String) -> Result<(), BanError> {
+        self.blocking(move |i| Ok(i.core.lock().expect("core lock").store.set_cluster_value(key, &value)?)).await?
+    }
+
+    /// Applies other nodes' decisions: a ban that is longer than this node's ban of the
+    /// network (or the only one) is recorded (without an outbox row: it is never published
+    /// again), pushed to the backend and the in-process gate; a lifting lifts this node's ban
+    /// if that was decided before it. Expired entries, allowlisted networks and networks that
+    /// do not parse are left alone. All in one transaction: nothing is applied if it fails.
+    /// Returns how many entries changed something.
+    pub async fn apply_shared(&self, entries: Vec<SharedBan>) -> Result<usize, BanError> {
+        self.blocking(move |i| i.apply_shared(entries)).await?
     }
 
     /// Connects the server's in-process gate; call before [`BanManager::restore`].
@@ -321,7 +377,109 @@ impl Inner {
             // core lock: other sessions' bans commit meanwhile.
             self.kernel(ticket, &kernel, now);
         }
+        self.wake_outbox();
         answer.lock().expect("answer lock").take().expect("a queued order is answered by its commit")
+    }
+
+    /// Tells the cluster sync that the outbox may have grown.
+    fn wake_outbox(&self) {
+        if self.clustered.load(Ordering::Relaxed) {
+            self.outbox_ready.notify_one();
+        }
+    }
+
+    /// See [`BanManager::apply_shared`].
+    fn apply_shared(&self, entries: Vec<SharedBan>) -> Result<usize, BanError> {
+        /// One entry's effect, decided in the transaction, carried out after it.
+        enum Effect {
+            Ban(Ban),
+            Lift(Net),
+        }
+        let now = self.clock.wall();
+        let now_ms = to_ms(now);
+        let mut core = self.core.lock().expect("core lock");
+        let Core { store, active, .. } = &mut *core;
+        let full = active.len() >= self.cfg.max_active;
+        let effects = store.batch(|s| -> Result<Vec<Effect>, StoreError> {
+            let mut out: Vec<Effect> = Vec::new();
+            for e in &entries {
+                let Ok(net) = e.net.parse::<Net>() else {
+                    tracing::warn!(net = %crate::proto::escape(&e.net), node = %crate::proto::escape(&e.node),
+                        "cluster: an entry for a network that does not parse; ignored");
+                    continue;
+                };
+                // An earlier entry of this batch may have changed the network already.
+                let mut local = active.get(&net).filter(|b| !b.is_expired(now)).cloned();
+                for fx in &out {
+                    match fx {
+                        Effect::Ban(b) if b.net == net => local = Some(b.clone()),
+                        Effect::Lift(n) if *n == net => local = None,
+                        _ => {}
+                    }
+                }
+                if e.lifted {
+                    let Some(local) = local else { continue };
+                    if to_ms(local.start) > e.at_ms {
+                        // Banned again after that lifting: the ban stands.
+                        continue;
+                    }
+                    s.remove_synced(net, HistoryEvent::Remove, now)?;
+                    out.push(Effect::Lift(net));
+                } else {
+                    if e.is_expired(now_ms) || self.allowlisted(net) {
+                        continue;
+                    }
+                    if local.as_ref().is_some_and(|l| to_ms(l.expires) >= e.expires_ms) {
+                        continue;
+                    }
+                    let reason = parse_reason(&e.reason).unwrap_or(BanReason::Manual);
+                    if local.is_none() && full && reason != BanReason::Manual {
+                        continue;
+                    }
+                    let ban = Ban {
+                        net,
+                        reason,
+                        session: e.session,
+                        evidence: crate::proto::escape(&e.evidence).into_owned(),
+                        start: from_ms(e.at_ms),
+                        expires: from_ms(e.expires_ms),
+                        offence: e.offence.max(1),
+                    };
+                    let event = if local.is_some() { HistoryEvent::Extend } else { HistoryEvent::Ban };
+                    s.put_synced(&ban, event, now)?;
+                    out.push(Effect::Ban(ban));
+                }
+            }
+            Ok(out)
+        })??;
+        let (mut mirror, mut kernel) = (Vec::new(), Vec::new());
+        for fx in &effects {
+            bump(&self.stats.cluster_applied);
+            match fx {
+                Effect::Ban(ban) => {
+                    tracing::info!(net = %ban.net, ban = ban.reason.as_str(), evidence = %ban.evidence,
+                        secs = ban.remaining(now).as_secs(), "ban from the cluster applied");
+                    kernel.push(Inner::apply_op(ban, now));
+                    mirror.push(MirrorOp::Ban(ban.net, ban.remaining(now)));
+                    core.unsaved.remove(&ban.net);
+                    core.active.insert(ban.net, ban.clone());
+                }
+                Effect::Lift(net) => {
+                    tracing::info!(net = %net, "ban lifted in the cluster; applied");
+                    core.active.remove(net);
+                    core.unsaved.remove(net);
+                    kernel.push(KernelOp::Remove(*net));
+                    mirror.push(MirrorOp::Unban(*net));
+                }
+            }
+        }
+        let ticket = (!kernel.is_empty()).then(|| Inner::ticket(&mut core));
+        drop(core);
+        self.mirror(mirror);
+        if let Some(ticket) = ticket {
+            self.kernel(ticket, &kernel, now);
+        }
+        Ok(effects.len())
     }
 
     /// Commits `orders` in one transaction and answers each; an order the database refused is
@@ -617,6 +775,7 @@ impl Inner {
         }
         self.mirror(vec![MirrorOp::Unban(net)]);
         self.kernel(ticket, &[KernelOp::Remove(net)], now);
+        self.wake_outbox();
         Ok(old)
     }
 

@@ -70,7 +70,7 @@ pub use backend::{BackendError, BanBackend, MemoryBackend, NftBackend, XtRecentB
 pub use config::{BackendKind, BanConfig, Escalation, NftablesSection, XtRecentSection};
 pub use manager::{BanManager, BanState};
 pub use net::Net;
-pub use store::{BanStore, HistoryEvent, HistoryRow, StoreError};
+pub use store::{BanStore, HistoryEvent, HistoryRow, OutboxRow, StoreError};
 
 use crate::edges::{BanOrder, Clock};
 use crate::policy::BanReason;
@@ -158,6 +158,8 @@ pub struct BanStats {
     pub removed: AtomicU64,
     /// Changes picked up from other processes (`gatekeeper bans`).
     pub synced: AtomicU64,
+    /// Bans and liftings applied from the cluster (other nodes' decisions).
+    pub cluster_applied: AtomicU64,
     /// Commits of bans the database refused (each retry that fails counts again): an alarm.
     pub commit_failures: AtomicU64,
     /// Bans committed by a retry after their first commit failed.
@@ -299,6 +301,10 @@ struct Inner {
     turn: Mutex<u64>,
     turn_cv: Condvar,
     mirror: Mutex<Option<Arc<dyn BanMirror>>>,
+    /// Woken when a decision of this node enters the cluster outbox (the sync publishes it).
+    outbox_ready: tokio::sync::Notify,
+    /// A `[cluster]` is configured: decisions go to the outbox.
+    clustered: std::sync::atomic::AtomicBool,
     stats: BanStats,
     /// How long a ban order took from the session's request to its answer (group commit,
     /// fsync, kernel), on the manager's clock.

@@ -7,6 +7,12 @@
 //! - `ban_history`: an append-only log of what happened to bans (`ban`, `extend`, `remove`,
 //!   `expire`), which escalation counts and `gatekeeper bans list --history` shows.
 //!
+//! - `cluster_outbox` (with a `[cluster]`, [`BanStore::set_outbox`]): every ban, extension
+//!   and lifting this node decided, written in the same transaction as the ban itself, until
+//!   the cluster sync has published it (`crate::cluster`). Bans applied from the cluster are
+//!   written with [`BanStore::put_synced`] / [`BanStore::remove_synced`], which leave no
+//!   outbox row: they are never published again. `cluster_state` holds the sync's cursor.
+//!
 //! Several processes share the file (the server and `gatekeeper bans`): WAL mode lets readers
 //! and one writer work at once, a busy timeout waits out the other writer, and
 //! `PRAGMA data_version` tells the server that another connection changed something.
@@ -101,7 +107,36 @@ CREATE TABLE IF NOT EXISTS ban_history (
 );
 CREATE INDEX IF NOT EXISTS ban_history_net ON ban_history (net, at_ms);
 CREATE INDEX IF NOT EXISTS ban_history_at ON ban_history (at_ms);
+CREATE TABLE IF NOT EXISTS cluster_outbox (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    lifted     INTEGER NOT NULL,   -- 0: a ban or extension; 1: a lifting
+    at_ms      INTEGER NOT NULL,   -- a ban: its start; a lifting: when
+    net        TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    session    INTEGER NOT NULL,
+    evidence   TEXT NOT NULL,
+    start_ms   INTEGER NOT NULL,
+    expires_ms INTEGER NOT NULL,
+    offence    INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cluster_state (
+    key        TEXT PRIMARY KEY,
+    value      TEXT NOT NULL
+);
 ";
+
+/// One `cluster_outbox` row: a decision of this node waiting to be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// Its place in the outbox (publish in this order, then [`BanStore::outbox_done`]).
+    pub id: i64,
+    /// A lifting (a tombstone) rather than a ban.
+    pub lifted: bool,
+    /// A ban: its start. A lifting: when it happened.
+    pub at: SystemTime,
+    /// The ban (for a lifting: the ban lifted).
+    pub ban: Ban,
+}
 
 /// Unix milliseconds (0 before the epoch).
 pub fn to_ms(t: SystemTime) -> i64 {
@@ -134,6 +169,8 @@ pub struct BanStore {
     /// change, not on every read).
     bad_rows: usize,
     bad_rows_logged: usize,
+    /// Record this node's decisions in `cluster_outbox` (a `[cluster]` is configured).
+    outbox: bool,
 }
 
 impl BanStore {
@@ -169,7 +206,7 @@ impl BanStore {
     fn init(conn: Connection) -> Result<BanStore, StoreError> {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
-        let mut store = BanStore { conn, data_version: None, bad_rows: 0, bad_rows_logged: 0 };
+        let mut store = BanStore { conn, data_version: None, bad_rows: 0, bad_rows_logged: 0, outbox: false };
         store.changed()?;
         Ok(store)
     }
@@ -277,25 +314,93 @@ impl BanStore {
         }
     }
 
+    /// Records this node's bans, extensions and liftings in `cluster_outbox` from now on (with
+    /// a `[cluster]`; the server and `gatekeeper bans` alike).
+    pub fn set_outbox(&mut self, on: bool) {
+        self.outbox = on;
+    }
+
     /// Records `ban` (replacing the row of its network) and logs `event`, in one transaction
-    /// (a savepoint inside [`BanStore::batch`]).
+    /// (a savepoint inside [`BanStore::batch`]). With the outbox on, a ban or extension also
+    /// goes to `cluster_outbox`, in the same transaction.
     pub fn put(&mut self, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+        let publish = self.outbox;
+        self.put_with(ban, event, at, publish)
+    }
+
+    /// [`BanStore::put`] for a ban that came from the cluster: no outbox row (it is never
+    /// published again).
+    pub fn put_synced(&mut self, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+        self.put_with(ban, event, at, false)
+    }
+
+    fn put_with(&mut self, ban: &Ban, event: HistoryEvent, at: SystemTime, publish: bool) -> Result<(), StoreError> {
         if self.conn.is_autocommit() {
             let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            write_ban(&tx, ban, event, at)?;
+            write_ban(&tx, ban, event, at, publish)?;
             tx.commit()?;
         } else {
             let sp = self.conn.savepoint()?;
-            write_ban(&sp, ban, event, at)?;
+            write_ban(&sp, ban, event, at, publish)?;
             sp.commit()?;
         }
         Ok(())
     }
 
     /// Deletes the ban of `net` and logs `event`; returns it if there was one. Inside
-    /// [`BanStore::batch`] it writes under a savepoint, like [`BanStore::put`].
+    /// [`BanStore::batch`] it writes under a savepoint, like [`BanStore::put`]. With the
+    /// outbox on, a lifting ([`HistoryEvent::Remove`]) goes to `cluster_outbox` too.
     pub fn remove(&mut self, net: Net, event: HistoryEvent, at: SystemTime) -> Result<Option<Ban>, StoreError> {
-        self.remove_if(net, event, at, None)
+        let publish = self.outbox;
+        self.remove_if(net, event, at, None, publish)
+    }
+
+    /// [`BanStore::remove`] for a lifting that came from the cluster: no outbox row.
+    pub fn remove_synced(&mut self, net: Net, event: HistoryEvent, at: SystemTime) -> Result<Option<Ban>, StoreError> {
+        self.remove_if(net, event, at, None, false)
+    }
+
+    /// The oldest `limit` outbox rows, in order.
+    pub fn outbox(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT id, lifted, at_ms, net, reason, session, evidence, start_ms, expires_ms, offence
+             FROM cluster_outbox ORDER BY id LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |r| {
+            let (id, lifted, at): (i64, i64, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            Ok(BanStore::row_to_ban(r, 3)?.map(|ban| OutboxRow { id, lifted: lifted != 0, at: from_ms(at), ban }))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            match row? {
+                Ok(row) => out.push(row),
+                // A bad row cannot be published; it is dropped with the rows around it.
+                Err(why) => tracing::error!(why = %crate::proto::escape(&why), "cluster outbox: bad row skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the outbox rows up to `id` (published).
+    pub fn outbox_done(&mut self, id: i64) -> Result<usize, StoreError> {
+        Ok(self.conn.execute("DELETE FROM cluster_outbox WHERE id <= ?1", [id])?)
+    }
+
+    /// How many rows wait in the outbox.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn.query_row("SELECT count(*) FROM cluster_outbox", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// A value of `cluster_state` (the sync's cursor, the store's epoch).
+    pub fn cluster_value(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.conn.query_row("SELECT value FROM cluster_state WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    /// Sets a value of `cluster_state`.
+    pub fn set_cluster_value(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute("INSERT OR REPLACE INTO cluster_state (key, value) VALUES (?1, ?2)", [key, value])?;
+        Ok(())
     }
 
     /// Deletes the ban of `net`, if it expires by `expired_by` when that is given.
@@ -305,15 +410,16 @@ impl BanStore {
         event: HistoryEvent,
         at: SystemTime,
         expired_by: Option<SystemTime>,
+        publish: bool,
     ) -> Result<Option<Ban>, StoreError> {
         if self.conn.is_autocommit() {
             let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let old = remove_in(&tx, net, event, at, expired_by)?;
+            let old = remove_in(&tx, net, event, at, expired_by, publish)?;
             tx.commit()?;
             Ok(old)
         } else {
             let sp = self.conn.savepoint()?;
-            let old = remove_in(&sp, net, event, at, expired_by)?;
+            let old = remove_in(&sp, net, event, at, expired_by, publish)?;
             sp.commit()?;
             Ok(old)
         }
@@ -322,7 +428,7 @@ impl BanStore {
     /// Deletes the ban of `net` if it has expired by `now` (another process may have extended
     /// it) and logs `expire`; returns it if it was deleted.
     pub fn remove_expired(&mut self, net: Net, now: SystemTime) -> Result<Option<Ban>, StoreError> {
-        self.remove_if(net, HistoryEvent::Expire, now, Some(now))
+        self.remove_if(net, HistoryEvent::Expire, now, Some(now), false)
     }
 
     /// How many bans of `net` started at or after `since` (for escalation).
@@ -390,6 +496,7 @@ fn remove_in(
     event: HistoryEvent,
     at: SystemTime,
     expired_by: Option<SystemTime>,
+    publish: bool,
 ) -> Result<Option<Ban>, StoreError> {
     let old = {
         let mut stmt = tx.prepare_cached(
@@ -410,17 +517,41 @@ fn remove_in(
     if let Some(b) = &old {
         tx.execute("DELETE FROM bans WHERE net = ?1", [net.to_string()])?;
         log(tx, b, event, at)?;
+        if publish && event == HistoryEvent::Remove {
+            outbox(tx, b, true, at)?;
+        }
     }
     Ok(old)
 }
 
-fn write_ban(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {
+fn write_ban(
+    conn: &Connection,
+    ban: &Ban,
+    event: HistoryEvent,
+    at: SystemTime,
+    publish: bool,
+) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT OR REPLACE INTO bans (net, reason, session, evidence, start_ms, expires_ms, offence)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
     )?
     .execute(params_from_iter(ban_values(ban)))?;
-    log(conn, ban, event, at)
+    log(conn, ban, event, at)?;
+    if publish && matches!(event, HistoryEvent::Ban | HistoryEvent::Extend) {
+        outbox(conn, ban, false, ban.start)?;
+    }
+    Ok(())
+}
+
+/// Queues a decision of this node for the cluster (in the caller's transaction).
+fn outbox(conn: &Connection, ban: &Ban, lifted: bool, at: SystemTime) -> Result<(), StoreError> {
+    let head = [Value::Integer(i64::from(lifted)), Value::Integer(to_ms(at))];
+    conn.prepare_cached(
+        "INSERT INTO cluster_outbox (lifted, at_ms, net, reason, session, evidence, start_ms, expires_ms, offence)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params_from_iter(head.into_iter().chain(ban_values(ban))))?;
+    Ok(())
 }
 
 fn log(conn: &Connection, ban: &Ban, event: HistoryEvent, at: SystemTime) -> Result<(), StoreError> {

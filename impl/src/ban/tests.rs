@@ -507,3 +507,78 @@ fn many_threads_banning_at_once_lose_no_ban() {
     let m = open(dir.path(), &cfg, &clock);
     assert_eq!(m.list_blocking().unwrap().len(), 200);
 }
+
+/// The cluster's side of the manager: decisions of this node enter the outbox in the ban's own
+/// transaction; entries applied from the cluster never do; a lifting lifts only what was
+/// decided before it; the longest expiry wins.
+#[tokio::test]
+async fn the_cluster_outbox_holds_own_decisions_and_shared_entries_apply_without_echo() {
+    use crate::edges::SharedBan;
+    use store::to_ms;
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let m = open(dir.path(), &BanConfig::default(), &clock);
+    // Before the cluster is on, nothing is queued.
+    BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+    assert!(m.outbox(10).await.unwrap().is_empty());
+    m.enable_cluster();
+    let mirror = Arc::new(Recorder::default());
+    m.attach_mirror(mirror.clone());
+    BanSink::ban(&m, order("192.0.2.2", &clock)).await;
+    m.unban(Net::new(ip("192.0.2.1"), 32)).await.unwrap();
+    let rows = m.outbox(10).await.unwrap();
+    let shown: Vec<(String, bool)> = rows.iter().map(|r| (r.ban.net.to_string(), r.lifted)).collect();
+    assert_eq!(shown, [("192.0.2.2".to_string(), false), ("192.0.2.1".to_string(), true)]);
+    m.outbox_done(rows[1].id).await.unwrap();
+    assert_eq!(m.outbox_len().await.unwrap(), 0);
+    mirror.take();
+
+    let now = to_ms(clock.wall());
+    let entry = |net: &str, lifted: bool, at: i64, expires: i64| SharedBan {
+        net: net.into(),
+        lifted,
+        at_ms: at,
+        expires_ms: expires,
+        reason: "B4".into(),
+        session: 9,
+        evidence: "RCPT TO:<x@example.test>".into(),
+        offence: 1,
+        node: "mx2".into(),
+    };
+    let day = DAY.as_millis() as i64;
+    let applied = m
+        .apply_shared(vec![
+            // New here.
+            entry("192.0.2.3", false, now, now + day),
+            // Shorter than ours: nothing.
+            entry("192.0.2.2", false, now, now + day),
+            // Expired, and allowlisted-or-not does not matter: nothing.
+            entry("192.0.2.4", false, now - 2 * day, now - day),
+            // A lifting of a ban we never had: nothing.
+            entry("192.0.2.5", true, now, now + day),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(mirror.take(), ["ban 192.0.2.3 86400"]);
+    assert!(m.outbox(10).await.unwrap().is_empty(), "applied from the cluster: never published again");
+    // Longer than ours: extended. A lifting older than our ban: ignored; newer: lifted.
+    let ours = m.active().into_iter().find(|b| b.net.to_string() == "192.0.2.2").unwrap();
+    let applied = m
+        .apply_shared(vec![
+            entry("192.0.2.2", false, now, now + 9 * day),
+            entry("192.0.2.3", true, now - 1, now + day),
+            entry("192.0.2.2", true, to_ms(ours.start) - 1, now + day),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(m.active().iter().find(|b| b.net.to_string() == "192.0.2.2").unwrap().total(), DAY * 9);
+    let applied = m.apply_shared(vec![entry("192.0.2.3", true, now + 1, now + day)]).await.unwrap();
+    assert_eq!(applied, 1);
+    assert!(m.list_blocking().unwrap().iter().all(|b| b.net.to_string() != "192.0.2.3"));
+    assert_eq!(mirror.take(), ["ban 192.0.2.2 777600", "unban 192.0.2.3"]);
+    assert!(m.outbox(10).await.unwrap().is_empty());
+    let events: Vec<String> = m.history_blocking(None, 3).unwrap().into_iter().map(|h| h.event).collect();
+    assert_eq!(events, ["remove", "extend", "ban"]);
+}

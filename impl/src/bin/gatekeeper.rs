@@ -3,6 +3,8 @@
 
 #[path = "gatekeeper/bans.rs"]
 mod bans;
+#[path = "gatekeeper/cluster.rs"]
+mod cluster;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -69,6 +71,17 @@ enum Command {
         #[command(subcommand)]
         command: bans::BansCommand,
     },
+    /// The cluster of MX hosts sharing bans through Redis (`[cluster]`).
+    Cluster {
+        /// The TOML configuration.
+        #[arg(long, short, global = true, default_value = "gatekeeper.toml")]
+        config: PathBuf,
+        /// The state dir instead of `server.state_dir`.
+        #[arg(long, global = true)]
+        state_dir: Option<PathBuf>,
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
     /// Replays SYN times (`JIFFIES ADDR` lines on stdin) through the kernel model (ci/kernel.sh).
     #[command(hide = true)]
     ModelReplay {
@@ -125,6 +138,7 @@ fn main() -> ExitCode {
         },
         Command::Firewall { command } => bans::firewall(command),
         Command::Bans { config, state_dir, command } => bans::bans(command, &config, state_dir),
+        Command::Cluster { config, state_dir, command } => cluster::cluster(command, &config, state_dir),
         Command::ModelReplay { kind, window, hz, ipv6_prefix, size } => {
             bans::model_replay(kind, window, hz, ipv6_prefix, size)
         }

@@ -16,6 +16,8 @@
 //!   ([`MaildirSpool`]) and [`relay`] ([`SmtpRelay`]), with the headers both write in
 //!   [`trace`], and STARTTLS in [`tls`] (a stream wrapper beneath the session). The verifier,
 //!   scanner and ban sink are built by `verify`, `scan` and `ban`, which sit above this layer.
+//! - [`cluster`]: [`ClusterStore`], the store several MX hosts share their bans through
+//!   (production: Redis, `crate::cluster`; the simulation: a simulated host).
 //! - [`systemd`]: the service manager's notifications (`READY`, `RELOADING`, `STOPPING`,
 //!   `WATCHDOG`) for `gatekeeper serve`; `RELOADING` carries systemd's monotonic timestamp,
 //!   the one clock read outside [`SystemClock`], and only for systemd.
@@ -23,6 +25,7 @@
 //! Everything is re-exported here, so users name `edges::Clock`, `edges::Downstream`, ….
 
 pub mod clock;
+pub mod cluster;
 pub mod message;
 pub mod ports;
 pub mod relay;
@@ -33,6 +36,7 @@ pub mod tls;
 pub mod trace;
 
 pub use self::clock::{Clock, SystemClock};
+pub use self::cluster::{ClusterError, ClusterStore, NodeBeat, SharedBan};
 pub use self::message::{Content, MessageFile, available_space};
 pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
 pub use self::relay::{AnyCertificate, RelayTls, RelayTlsMode, SmtpRelay};

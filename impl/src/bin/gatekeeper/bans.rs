@@ -172,6 +172,10 @@ pub fn bans(cmd: BansCommand, config: &Path, state_dir: Option<PathBuf>) -> Exit
         let c = &s.config;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let m = BanManager::open(&c.bans, &c.gate, &c.server.state_dir, clock.clone(), false)?;
+        if c.cluster.enabled() {
+            // The server publishes what is added or removed here to the other nodes.
+            m.enable_cluster();
+        }
         match cmd {
             BansCommand::List { history } => {
                 let now = clock.wall();
