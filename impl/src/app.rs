@@ -173,6 +173,9 @@ pub struct App {
     pub cluster: Option<ClusterSync>,
 }
 
+/// B4 deltas waiting for the cluster sync at most (beyond, they are counted locally only).
+const COUNTS_QUEUE: usize = 4096;
+
 /// Builds the application from `settings` and `edges`, in this order: the ban manager on the
 /// state dir (and its cluster sync, with a cluster store), the scanner (a clamd gets one `PING`, logged, but need not be up yet), the
 /// callback verifier with its cache, the server. Nothing runs yet: see [`App::start`].
@@ -184,7 +187,10 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
     let bans = BanManager::open_with(&c.bans, &c.gate, &state_dir, ban_backend, clock.clone(), offload)
         .map_err(AppError::Bans)?;
     // Shared with the other MX hosts: decisions go to the outbox from the first one on.
-    let cluster = cluster.map(|store| ClusterSync::new(bans.clone(), store, clock.clone(), &c.cluster));
+    let cluster_store = cluster.clone();
+    let mut cluster = cluster.map(|store| ClusterSync::new(bans.clone(), store, clock.clone(), &c.cluster));
+    // The B4 record too: each ended session's delta goes out, the others' come in (below).
+    let (counts_tx, counts_rx) = tokio::sync::mpsc::channel(COUNTS_QUEUE);
     let limits = Limits {
         max_sessions: c.server.max_sessions,
         max_refused: c.server.max_refused,
@@ -206,6 +212,9 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         .gate(c.gate.clone())
         .limits(limits)
         .ban_sink(ban_sink);
+    if cluster.is_some() {
+        builder = builder.share_counts(counts_tx);
+    }
     if let Some(config) = &settings.tls {
         // STARTTLS: an edge beneath the session (the simulation configures none).
         builder = builder.tls(Arc::new(Tls::new(config.clone(), c.tls.max_handshakes, c.tls.handshake_timeout)));
@@ -247,6 +256,11 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
             }
             CacheMode::Memory => VerifyCache::memory(c.callbacks.ttls(), c.callbacks.cache_entries_max),
         };
+        // With a cluster, a third-party domain is probed once for all the nodes.
+        let cache = match &cluster_store {
+            Some(store) => cache.with_shared(store.clone()),
+            None => cache,
+        };
         let edges = VerifierEdges { resolver, connector, cache: Arc::new(cache), clock };
         let verifier = CallbackVerifier::new(&c.callbacks, &c.server.hostname, seed, edges)
             .with_directory(settings.directory.clone());
@@ -254,7 +268,12 @@ pub async fn assemble(settings: &Settings, edges: Edges) -> Result<App, AppError
         builder = builder.verifier(verifier.clone());
         callbacks = Some(verifier);
     }
-    Ok(App { server: builder.build(), bans, verifier: callbacks, cluster })
+    let server = builder.build();
+    if let Some(sync) = cluster.take() {
+        let target = server.clone();
+        cluster = Some(sync.with_counts(counts_rx, Arc::new(move |d| target.add_shared_counts(d))));
+    }
+    Ok(App { server, bans, verifier: callbacks, cluster })
 }
 
 impl App {

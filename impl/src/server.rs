@@ -44,7 +44,7 @@ use tracing::Instrument;
 
 use crate::ban::{ActiveBans, Net};
 use crate::edges::{
-    BanSink, Clock, Conn, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
+    BanSink, Clock, Conn, CountDelta, Downstream, Listener, MessageFile, Observer, Scanner, SystemClock, Tls, Verifier,
 };
 use crate::gate::{Gate, GateConfig, GateDecision, GateKind};
 use crate::policy::{Directory, MessageCounter, OffenceCounter, ScanOutcome, UnknownSenders};
@@ -158,9 +158,17 @@ pub struct ServerBuilder {
     ban_sink: Option<Arc<dyn BanSink>>,
     observer: Option<Arc<dyn Observer>>,
     tls: Option<Arc<Tls>>,
+    counts: Option<tokio::sync::mpsc::Sender<CountDelta>>,
 }
 
 impl ServerBuilder {
+    /// Shares the B4 record with a cluster: what each ended session added goes to `counts`
+    /// (dropped when the channel is full: the local record holds it either way), and
+    /// [`Server::add_shared_counts`] adds what the other nodes saw.
+    pub fn share_counts(mut self, counts: tokio::sync::mpsc::Sender<CountDelta>) -> Self {
+        self.counts = Some(counts);
+        self
+    }
     /// STARTTLS (RFC 3207): offered in EHLO, handshakes done by `tls`.
     pub fn tls(mut self, tls: Arc<Tls>) -> Self {
         self.tls = Some(tls);
@@ -250,6 +258,7 @@ impl ServerBuilder {
                 ban_sink: self.ban_sink,
                 observer: self.observer,
                 tls: self.tls,
+                counts: self.counts,
             }),
         }
     }
@@ -282,6 +291,8 @@ struct Shared {
     ban_sink: Option<Arc<dyn BanSink>>,
     observer: Option<Arc<dyn Observer>>,
     tls: Option<Arc<Tls>>,
+    /// Where each ended session's B4 delta goes for the cluster, if there is one.
+    counts: Option<tokio::sync::mpsc::Sender<CountDelta>>,
     /// Sessions per client key.
     active: Mutex<HashMap<IpAddr, usize>>,
     /// Connections open, whatever their state.
@@ -368,6 +379,7 @@ impl Server {
             ban_sink: None,
             observer: None,
             tls: None,
+            counts: None,
         }
     }
 
@@ -419,6 +431,12 @@ impl Server {
     pub fn ban_net(&self, net: Net, duration: Duration) {
         let now = self.shared.clock.now();
         self.shared.bans.lock().expect("bans lock").ban(now, net, duration);
+    }
+
+    /// Adds what another node of the cluster saw of a client to its B4 record (unknown
+    /// recipients, probe-shaped sessions, valid recipients), as if it had been seen here.
+    pub fn add_shared_counts(&self, delta: &CountDelta) {
+        self.shared.add_shared_counts(delta);
     }
 
     /// Lifts the ban of `addr`'s ban key; `true` if there was one.
@@ -841,6 +859,22 @@ impl Shared {
         }
     }
 
+    /// Adds another node's B4 delta (see [`ServerBuilder::share_counts`]).
+    fn add_shared_counts(&self, d: &CountDelta) {
+        let Ok(key) = d.key.parse::<IpAddr>() else { return };
+        let now = self.clock.now();
+        let mut t = self.tallies.lock().expect("tallies lock");
+        for _ in 0..d.valid.min(64) {
+            t.valid.record(now, key);
+        }
+        for _ in 0..d.probes.min(64) {
+            t.probes.record(now, key);
+        }
+        for _ in 0..d.unknown.min(1024) {
+            t.offences.record(now, key);
+        }
+    }
+
     /// Remembers, under the client key, what the ended session did towards B4 (a
     /// probe-shaped session as a probe: it counts only if repeated; otherwise each unknown
     /// recipient) and the messages it gave (`smtp.client_messages_max`: counted as sessions
@@ -858,15 +892,23 @@ impl Shared {
         for _ in 0..tally.session_valid.min(64) {
             t.valid.record(now, key);
         }
-        if tally.session == 0 {
-            return;
-        }
-        if tally.is_probe() {
+        let (unknown, probes) = match (tally.session, tally.is_probe()) {
+            (0, _) => (0, 0),
+            (_, true) => (0, 1),
+            (n, false) => (n, 0),
+        };
+        if probes > 0 {
             t.probes.record(now, key);
-        } else {
-            for _ in 0..tally.session {
-                t.offences.record(now, key);
-            }
+        }
+        for _ in 0..unknown {
+            t.offences.record(now, key);
+        }
+        drop(t);
+        if let Some(tx) = &self.counts
+            && (unknown > 0 || probes > 0 || tally.session_valid > 0)
+        {
+            let valid = tally.session_valid.min(64);
+            let _ = tx.try_send(CountDelta { key: key.to_string(), unknown, probes, valid, node: String::new() });
         }
     }
 

@@ -4,7 +4,8 @@
 //! the other within 2 s; with Redis stopped both keep serving and banning, and once it is back
 //! (empty) both directions converge; a node killed with -9 catches up when restarted; `bans
 //! add|remove` reach the other node; Redis with a password and TLS (a CA made here with rcgen),
-//! configured as an administrator would. And the store's server-side merge script against
+//! configured as an administrator would; the B4 counters and the callback cache shared, with
+//! a local fallback. And the store's server-side merge script against
 //! [`gatekeeper::edges::cluster::wins`].
 //!
 //! Without `redis-server` each test prints `SKIP` and returns; with `GATEKEEPER_REQUIRE_TOOLS=1`
@@ -504,4 +505,85 @@ async fn the_store_merges_by_the_same_rule_as_wins() {
     assert_eq!(gone, table.iter().filter(|e| e.expires_ms <= 100).count());
     assert_eq!(store.epoch("a".into()).await.unwrap(), "a");
     assert_eq!(store.epoch("b".into()).await.unwrap(), "a", "the first proposal stays");
+}
+
+/// B4 with threshold 3: two unknown recipients on mx1, one on mx2, is three for the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dictionary_attacker_spreading_rcpts_over_both_mx_is_counted_once() {
+    let Some(bin) = redis_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(bin, dir.path(), None, None);
+    let rules = "[rules]\nb4_threshold = 3\n";
+    let a = Node::start(dir.path(), "mx1", &format!("{rules}{}", cluster_table(&redis, "mx1", "")));
+    let b = Node::start(dir.path(), "mx2", &format!("{rules}{}", cluster_table(&redis, "mx2", "")));
+    // Let the counters' followers start (they follow from the moment they start).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ra, rb) = ("RCPT TO:<nobody1@example.test>", "RCPT TO:<nobody2@example.test>");
+    let r = dialogue(a.addr, "127.0.0.120", &["EHLO c.test", "MAIL FROM:<x@remote.test>", ra, rb, "QUIT"]).await;
+    assert!(r[3].starts_with("550") && r[4].starts_with("550") && r[5].starts_with("221"), "{r:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = dialogue(
+        b.addr,
+        "127.0.0.120",
+        &["EHLO c.test", "MAIL FROM:<x@remote.test>", "RCPT TO:<nobody3@example.test>"],
+    )
+    .await;
+    assert!(r[3].starts_with("550"), "{r:?}");
+    eventually("mx2 bans the third unknown recipient (B4)", Duration::from_secs(2), || b.lists("127.0.0.120")).await;
+    refused_within(&a, "127.0.0.120", Duration::from_secs(2)).await;
+    // Alone, mx2 would have counted one: another client, one unknown recipient, no ban.
+    let r = dialogue(b.addr, "127.0.0.121", &["EHLO c.test", "MAIL FROM:<x@remote.test>", ra, "QUIT"]).await;
+    assert!(r[3].starts_with("550") && r[4].starts_with("221"), "{r:?}");
+    assert!(!b.lists("127.0.0.121"));
+}
+
+/// The callback cache through the store: a result stored on one node is found on the other; a
+/// store that is down costs one bounded wait, then none for a while.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_cache_is_shared_and_falls_back_to_local_when_redis_is_down() {
+    use gatekeeper::policy::Verification;
+    use gatekeeper::verify::{CacheHit, CacheTtls, VerifyCache};
+    use std::sync::Arc;
+    let Some(bin) = redis_server() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(bin, dir.path(), None, None);
+    let section = |node: &str| ClusterSection {
+        redis: redis.url(),
+        node: node.into(),
+        timeout: Duration::from_millis(200),
+        ..ClusterSection::default()
+    };
+    let store_a: Arc<dyn ClusterStore> = Arc::new(RedisStore::new(&section("mx1")).unwrap());
+    let store_b: Arc<dyn ClusterStore> = Arc::new(RedisStore::new(&section("mx2")).unwrap());
+    let mx1 = VerifyCache::memory(CacheTtls::default(), 100).with_shared(store_a);
+    let mx2 = VerifyCache::memory(CacheTtls::default(), 100).with_shared(store_b);
+    let now = 1_800_000_000;
+    let valid = Verification::Valid { evidence: "RCPT TO:<a@third.test>: 250 ok".into() };
+    mx1.store("a@third.test", &valid, now).await;
+    mx1.set_accept_all("any.test", "RCPT TO:<random@any.test>: 250", now).await;
+    let mut hit = None;
+    for _ in 0..40 {
+        hit = mx2.lookup("a@third.test", "third.test", now + 1).await;
+        if hit.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hit, Some(CacheHit::Result(valid.clone())), "probed once for the cluster");
+    assert_eq!(
+        mx2.lookup("b@any.test", "any.test", now + 1).await,
+        Some(CacheHit::AcceptAll("RCPT TO:<random@any.test>: 250".into()))
+    );
+    // Kept locally: found with the store gone, at once.
+    redis.stop();
+    let start = Instant::now();
+    assert_eq!(mx2.lookup("a@third.test", "third.test", now + 2).await, Some(CacheHit::Result(valid)));
+    assert!(start.elapsed() < Duration::from_millis(100));
+    // A miss asks the store once (bounded by its timeout), then not for a while.
+    let start = Instant::now();
+    assert_eq!(mx2.lookup("c@third.test", "third.test", now + 3).await, None);
+    assert!(start.elapsed() < Duration::from_millis(1000), "{:?}", start.elapsed());
+    let start = Instant::now();
+    assert_eq!(mx2.lookup("d@third.test", "third.test", now + 4).await, None);
+    assert!(start.elapsed() < Duration::from_millis(50), "paused: {:?}", start.elapsed());
 }

@@ -19,6 +19,9 @@
 //!   expiry; a lifting beats the bans decided before it). The same reconcile runs on start
 //!   (a node killed with -9 catches up), when the store's epoch changes (it lost its data),
 //!   and every `reconcile_interval`.
+//! - **Shared verdicts.** The callback cache ([`crate::verify::VerifyCache::with_shared`]) and
+//!   the B4 counters ([`ClusterSync::with_counts`]) go through the same store, with a local
+//!   fallback: a store that does not answer leaves each node with its own.
 //! - **Heartbeats.** Every `heartbeat_interval` a node records its name, time, bans in force
 //!   and outbox length (`gatekeeper cluster status` reads them).
 //!
@@ -31,6 +34,6 @@ mod sync;
 
 pub use self::config::ClusterSection;
 pub use self::redis::RedisStore;
-pub use self::sync::{ClusterStats, ClusterSync, ClusterView, shared_ban, view};
+pub use self::sync::{ApplyCounts, ClusterStats, ClusterSync, ClusterView, shared_ban, view};
 
 pub use crate::edges::{ClusterError, ClusterStore, NodeBeat, SharedBan};

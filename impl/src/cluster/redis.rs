@@ -7,6 +7,8 @@
 //! - `PREFIX:bans:log`: a stream of the entries that changed the table (fields `net`,
 //!   `entry`, `node`), trimmed to about `log_max` entries;
 //! - `PREFIX:nodes`: a hash, node → its last [`NodeBeat`] as JSON;
+//! - `PREFIX:cb:KEY`: the shared callback cache, one string per entry, expiring by itself;
+//! - `PREFIX:b4:log`: a stream of B4 deltas (field `delta`, JSON), trimmed like the bans' log;
 //! - `PREFIX:epoch`: set once by the first node that finds it missing; a Redis that lost its
 //!   data (restarted without persistence) has none, which tells the nodes to publish again.
 //!
@@ -14,7 +16,8 @@
 //! a read-compare-write of two nodes cannot interleave. Two connections, each re-established
 //! by the `redis` crate's connection manager after a failure: one for commands, one for the
 //! blocking log read (which would hold up the commands queued behind it on a shared,
-//! multiplexed connection). Every call is bounded by `[cluster] timeout`.
+//! multiplexed connection), and one more for the counters' log. Every call is bounded by
+//! `[cluster] timeout`.
 
 use std::fmt;
 use std::future::Future;
@@ -26,8 +29,8 @@ use redis::{Client, IntoConnectionInfo, Script, TlsCertificates};
 
 use super::ClusterSection;
 use super::config::redact;
-use crate::edges::cluster::LogEntry;
-use crate::edges::{BoxFuture, ClusterError, ClusterStore, NodeBeat, SharedBan};
+use crate::edges::cluster::{CountEntry, LogEntry};
+use crate::edges::{BoxFuture, ClusterError, ClusterStore, CountDelta, NodeBeat, SharedBan};
 
 /// The merge rule of [`crate::edges::cluster::wins`], in Lua. KEYS: table, log. ARGV: net,
 /// encoded entry, node, log_max. Returns 1 if the entry won (and was logged), else 0.
@@ -75,6 +78,7 @@ return n
 pub struct RedisStore {
     commands: ConnectionManager,
     reader: ConnectionManager,
+    counts_reader: ConnectionManager,
     timeout: Duration,
     url: String,
     log_max: u64,
@@ -82,6 +86,8 @@ pub struct RedisStore {
     log: String,
     nodes: String,
     epoch: String,
+    prefix: String,
+    counts: String,
     publish: Script,
     purge: Script,
 }
@@ -127,12 +133,17 @@ impl RedisStore {
         };
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), config(section.timeout)).map_err(err)?;
         // The log read blocks up to `sync_interval` by design.
-        let reader = ConnectionManager::new_lazy_with_config(client, config(section.timeout + section.sync_interval))
-            .map_err(err)?;
+        let reader =
+            ConnectionManager::new_lazy_with_config(client.clone(), config(section.timeout + section.sync_interval))
+                .map_err(err)?;
+        let counts_reader =
+            ConnectionManager::new_lazy_with_config(client, config(section.timeout + section.sync_interval))
+                .map_err(err)?;
         let p = &section.prefix;
         Ok(RedisStore {
             commands,
             reader,
+            counts_reader,
             timeout: section.timeout,
             url: redact(url),
             log_max: section.log_max,
@@ -140,6 +151,8 @@ impl RedisStore {
             log: format!("{p}:bans:log"),
             nodes: format!("{p}:nodes"),
             epoch: format!("{p}:epoch"),
+            prefix: p.clone(),
+            counts: format!("{p}:b4:log"),
             publish: Script::new(PUBLISH),
             purge: Script::new(PURGE),
         })
@@ -271,6 +284,70 @@ impl ClusterStore for RedisStore {
             get.arg(&self.epoch);
             let epoch: Option<String> = self.bounded(self.timeout, get.query_async(&mut con)).await?;
             Ok(epoch.unwrap_or(fresh))
+        })
+    }
+
+    fn cache_get(&self, keys: Vec<String>) -> BoxFuture<'_, Result<Vec<Option<String>>, ClusterError>> {
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut con = self.commands.clone();
+            let mut cmd = redis::cmd("MGET");
+            for k in &keys {
+                cmd.arg(format!("{}:cb:{k}", self.prefix));
+            }
+            self.bounded(self.timeout, cmd.query_async(&mut con)).await
+        })
+    }
+
+    fn cache_put(&self, key: String, value: String, ttl: Duration) -> BoxFuture<'_, Result<(), ClusterError>> {
+        Box::pin(async move {
+            let mut con = self.commands.clone();
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(format!("{}:cb:{key}", self.prefix)).arg(value).arg("PX").arg(ttl.as_millis().max(1) as u64);
+            let _: Option<String> = self.bounded(self.timeout, cmd.query_async(&mut con)).await?;
+            Ok(())
+        })
+    }
+
+    fn count(&self, deltas: Vec<CountDelta>) -> BoxFuture<'_, Result<(), ClusterError>> {
+        Box::pin(async move {
+            if deltas.is_empty() {
+                return Ok(());
+            }
+            let mut con = self.commands.clone();
+            let mut pipe = redis::pipe();
+            for d in &deltas {
+                let json = serde_json::to_string(d).map_err(err)?;
+                pipe.cmd("XADD").arg(&self.counts).arg("MAXLEN").arg("~").arg(self.log_max).arg("*");
+                pipe.arg("delta").arg(json).ignore();
+            }
+            let () = self.bounded(self.timeout, pipe.query_async(&mut con)).await?;
+            Ok(())
+        })
+    }
+
+    fn follow_counts(
+        &self,
+        cursor: String,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<CountEntry>, ClusterError>> {
+        Box::pin(async move {
+            let mut con = self.counts_reader.clone();
+            let mut cmd = redis::cmd("XREAD");
+            cmd.arg("COUNT").arg(max.max(1)).arg("BLOCK").arg(wait.as_millis() as u64).arg("STREAMS");
+            cmd.arg(&self.counts).arg(&cursor);
+            let reply: Option<StreamReadReply> = self.bounded(self.timeout + wait, cmd.query_async(&mut con)).await?;
+            let mut out = Vec::new();
+            for key in reply.map(|r| r.keys).unwrap_or_default() {
+                for id in key.ids {
+                    let delta = id.get::<String>("delta").and_then(|s| serde_json::from_str(&s).ok());
+                    out.push((id.id, delta));
+                }
+            }
+            Ok(out)
         })
     }
 }

@@ -9,6 +9,11 @@
 //!   cursor in the node's database after each batch: a node killed with -9 resumes where it
 //!   was (and its start reconcile covers what the log no longer holds).
 //!
+//! - With shared counters ([`ClusterSync::with_counts`]), the **counters** loops publish each
+//!   ended session's B4 delta and add the other nodes' deltas to this node's record, so that a
+//!   dictionary attacker spreading its RCPTs over the MX hosts is counted once. They are best
+//!   effort: a delta the store does not take is counted here only.
+//!
 //! A store call that fails leaves the node alone (a warning when it starts, an info when the
 //! store is back); nothing here ever holds up a session.
 
@@ -21,7 +26,23 @@ use super::ClusterSection;
 use crate::ban::store::to_ms;
 use crate::ban::{Ban, BanManager, OutboxRow};
 use crate::edges::cluster::wins;
-use crate::edges::{Clock, ClusterError, ClusterStore, NodeBeat, SharedBan};
+use crate::edges::{Clock, ClusterError, ClusterStore, CountDelta, NodeBeat, SharedBan};
+
+/// Applies another node's B4 delta to this node's record (the server's tallies).
+pub type ApplyCounts = Arc<dyn Fn(&CountDelta) + Send + Sync>;
+
+/// The local side of the shared counters: deltas of this node's sessions, and where the
+/// other nodes' go.
+struct Counts {
+    local: tokio::sync::Mutex<tokio::sync::mpsc::Receiver<CountDelta>>,
+    apply: ApplyCounts,
+}
+
+impl std::fmt::Debug for Counts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counts").finish_non_exhaustive()
+    }
+}
 
 /// Where the follower's cursor is kept (`cluster_state`).
 const CURSOR_KEY: &str = "log_cursor";
@@ -80,6 +101,7 @@ pub struct ClusterSync {
     heartbeat_interval: Duration,
     reconcile_interval: Duration,
     stats: Arc<ClusterStats>,
+    counts: Option<Arc<Counts>>,
 }
 
 impl ClusterSync {
@@ -101,7 +123,15 @@ impl ClusterSync {
             heartbeat_interval: section.heartbeat_interval,
             reconcile_interval: section.reconcile_interval,
             stats: Arc::new(ClusterStats::default()),
+            counts: None,
         }
+    }
+
+    /// Shares the B4 counters too: this node's deltas come from `local` (the server's
+    /// [`crate::server::ServerBuilder::share_counts`]), the others' go to `apply`.
+    pub fn with_counts(mut self, local: tokio::sync::mpsc::Receiver<CountDelta>, apply: ApplyCounts) -> Self {
+        self.counts = Some(Arc::new(Counts { local: tokio::sync::Mutex::new(local), apply }));
+        self
     }
 
     /// The counters.
@@ -117,12 +147,59 @@ impl ClusterSync {
     /// Runs the publisher and the follower until `shutdown` completes.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let (publisher, follower) = (self.clone(), self);
+        let (publisher, follower, counter, count_follower) = (self.clone(), self.clone(), self.clone(), self);
         tokio::select! {
             biased;
             () = &mut shutdown => {}
             () = publisher.publish_loop() => {}
             () = follower.follow_loop() => {}
+            () = counter.count_loop() => {}
+            () = count_follower.follow_counts_loop() => {}
+        }
+    }
+
+    /// Publishes this node's B4 deltas, in batches, as they come.
+    async fn count_loop(self) {
+        let Some(counts) = self.counts.clone() else {
+            return std::future::pending().await;
+        };
+        let mut local = counts.local.lock().await;
+        let mut batch = Vec::new();
+        loop {
+            if local.recv_many(&mut batch, BATCH).await == 0 {
+                return std::future::pending().await;
+            }
+            for d in &mut batch {
+                d.node.clone_from(&self.node);
+            }
+            if let Err(e) = self.store.count(std::mem::take(&mut batch)).await {
+                // Counted here only; the publisher says when the store is away.
+                tracing::debug!(error = %e, "cluster: B4 counts not shared");
+            }
+        }
+    }
+
+    /// Adds the other nodes' B4 deltas to this node's record, from the moment it started.
+    async fn follow_counts_loop(self) {
+        let Some(counts) = self.counts.clone() else {
+            return std::future::pending().await;
+        };
+        let mut cursor = "$".to_string();
+        loop {
+            match self.store.follow_counts(cursor.clone(), BATCH, self.sync_interval).await {
+                Ok(entries) => {
+                    for (id, delta) in entries {
+                        if let Some(d) = delta.filter(|d| d.node != self.node) {
+                            (counts.apply)(&d);
+                        }
+                        cursor = id;
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cluster counts: no read");
+                    tokio::time::sleep(self.sync_interval).await;
+                }
+            }
         }
     }
 

@@ -86,6 +86,25 @@ pub fn wins(new: &SharedBan, old: Option<&SharedBan>) -> bool {
 /// One entry of the log: its id (the cursor to resume after it) and the entry, if it decodes.
 pub type LogEntry = (String, Option<SharedBan>);
 
+/// What one ended session added to a client's B4 record (docs/design.md §2), shared so that a
+/// dictionary attacker spreading its RCPTs over the MX hosts is counted once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CountDelta {
+    /// The client key (an IPv4 address, the address of an IPv6 network), as printed.
+    pub key: String,
+    /// Unknown local recipients counted towards B4.
+    pub unknown: u32,
+    /// Probe-shaped sessions (counted only if repeated).
+    pub probes: u32,
+    /// Valid local recipients (B4's share test).
+    pub valid: u32,
+    /// The node whose session it was.
+    pub node: String,
+}
+
+/// One entry of the counters' log: its id and the delta, if it decodes.
+pub type CountEntry = (String, Option<CountDelta>);
+
 /// A node's heartbeat, as the store keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeBeat {
@@ -138,6 +157,23 @@ pub trait ClusterStore: Send + Sync + fmt::Debug {
     /// restarted without persistence), which tells the nodes to publish their bans again. A
     /// store without one takes `proposal` (unique: the node's name and time).
     fn epoch(&self, proposal: String) -> BoxFuture<'_, Result<String, ClusterError>>;
+
+    /// The shared callback cache: the values of `keys` (none for a key missing or expired).
+    fn cache_get(&self, keys: Vec<String>) -> BoxFuture<'_, Result<Vec<Option<String>>, ClusterError>>;
+
+    /// Stores `value` under `key` in the shared callback cache for `ttl`.
+    fn cache_put(&self, key: String, value: String, ttl: Duration) -> BoxFuture<'_, Result<(), ClusterError>>;
+
+    /// Appends B4 deltas to the counters' log (bounded like the bans' log).
+    fn count(&self, deltas: Vec<CountDelta>) -> BoxFuture<'_, Result<(), ClusterError>>;
+
+    /// Counters' log entries after `cursor` (`$`: only new ones), waiting up to `wait`.
+    fn follow_counts(
+        &self,
+        cursor: String,
+        max: usize,
+        wait: Duration,
+    ) -> BoxFuture<'_, Result<Vec<CountEntry>, ClusterError>>;
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub mod tls;
 pub mod trace;
 
 pub use self::clock::{Clock, SystemClock};
-pub use self::cluster::{ClusterError, ClusterStore, NodeBeat, SharedBan};
+pub use self::cluster::{ClusterError, ClusterStore, CountDelta, NodeBeat, SharedBan};
 pub use self::message::{Content, MessageFile, available_space};
 pub use self::ports::{BanOrder, BanSink, BoxFuture, Downstream, Listener, Observer, Scanner, Verifier};
 pub use self::relay::{AnyCertificate, RelayTls, RelayTlsMode, SmtpRelay};

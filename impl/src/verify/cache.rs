@@ -9,6 +9,12 @@
 //! [`crate::dbfile`]). SQLite calls block; with `offload` they run on tokio's blocking pool
 //! (production), without it inline (the simulation, which has no real threads). In memory,
 //! entries are indexed by expiry too, so that a full cache evicts in O(log n), not by a scan.
+//!
+//! With a cluster ([`VerifyCache::with_shared`], docs/cluster.md) the cache is also shared
+//! through the cluster store: a local miss asks the store (bounded by the store's timeout; a
+//! store that failed is left alone for [`SHARED_PAUSE`] seconds), a hit there is kept locally,
+//! and every result stored here is also written there (in the background: nothing waits for
+//! it), so that a third-party domain is probed once for the cluster.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,6 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::edges::ClusterStore;
 use crate::policy::Verification;
 
 /// How long each kind of result is kept.
@@ -69,6 +76,17 @@ pub enum CacheError {
 /// Stores written between two purges of expired rows.
 const PURGE_EVERY: u64 = 256;
 
+/// How long the shared cache is left alone after it failed to answer (seconds).
+pub const SHARED_PAUSE: u64 = 5;
+
+/// The cluster's share of the cache.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<dyn ClusterStore>,
+    /// Wall seconds before which the store is not asked (it failed).
+    paused_until: AtomicU64,
+}
+
 /// The callback cache. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct VerifyCache {
@@ -77,6 +95,7 @@ pub struct VerifyCache {
     max_entries: usize,
     offload: bool,
     writes: AtomicU64,
+    shared: Option<Shared>,
 }
 
 #[derive(Debug, Clone)]
@@ -187,6 +206,7 @@ impl VerifyCache {
             max_entries: max_entries.max(1),
             offload,
             writes: AtomicU64::new(0),
+            shared: None,
         })
     }
 
@@ -217,7 +237,66 @@ impl VerifyCache {
             max_entries: max_entries.max(1),
             offload: false,
             writes: AtomicU64::new(0),
+            shared: None,
         }
+    }
+
+    /// Shares the cache with the other nodes of a cluster through `store`.
+    pub fn with_shared(mut self, store: Arc<dyn ClusterStore>) -> Self {
+        self.shared = Some(Shared { store, paused_until: AtomicU64::new(0) });
+        self
+    }
+
+    /// The shared cache's answer for `address` and `domain`, kept locally when there is one.
+    async fn lookup_shared(&self, address: &str, domain: &str, now: u64) -> Option<CacheHit> {
+        let shared = self.shared.as_ref()?;
+        if now < shared.paused_until.load(Ordering::Relaxed) {
+            return None;
+        }
+        let keys = vec![format!("r:{address}"), format!("a:{domain}")];
+        let values = match shared.store.cache_get(keys).await {
+            Ok(v) => v,
+            Err(e) => {
+                shared.paused_until.store(now + SHARED_PAUSE, Ordering::Relaxed);
+                tracing::debug!(error = %e, "shared callback cache: no answer; local only for a while");
+                return None;
+            }
+        };
+        let mut values = values.into_iter();
+        let (result, flag) = (values.next().flatten(), values.next().flatten());
+        if let Some(v) = result {
+            let mut it = v.splitn(3, ' ');
+            let (kind, expires, evidence) = (it.next()?, it.next()?.parse::<u64>().ok()?, it.next().unwrap_or(""));
+            let result = from_row(kind, evidence.to_string())?;
+            if expires > now {
+                self.store_until(address, &result, now, expires).await;
+                return Some(CacheHit::Result(result));
+            }
+        }
+        if let Some(v) = flag {
+            let (expires, evidence) = v.split_once(' ').unwrap_or((&v, ""));
+            let expires = expires.parse::<u64>().ok()?;
+            if expires > now {
+                self.accept_all_until(domain, evidence, now, expires).await;
+                return Some(CacheHit::AcceptAll(evidence.to_string()));
+            }
+        }
+        None
+    }
+
+    /// Writes `key` to the shared cache until `expires` (wall seconds), in the background.
+    fn share(&self, key: String, value: String, now: u64, expires: u64) {
+        let Some(shared) = &self.shared else { return };
+        if now < shared.paused_until.load(Ordering::Relaxed) {
+            return;
+        }
+        let store = shared.store.clone();
+        let ttl = Duration::from_secs(expires.saturating_sub(now).max(1));
+        tokio::spawn(async move {
+            if let Err(e) = store.cache_put(key, value, ttl).await {
+                tracing::debug!(error = %e, "shared callback cache: not written");
+            }
+        });
     }
 
     /// The TTLs in force.
@@ -228,6 +307,13 @@ impl VerifyCache {
     /// What is known about `address` (lower-cased `local@domain`) and its `domain` at `now`
     /// (wall seconds). An address result wins over the domain's accept-all flag.
     pub async fn lookup(&self, address: &str, domain: &str, now: u64) -> Option<CacheHit> {
+        match self.lookup_local(address, domain, now).await {
+            Some(hit) => Some(hit),
+            None => self.lookup_shared(address, domain, now).await,
+        }
+    }
+
+    async fn lookup_local(&self, address: &str, domain: &str, now: u64) -> Option<CacheHit> {
         let (address, domain) = (address.to_string(), domain.to_string());
         match &self.store {
             Store::Memory(m) => {
@@ -277,6 +363,12 @@ impl VerifyCache {
             Verification::Undeliverable { .. } | Verification::Unknown { .. } => self.ttls.unknown,
         };
         let expires = now.saturating_add(ttl.as_secs());
+        self.store_until(address, result, now, expires).await;
+        self.share(format!("r:{address}"), format!("{} {expires} {}", result.kind(), result.evidence()), now, expires);
+    }
+
+    /// Stores `result` for `address` until `expires` (wall seconds).
+    async fn store_until(&self, address: &str, result: &Verification, now: u64, expires: u64) {
         let purge = self.writes.fetch_add(1, Ordering::Relaxed) % PURGE_EVERY == PURGE_EVERY - 1;
         let max = self.max_entries;
         match &self.store {
@@ -319,6 +411,12 @@ impl VerifyCache {
     /// Flags `domain` as accepting any address, with the evidence, at `now`.
     pub async fn set_accept_all(&self, domain: &str, evidence: &str, now: u64) {
         let expires = now.saturating_add(self.ttls.accept_all.as_secs());
+        self.accept_all_until(domain, evidence, now, expires).await;
+        self.share(format!("a:{domain}"), format!("{expires} {evidence}"), now, expires);
+    }
+
+    /// Flags `domain` as accepting any address until `expires` (wall seconds).
+    async fn accept_all_until(&self, domain: &str, evidence: &str, now: u64, expires: u64) {
         match &self.store {
             Store::Memory(m) => {
                 let mut m = m.lock().expect("cache lock");
