@@ -21,6 +21,8 @@
 //! - [`actors`] — backscatter, spammers, virus senders, callback probers.
 //! - [`mta`] — honest and bounce MTAs with real queues (lettre).
 //! - [`dns`], [`remote`] — the DNS server and remote MX hosts that callbacks reach.
+//! - [`store`] — the cluster store as a simulated host, and the gatekeeper's `ClusterStore` on
+//!   it (several gatekeeper hosts sharing bans, docs/cluster.md).
 //! - [`gk`] — the gatekeeper host, wired as the binary wires it, with simulated edges.
 //! - [`report`] — JSON, Markdown and SVG reports, and the terminal table.
 //! - [`runner`] — builds the world, steps it, applies faults, makes the report.
@@ -43,4 +45,5 @@ pub mod replay;
 pub mod report;
 pub mod runner;
 pub mod scenario;
+pub mod store;
 pub mod world;
