@@ -88,6 +88,21 @@ enum Command {
         /// Writes <DIR>/replay/report.json, report.md, hourly.svg, bans.txt and replay.json (the counts).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Only reads the log into sessions (no simulation): how fast the parser is.
+        #[arg(long)]
+        parse_only: bool,
+    },
+    /// Writes a synthetic Postfix log (a week of a busy MX) on stdout, to measure `replay`.
+    SynthLog {
+        /// About this many lines.
+        #[arg(long, default_value_t = 1_000_000)]
+        lines: u64,
+        /// The seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Days the log spans (from 2026-12-01 00:00 UTC).
+        #[arg(long, default_value_t = 7)]
+        days: u32,
     },
 }
 
@@ -124,7 +139,26 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { paths, seed, out, json, sabotage } => run(paths, seed, out, json, sabotage),
         Command::Sweep { paths, seeds, jobs } => sweep(paths, seeds, jobs),
-        Command::Replay { logs, config, format, year, utc_offset, seed, tick, drain, out } => {
+        Command::SynthLog { lines, seed, days } => {
+            let stdout = std::io::stdout().lock();
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, stdout);
+            let start = gatekeeper_sim::replay::time::days_from_civil(2026, 12, 1) * 86_400_000;
+            let span = i64::from(days) * 86_400_000;
+            match gatekeeper_sim::replay::synth::write(&mut w, lines, start, span, seed).and_then(|n| {
+                std::io::Write::flush(&mut w)?;
+                Ok(n)
+            }) {
+                Ok(n) => {
+                    eprintln!("synth-log: {n} lines");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("gatekeeper-sim: synth-log: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Replay { logs, config, format, year, utc_offset, seed, tick, drain, out, parse_only } => {
             let opts = gatekeeper_sim::replay::drive::Options {
                 files: logs,
                 format,
@@ -135,7 +169,7 @@ fn main() -> ExitCode {
                 tick,
                 drain,
             };
-            replay(&opts, out)
+            if parse_only { parse_only_run(&opts) } else { replay(&opts, out) }
         }
     }
 }
@@ -315,6 +349,33 @@ fn run(paths: Vec<PathBuf>, seed: Option<u64>, out: Option<PathBuf>, json: bool,
         println!("{passed}/{} passed in {:.1} s wall", reports.len(), wall.as_secs_f64());
     }
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+fn parse_only_run(opts: &gatekeeper_sim::replay::drive::Options) -> ExitCode {
+    reset_peak_rss();
+    let started = Instant::now();
+    match gatekeeper_sim::replay::drive::parse_only(opts) {
+        Ok((stats, sessions, held_max)) => {
+            let wall = started.elapsed().as_secs_f64();
+            println!(
+                "parsed {} lines ({} used, {} ignored, {} unknown) into {} sessions in {wall:.1} s ({:.0} lines/s); \
+                 at most {} sessions held; peak RSS {:.0} MiB",
+                num(stats.lines as f64),
+                num(stats.used as f64),
+                num(stats.ignored as f64),
+                num(stats.unknown as f64),
+                num(sessions as f64),
+                stats.lines as f64 / wall.max(1e-9),
+                num(held_max as f64),
+                gatekeeper_sim::report::Timing::measure(Duration::ZERO, Duration::ZERO).peak_rss_mib
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("gatekeeper-sim: replay: {e:#}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn replay(opts: &gatekeeper_sim::replay::drive::Options, out: Option<PathBuf>) -> ExitCode {

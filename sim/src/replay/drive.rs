@@ -184,6 +184,7 @@ pub const BANS_KEPT: usize = 10_000;
 /// A pending message of a replayed client: what is still to deliver.
 #[derive(Debug, Clone)]
 struct Pending {
+    id: u64,
     client: IpAddr,
     helo: Box<str>,
     from: Box<str>,
@@ -215,8 +216,9 @@ struct Shared {
     in_flight: u64,
     /// Messages waiting in a replayed client's queue for their next retry.
     queued: u64,
-    /// Those messages, by a serial number: what is left of them at the end is reported.
-    pending: std::collections::BTreeMap<u64, Pending>,
+    /// Those messages, per client: one retry task per client sends them all in one connection,
+    /// as an MTA's queue does. What is left at the end is reported.
+    queues: std::collections::BTreeMap<IpAddr, Vec<Pending>>,
     next_pending: u64,
     last_start: Duration,
 }
@@ -308,7 +310,13 @@ pub fn replay(
         local_domains,
         rx: Mutex::new(rx),
     });
-    let state_dir = tempfile::Builder::new().prefix("gatekeeper-replay-").tempdir()?;
+    // On tmpfs when there is one, as the scenario runner does: SQLite's fsyncs and the spool's
+    // files then cost what they cost on a server's disk cache.
+    let shm = std::path::Path::new("/dev/shm");
+    let state_dir = match tempfile::Builder::new().prefix("gatekeeper-replay-").tempdir_in(shm) {
+        Ok(d) if shm.is_dir() => d,
+        _ => tempfile::Builder::new().prefix("gatekeeper-replay-").tempdir()?,
+    };
     let mut sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(400 * 86_400))
         .tick_duration(tick)
@@ -383,7 +391,7 @@ pub fn replay(
         }
     }
     // Still queued when the replay ended: not delivered within the drain.
-    for p in std::mem::take(&mut shared.pending).into_values() {
+    for p in std::mem::take(&mut shared.queues).into_values().flatten() {
         shared.findings.undelivered += 1;
         let what = format!("still undelivered at the end, after {} retries", p.attempt);
         let i = push_retry_difference(&mut shared.findings, &p, what, false);
@@ -416,6 +424,20 @@ pub fn replay(
     report.metrics.insert("sim_hours".into(), horizon.as_secs_f64() / 3600.0);
     report.timing = crate::report::Timing::measure(horizon, wall.elapsed());
     Ok((report, f))
+}
+
+/// Reads the log into sessions and drops them: the parser's own speed and memory (`--parse-only`).
+/// Returns the line counts, the sessions and the most sessions held at once.
+pub fn parse_only(opts: &Options) -> anyhow::Result<(LineStats, u64, u64)> {
+    let files = input::order(opts.files.clone());
+    let year = opts.year.or_else(|| files.first().and_then(|f| input::mtime_year(f))).unwrap_or(2026);
+    let mut reader = LogReader::new(opts.format, year, opts.utc_offset_secs);
+    let mut sessions = 0u64;
+    input::read_all(&files, &mut reader, |_| {
+        sessions += 1;
+        true
+    })?;
+    Ok((reader.stats, sessions, reader.asm.stats.held_max))
 }
 
 /// The reader thread.
@@ -640,6 +662,7 @@ async fn play(ctx: &Arc<Ctx>, s: LoggedSession) {
                     sh.to_review.push((s.client, sender, s.start_ms, i));
                 }
                 TxnEnd::Retry => retries.push(Pending {
+                    id: 0,
                     client: s.client,
                     helo: helo.clone(),
                     from,
@@ -652,10 +675,24 @@ async fn play(ctx: &Arc<Ctx>, s: LoggedSession) {
             }
         }
     }
-    ctx.shared.lock().expect("shared").queued += retries.len() as u64;
-    for p in retries {
+    if retries.is_empty() {
+        return;
+    }
+    let spawn = {
+        let mut sh = ctx.shared.lock().expect("shared");
+        sh.queued += retries.len() as u64;
+        let idle = sh.queues.get(&s.client).is_none_or(Vec::is_empty);
+        for mut p in retries {
+            sh.next_pending += 1;
+            p.id = sh.next_pending;
+            sh.queues.entry(s.client).or_default().push(p);
+        }
+        idle
+    };
+    if spawn {
         let c = ctx.clone();
-        tokio::spawn(async move { retry(c, p, class).await });
+        let client = s.client;
+        tokio::spawn(async move { retry(c, client, class).await });
     }
 }
 
@@ -860,55 +897,71 @@ async fn dialogue(
     (ends, greeting)
 }
 
-/// A message the MTA took and the gatekeeper tempfailed (or never saw): retried from the same
-/// address like a Postfix queue, or at the interval this client showed in the log.
-async fn retry(ctx: Arc<Ctx>, mut p: Pending, class: Class) {
+/// The queue of a replayed client: messages the MTA took and the gatekeeper tempfailed (or
+/// never saw), retried together in one connection from the same address, like an MTA's queue,
+/// at the interval this client showed in the log, else on Postfix's backoff. Runs while the
+/// client's queue holds anything.
+async fn retry(ctx: Arc<Ctx>, client: IpAddr, class: Class) {
     let w = ctx.world.clone();
-    let id = {
-        let mut sh = ctx.shared.lock().expect("shared");
-        sh.next_pending += 1;
-        let id = sh.next_pending;
-        sh.pending.insert(id, p.clone());
-        id
-    };
+    let mut attempt: u32 = 0;
     loop {
-        let gap = ctx.shared.lock().expect("shared").observed_gap.get(&p.client).copied();
-        let backoff = gap.unwrap_or_else(|| (BACKOFF_MIN * 2u32.saturating_pow(p.attempt)).min(BACKOFF_MAX));
-        p.attempt += 1;
+        let gap = ctx.shared.lock().expect("shared").observed_gap.get(&client).copied();
+        let backoff = gap.unwrap_or_else(|| (BACKOFF_MIN * 2u32.saturating_pow(attempt)).min(BACKOFF_MAX));
+        attempt += 1;
         tokio::time::sleep(backoff).await;
         let now = w.now();
-        if now - p.first > QUEUE_LIFETIME {
-            break;
-        }
-        {
+        // Messages past the queue lifetime are given up; the rest go in one connection.
+        let msgs: Vec<Pending> = {
             let mut sh = ctx.shared.lock().expect("shared");
+            let queue = sh.queues.remove(&client).unwrap_or_default();
+            let (expired, live): (Vec<Pending>, Vec<Pending>) =
+                queue.into_iter().partition(|p| now - p.first > QUEUE_LIFETIME);
+            for p in expired {
+                sh.queued -= 1;
+                sh.findings.undelivered += 1;
+                let i = push_retry_difference(&mut sh.findings, &p, "never delivered (queue lifetime)".into(), false);
+                let sender = key_of(&[p.from.as_bytes()]);
+                sh.to_review.push((p.client, sender, p.logged_ms, i));
+            }
+            if live.is_empty() {
+                return;
+            }
+            sh.queues.insert(client, live.clone());
             sh.findings.retries += 1;
-            sh.costs.entry(p.client).or_default().attempts += 1;
+            sh.costs.entry(client).or_default().attempts += 1;
             sh.in_flight += 1;
-        }
-        w.state().c.of(class).deferrals += 1;
-        let port = 1024 + (key_of(&[&p.logged_ms.to_le_bytes(), &p.attempt.to_le_bytes()]) % 60_000) as u16;
-        let txn = Txn {
-            from: Some(p.from.clone()),
-            rcpts: p.rcpts.iter().map(|r| super::assemble::Rcpt { addr: r.clone(), code: 250 }).collect(),
-            queued: true,
-            ..Txn::default()
+            live
         };
-        let end = match connect(&w, p.client, port).await {
+        let mut msgs = msgs;
+        for p in &mut msgs {
+            p.attempt += 1;
+        }
+        let tried: Vec<u64> = msgs.iter().map(|p| p.id).collect();
+        w.state().c.of(class).deferrals += 1;
+        let port = 1024 + (key_of(&[&msgs[0].logged_ms.to_le_bytes(), &attempt.to_le_bytes()]) % 60_000) as u16;
+        let txns: Vec<Txn> = msgs
+            .iter()
+            .map(|p| Txn {
+                from: Some(p.from.clone()),
+                rcpts: p.rcpts.iter().map(|r| super::assemble::Rcpt { addr: r.clone(), code: 250 }).collect(),
+                queued: true,
+                ..Txn::default()
+            })
+            .collect();
+        let ends: Vec<TxnEnd> = match connect(&w, client, port).await {
             Ok(stream) => {
-                let mut smtp = Smtp::new(stream, w.clone(), p.client);
-                let r = tokio::time::timeout(
-                    SESSION_MAX,
-                    dialogue(&ctx, &mut smtp, &p.helo, p.client, std::slice::from_ref(&txn), class, false),
-                )
-                .await;
+                let mut smtp = Smtp::new(stream, w.clone(), client);
+                let helo = msgs[0].helo.clone();
+                let r =
+                    tokio::time::timeout(SESSION_MAX, dialogue(&ctx, &mut smtp, &helo, client, &txns, class, false))
+                        .await;
                 smtp.quit().await;
-                r.ok().and_then(|(mut e, _)| e.pop()).unwrap_or(TxnEnd::Retry)
+                r.map(|(e, _)| e).unwrap_or_else(|_| txns.iter().map(|_| TxnEnd::Retry).collect())
             }
             Err(e) => {
                 let banned = {
                     let mut st = w.state();
-                    let banned = w.ban_live(&st, p.client, w.now());
+                    let banned = w.ban_live(&st, client, w.now());
                     if e == ConnectError::TimedOut {
                         let c = st.c.of(class);
                         if banned { c.drop_banned += 1 } else { c.drop_rate += 1 }
@@ -916,54 +969,54 @@ async fn retry(ctx: Arc<Ctx>, mut p: Pending, class: Class) {
                     banned
                 };
                 let mut sh = ctx.shared.lock().expect("shared");
-                sh.costs.entry(p.client).or_default().dropped += 1;
+                sh.costs.entry(client).or_default().dropped += 1;
                 if e == ConnectError::TimedOut {
                     if banned { sh.findings.retry_dropped.1 += 1 } else { sh.findings.retry_dropped.0 += 1 }
                 }
                 drop(sh);
-                TxnEnd::Retry
+                txns.iter().map(|_| TxnEnd::Retry).collect()
             }
         };
         let mut sh = ctx.shared.lock().expect("shared");
         sh.in_flight -= 1;
-        if matches!(end, TxnEnd::Retry) {
-            if let Some(q) = sh.pending.get_mut(&id) {
-                q.attempt = p.attempt;
+        let mut left = Vec::new();
+        for (p, end) in msgs.into_iter().zip(ends) {
+            match end {
+                TxnEnd::Retry => {
+                    left.push(p);
+                    continue;
+                }
+                TxnEnd::Delivered => {
+                    let delay = w.now() - p.first;
+                    sh.findings.delayed += 1;
+                    sh.costs.entry(client).or_default().delivered += 1;
+                    w.state().delays_ms.push(delay.as_millis() as u64);
+                    let what = format!("delayed {} by {} retries", crate::fmt::secs(delay.as_secs_f64()), p.attempt);
+                    let i = push_retry_difference(&mut sh.findings, &p, what, true);
+                    let sender = key_of(&[p.from.as_bytes()]);
+                    sh.to_review.push((p.client, sender, p.logged_ms, i));
+                }
+                TxnEnd::Rejected(code, stage) => {
+                    sh.findings.rejected += 1;
+                    let what = format!("rejected {code} at {stage} on retry {}", p.attempt);
+                    let i = push_retry_difference(&mut sh.findings, &p, what, false);
+                    let sender = key_of(&[p.from.as_bytes()]);
+                    sh.to_review.push((p.client, sender, p.logged_ms, i));
+                }
             }
-        } else {
             sh.queued -= 1;
-            sh.pending.remove(&id);
         }
-        match end {
-            TxnEnd::Retry => continue,
-            TxnEnd::Delivered => {
-                let delay = w.now() - p.first;
-                sh.findings.delayed += 1;
-                sh.costs.entry(p.client).or_default().delivered += 1;
-                w.state().delays_ms.push(delay.as_millis() as u64);
-                let what = format!("delayed {} by {} retries", crate::fmt::secs(delay.as_secs_f64()), p.attempt);
-                let i = push_retry_difference(&mut sh.findings, &p, what, true);
-                let sender = key_of(&[p.from.as_bytes()]);
-                sh.to_review.push((p.client, sender, p.logged_ms, i));
-                return;
-            }
-            TxnEnd::Rejected(code, stage) => {
-                sh.findings.rejected += 1;
-                let what = format!("rejected {code} at {stage} on retry {}", p.attempt);
-                let i = push_retry_difference(&mut sh.findings, &p, what, false);
-                let sender = key_of(&[p.from.as_bytes()]);
-                sh.to_review.push((p.client, sender, p.logged_ms, i));
-                return;
-            }
+        // Messages queued by sessions that ran meanwhile are in the queue beside the ones just
+        // tried: keep those, and the tried ones still to retry (with their attempt counts).
+        let queue = sh.queues.remove(&client).unwrap_or_default();
+        let mut next = left;
+        let tried: std::collections::BTreeSet<u64> = tried.into_iter().collect();
+        next.extend(queue.into_iter().filter(|p| !tried.contains(&p.id)));
+        if next.is_empty() {
+            return;
         }
+        sh.queues.insert(client, next);
     }
-    let mut sh = ctx.shared.lock().expect("shared");
-    sh.queued -= 1;
-    sh.pending.remove(&id);
-    sh.findings.undelivered += 1;
-    let i = push_retry_difference(&mut sh.findings, &p, "never delivered (queue lifetime)".into(), false);
-    let sender = key_of(&[p.from.as_bytes()]);
-    sh.to_review.push((p.client, sender, p.logged_ms, i));
 }
 
 fn push_retry_difference(f: &mut Findings, p: &Pending, what: String, delayed: bool) -> Option<usize> {

@@ -22,6 +22,7 @@ pub mod line;
 pub mod postfix;
 pub mod sendmail;
 pub mod show;
+pub mod synth;
 pub mod time;
 
 use assemble::{Assembler, Loc, LoggedSession};
