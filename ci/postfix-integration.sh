@@ -9,12 +9,13 @@
 # lines when the snakeoil key exists, smtpd_relay_restrictions), then this test's site settings
 # (paths of the private instance, hostname, virtual mailboxes, loopback), then the gatekeeper's
 # two lines: smtpd_recipient_restrictions (the policy service) and smtpd_milters. A check
-# verifies that main.cf differs from the site's by exactly those two lines. Four smtpd
+# verifies that main.cf differs from the site's by exactly those two lines. Five smtpd
 # listeners (master.cf):
 #   two lines   main.cf as is: policy service and milter (the issue's "Done when")
 #   policy      -o smtpd_milters= and smtpd_data_restrictions (docs/postfix.md §2 in full)
 #   milter      -o smtpd_recipient_restrictions= : the milter alone, what sendmail gets
 #   plain       neither (for BENCH)
+#   unix        both over Unix sockets (unix:/path), a second gatekeeper with listen = "unix:..."
 #
 #   bash ci/postfix-integration.sh            # builds the release binary
 #   GATEKEEPER_BIN=target/debug/gatekeeper bash ci/postfix-integration.sh
@@ -35,6 +36,8 @@
 # from <> not banned; a clean message delivered; the gatekeeper stopped: milter_default_action
 # (Postfix's default, tempfail: 451 4.7.1), and the retry once it is back is delivered.
 # Through the two lines: E1, E2 (and B4), C1 (and B2), V1 (and B3), a clean message delivered.
+# Through the Unix sockets: mode 0660 and group postfix; the policy service's 550 5.1.1; the
+# milter's 550 5.7.1 (B1) and 554 (B3); a clean message delivered; the sockets removed at stop.
 # Fails (never skips) when a tool is missing and GATEKEEPER_REQUIRE_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -69,11 +72,13 @@ plain_port=$((smtp_port + 5))
 two_port=$((smtp_port + 6))
 dns_port=$((smtp_port + 7))
 mx_port=$((smtp_port + 8))
+unix_port=$((smtp_port + 9))
+run=$work/run # the Unix sockets of the second gatekeeper
 mx_addr=127.0.2.25
 etc=$work/etc
-gk_pid="" dns_pid="" mx_pid=""
+gk_pid="" gk2_pid="" dns_pid="" mx_pid=""
 cleanup() {
-  for pid in $gk_pid $dns_pid $mx_pid; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  for pid in $gk_pid $gk2_pid $dns_pid $mx_pid; do kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
   [ -f "$etc/main.cf" ] && postfix -c "$etc" stop >/dev/null 2>&1 || true
   if [ "${KEEP:-0}" = 1 ]; then echo "kept $work"; else rm -rf "$work"; fi
 }
@@ -137,6 +142,23 @@ start_gatekeeper() {
   echo "postfix-integration: the gatekeeper did not start:" >&2; cat "$work/gatekeeper.log" >&2; exit 1
 }
 
+# A second gatekeeper, its own state, listening on Unix sockets as Postfix's smtpd (user
+# postfix) reaches them: mode 0660, group postfix (socket_group).
+mkdir -p "$run"
+sed -e "s|^state_dir = .*|state_dir = \"$work/state-unix\"|" \
+  -e "s|^listen = \"127.0.0.1:$policy_port\"|listen = \"unix:$run/policy.sock\"\nsocket_group = \"postfix\"|" \
+  -e "s|^listen = \"127.0.0.1:$milter_port\"|listen = \"unix:$run/milter.sock\"\nsocket_group = \"postfix\"|" \
+  "$work/gatekeeper.toml" >"$work/gatekeeper-unix.toml"
+start_gatekeeper_unix() {
+  "$bin" serve --config "$work/gatekeeper-unix.toml" 2>>"$work/gatekeeper-unix.log" &
+  gk2_pid=$!
+  for _ in $(seq 100); do
+    [ -S "$run/policy.sock" ] && [ -S "$run/milter.sock" ] && return 0
+    sleep 0.1
+  done
+  echo "postfix-integration: the gatekeeper on Unix sockets did not start:" >&2; cat "$work/gatekeeper-unix.log" >&2; exit 1
+}
+
 # Postfix. master.cf first (postconf edits main.cf beside it): the four listeners; the
 # services are those of Debian's master.cf, unchrooted (the private instance has no chroot).
 mkdir -p "$etc" "$work/queue" "$work/data" "$work/mail"
@@ -151,6 +173,9 @@ cat >"$etc/master.cf" <<EOF2
 127.0.0.1:$plain_port inet n - n - - smtpd
   -o smtpd_recipient_restrictions=
   -o smtpd_milters=
+127.0.0.1:$unix_port inet n - n - - smtpd
+  -o smtpd_recipient_restrictions=check_policy_service,unix:$run/policy.sock
+  -o smtpd_milters=unix:$run/milter.sock
 pickup    unix  n - n 60 1 pickup
 cleanup   unix  n - n - 0 cleanup
 qmgr      unix  n - n 300 1 qmgr
@@ -198,8 +223,9 @@ printf '%s %s/\n' alice@example.test alice bob@example.test bob postmaster@examp
 if ! script -qec "postfix -c '$etc' check && postfix -c '$etc' start" "$work/start.log" >/dev/null; then
   echo "postfix-integration: postfix did not start:" >&2; tr -d '\r' <"$work/start.log" >&2; exit 1
 fi
-for p in $two_port $smtp_port $milter_smtp_port $plain_port; do wait_port 127.0.0.1 "$p" postfix; done
+for p in $two_port $smtp_port $milter_smtp_port $plain_port $unix_port; do wait_port 127.0.0.1 "$p" postfix; done
 start_gatekeeper
+start_gatekeeper_unix
 
 pass=0 fail=0
 check() { # name, expected regex, text
@@ -215,6 +241,8 @@ sw() { # source address, swaks args...
 }
 swm() { port=$milter_smtp_port sw "$@"; } # through the milter-only smtpd
 sw2() { port=$two_port sw "$@"; }          # through main.cf's two lines: policy service and milter
+swu() { port=$unix_port sw "$@"; }         # both lines with unix: sockets, the second gatekeeper
+bans_unix() { "$bin" bans --config "$work/gatekeeper-unix.toml" list 2>&1 || true; }
 eicar='X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*'
 bans() { "$bin" bans --config "$work/gatekeeper.toml" list 2>&1 || true; }
 ban_count() { bans | grep -c "${1//./\\.} " || true; }
@@ -330,6 +358,24 @@ check "... banned (B3)" '127\.0\.0\.64.* B3 ' "$(bans)"
 out=$(sw2 127.0.0.65 --from frank@elsewhere.test --to alice@example.test --header "Subject: two lines" --body "frank through the two lines")
 check "two lines: a clean message from a verified sender: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
+# The second gatekeeper, on Unix sockets: check_policy_service unix:/path and smtpd_milters =
+# unix:/path (as main.cf would say them, here in master.cf for one listener).
+check "unix sockets: mode 0660, group postfix" '^660 postfix 660 postfix$' \
+  "$(stat -c '%a %G' "$run/policy.sock" "$run/milter.sock" | tr '\n' ' ' | sed 's/ $//')"
+out=$(swu 127.0.0.71 --from someone@elsewhere.test --to nobody@example.test --quit-after RCPT)
+check "unix: the policy service's 550 5.1.1 for an unknown user" '<\*\* +550 5\.1\.1 .*No such user here' "$out"
+out=$(swu 127.0.0.72 --from nobody@example.test --to alice@example.test --quit-after RCPT)
+check "unix: the milter's 550 5.7.1 for a forged local sender" '<\*\* +550 5\.7\.1 Sender is not a user of this domain' "$out"
+check "... banned (B1) by the second gatekeeper" '127\.0\.0\.72.* B1 ' "$(bans_unix)"
+out=$(swu 127.0.0.73 --from erin@elsewhere.test --to alice@example.test --header "Subject: invoice" --body "$eicar")
+check "unix: EICAR, the milter's 554 5.7.1" '<\*\* +554 5\.7\.1 .*Eicar-Test-Signature' "$out"
+check "... banned (B3)" '127\.0\.0\.73.* B3 ' "$(bans_unix)"
+out=$(swu 127.0.0.74 --from frank@elsewhere.test --to alice@example.test --header "Subject: unix" --body "frank through the unix sockets")
+check "unix: a clean message: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
+kill "$gk2_pid"; wait "$gk2_pid" 2>/dev/null || true; gk2_pid=""
+check "unix: the sockets removed when the gatekeeper stops" '^gone$' \
+  "$([ -e "$run/policy.sock" ] || [ -e "$run/milter.sock" ] && echo left || echo gone)"
+
 # The gatekeeper stopped: Postfix's default action (smtpd_policy_service_default_action,
 # 451 4.3.5) tempfails; the sending MTA keeps the message. Started again: delivered.
 kill "$gk_pid"; wait "$gk_pid" 2>/dev/null || true; gk_pid=""
@@ -343,18 +389,19 @@ check "... the retry through the milter once it is back: 250 queued" '<- +250 2\
 out=$(sw 127.0.0.28 --from later@elsewhere.test --to bob@example.test --header "Subject: retried" --body "sent while the gatekeeper was down")
 check "... the retry once it is back: 250 queued" '<- +250 2\.0\.0 Ok: queued as' "$out"
 
-delivered() { # how many of the eight accepted messages are in their Maildirs
+delivered() { # how many of the nine accepted messages are in their Maildirs
   local n=0 f
   for f in "alice:hello through postfix" "bob:sent while the gatekeeper was down" \
     "alice:hello through the milter" "bob:sent while the milter was down" \
     "alice:carol verified through postfix" "alice:a bounce through postfix" \
-    "alice:dave verified through the milter" "alice:frank through the two lines"; do
+    "alice:dave verified through the milter" "alice:frank through the two lines" \
+    "alice:frank through the unix sockets"; do
     [ -n "$(grep -rl "${f#*:}" "$work/mail/${f%%:*}" 2>/dev/null)" ] && n=$((n + 1))
   done
   echo $n
 }
-for _ in $(seq 50); do [ "$(delivered)" = 8 ] && break; sleep 0.2; done
-check "all eight accepted messages delivered into their Maildirs" '^8$' "$(delivered)"
+for _ in $(seq 50); do [ "$(delivered)" = 9 ] && break; sleep 0.2; done
+check "all nine accepted messages delivered into their Maildirs" '^9$' "$(delivered)"
 check "... and no message with EICAR delivered" '^0$' "$(grep -rl 'EICAR-STANDARD' "$work/mail" 2>/dev/null | wc -l)"
 check "every callback said MAIL FROM:<> and none sent DATA" '^0 0$' \
   "$(grep '^MAIL' "$work/mx.log" | grep -cvE '^MAIL FROM:<>( |$)' || true) $(grep -ci '^DATA' "$work/mx.log" || true)"

@@ -507,7 +507,7 @@ impl Config {
                 })
                 .ok()
         } else {
-            if self.postfix_policy.listen.is_none() && self.milter.addr().is_none() {
+            if self.postfix_policy.addr().is_none() && self.milter.addr().is_none() {
                 problems.push(
                     "server.listen: empty (no SMTP front end), and neither postfix_policy.listen nor milter.listen \
                      is set: nothing would be served"
@@ -526,20 +526,39 @@ impl Config {
         {
             problems.push(format!("metrics.listen: {m} is server.listen too"));
         }
-        let policy = self.postfix_policy.listen.as_deref().and_then(|p| p.parse::<SocketAddr>().ok());
+        let policy = self.postfix_policy.addr().and_then(|p| p.tcp());
         if let (Some(m), Some(p)) = (self.metrics.addr(), policy)
             && m == p
         {
             problems.push(format!("metrics.listen: {m} is postfix_policy.listen too"));
         }
         problems.extend(self.milter.problems());
-        if let Some(a) = self.milter.addr() {
-            for (name, other) in
-                [("server.listen", listen), ("postfix_policy.listen", policy), ("metrics.listen", self.metrics.addr())]
-            {
-                if other == Some(a) {
-                    problems.push(format!("milter.listen: {a} is {name} too"));
+        match self.milter.addr() {
+            Some(crate::front::FrontAddr::Tcp(a)) => {
+                for (name, other) in [
+                    ("server.listen", listen),
+                    ("postfix_policy.listen", policy),
+                    ("metrics.listen", self.metrics.addr()),
+                ] {
+                    if other == Some(a) {
+                        problems.push(format!("milter.listen: {a} is {name} too"));
+                    }
                 }
+            }
+            Some(unix) if self.postfix_policy.addr() == Some(unix.clone()) => {
+                problems.push(format!("milter.listen: {unix} is postfix_policy.listen too"));
+            }
+            _ => {}
+        }
+        for (name, group, addr) in [
+            ("postfix_policy", &self.postfix_policy.socket_group, self.postfix_policy.addr()),
+            ("milter", &self.milter.socket_group, self.milter.addr()),
+        ] {
+            let Some(group) = group else { continue };
+            if !matches!(addr, Some(crate::front::FrontAddr::Unix(_))) {
+                problems.push(format!("{name}.socket_group: only for a unix:/path listen"));
+            } else if !matches!(nix::unistd::Group::from_name(group), Ok(Some(_))) {
+                problems.push(format!("{name}.socket_group: no group {group:?} on this system"));
             }
         }
         if self.server.max_sessions == 0 {
@@ -883,6 +902,27 @@ mod tests {
         assert_eq!(Config::parse(milter_only).unwrap().validate(None).unwrap().listen, None);
         let err = Config::parse("[server]\nlisten = \"\"\n").unwrap().validate(None).unwrap_err();
         assert!(err.problems.iter().any(|p| p.contains("nothing would be served")), "{err}");
+    }
+
+    /// `listen = "unix:/path"` for the policy service and the milter, each its own path, and
+    /// `socket_group` only with one.
+    #[test]
+    fn front_ends_listen_on_unix_sockets() {
+        let text = "[server]\nlisten = \"\"\n[postfix_policy]\nlisten = \"unix:/run/gatekeeper/policy.sock\"\n\
+                    socket_group = \"root\"\n[milter]\nlisten = \"unix:/run/gatekeeper/milter.sock\"\n";
+        let s = Config::parse(text).unwrap().validate(None).unwrap();
+        assert_eq!(s.config.milter.addr(), Some(crate::front::FrontAddr::Unix("/run/gatekeeper/milter.sock".into())));
+        let text = "[postfix_policy]\nlisten = \"unix:/run/gk.sock\"\n[milter]\nlisten = \"unix:/run/gk.sock\"\n\
+                    socket_group = \"no-such-group-gk\"\n[metrics]\n";
+        let err = Config::parse(text).unwrap().validate(None).unwrap_err();
+        let p = err.problems.join("\n");
+        assert!(p.contains("milter.listen: unix:/run/gk.sock is postfix_policy.listen too"), "{p}");
+        assert!(p.contains("milter.socket_group: no group \"no-such-group-gk\""), "{p}");
+        let text = "[postfix_policy]\nlisten = \"127.0.0.1:10040\"\nsocket_group = \"root\"\n\
+                    [milter]\nlisten = \"unix:gk.sock\"\n";
+        let p = Config::parse(text).unwrap().validate(None).unwrap_err().problems.join("\n");
+        assert!(p.contains("postfix_policy.socket_group: only for a unix:/path listen"), "{p}");
+        assert!(p.contains("milter.listen: \"unix:gk.sock\": a Unix socket needs an absolute path"), "{p}");
     }
 
     #[test]

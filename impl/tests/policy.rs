@@ -232,3 +232,46 @@ async fn callbacks_decide_c1_and_a_slow_one_is_deferred_in_time() {
     let a = smtpd.ask(&request("RCPT", "w.2", "192.0.2.32", "", "alice@example.test")).await;
     assert_eq!(a, "DUNNO");
 }
+
+/// `listen = "unix:/path"`: the same service over a Unix-domain socket (mode 0660), as Postfix's
+/// `check_policy_service unix:/path` reaches it.
+#[tokio::test]
+async fn serves_over_a_unix_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let gk = start("", None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.sock");
+    let listener =
+        tokio::net::UnixListener::from_std(gatekeeper::front::bind_unix(&path, None, None).unwrap()).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o660);
+    let service = PolicyService::new(gk.server.clone(), gatekeeper::front::PolicySection::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(async move {
+        service
+            .run(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    let (r, mut w) = tokio::net::UnixStream::connect(&path).await.unwrap().into_split();
+    let mut r = BufReader::new(r);
+    let mut ask = async |req: Request| {
+        w.write_all(&req.encode()).await.unwrap();
+        let (mut answer, mut line) = (String::new(), String::new());
+        loop {
+            line.clear();
+            assert!(r.read_line(&mut line).await.unwrap() > 0, "connection closed");
+            match line.trim_end_matches('\n') {
+                "" => return answer,
+                l => answer = l.to_string(),
+            }
+        }
+    };
+    let a = ask(request("RCPT", "u.1", "192.0.2.61", "nobody@example.test", "alice@example.test")).await;
+    assert_eq!(a, "action=550 5.7.1 Sender is not a user of this domain");
+    assert!(gk.server.is_banned(ip("192.0.2.61")));
+    let a = ask(request("RCPT", "u.2", "192.0.2.62", "news@elsewhere.test", "alice@example.test")).await;
+    assert_eq!(a, "action=DUNNO");
+    stop.send(()).unwrap();
+    serving.await.unwrap().unwrap();
+}

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gatekeeper::app::{Edges, assemble};
 use gatekeeper::config::{Config, LoadError, Overrides, Settings};
 use gatekeeper::edges::systemd;
-use gatekeeper::front::{MilterService, PolicyService};
+use gatekeeper::front::{FrontAddr, MilterService, PolicyService};
 
 /// SMTP gatekeeper against backscatter floods: connection gate, early rejects, bans.
 #[derive(Debug, Parser)]
@@ -189,31 +189,19 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         ),
         None => None,
     };
-    // The Postfix policy service, if configured, bound here too (before any privilege drop).
-    let policy_listener = match &c.postfix_policy.listen {
-        Some(addr) => {
-            let addr: std::net::SocketAddr = addr.parse().context("postfix_policy.listen")?;
-            let l = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()?
-                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
-                .with_context(|| format!("cannot listen on {addr} (postfix_policy.listen)"))?;
-            Some(l)
-        }
-        None => None,
-    };
-    // The milter, if configured: bound here too.
-    let milter_listener = match c.milter.addr() {
-        Some(addr) => {
-            let l = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()?
-                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
-                .with_context(|| format!("cannot listen on {addr} (milter.listen)"))?;
-            Some(l)
-        }
-        None => None,
-    };
+    // The Postfix policy service and the milter, if configured, bound here too (before any
+    // privilege drop: a Unix socket is handed to the serving user here).
+    let identity = settings.identity.as_ref();
+    let policy_listener = c
+        .postfix_policy
+        .addr()
+        .map(|a| bind_front(&a, c.postfix_policy.socket_group.as_deref(), identity, "postfix_policy.listen"))
+        .transpose()?;
+    let milter_listener = c
+        .milter
+        .addr()
+        .map(|a| bind_front(&a, c.milter.socket_group.as_deref(), identity, "milter.listen"))
+        .transpose()?;
     // The metrics endpoint, if configured: bound here too.
     let metrics_listener = match c.metrics.addr() {
         Some(addr) => {
@@ -226,7 +214,6 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         }
         None => None,
     };
-    let identity = settings.identity.as_ref();
     let secured = privilege::secure_state_dir(&c.server.state_dir, identity)
         .with_context(|| format!("cannot prepare the state dir {}", c.server.state_dir.display()))?;
     for path in &secured.tightened {
@@ -282,10 +269,15 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
             tokio::spawn(gatekeeper::metrics::serve(l, registry, std::future::pending()));
         }
         let policy = async {
+            let service = PolicyService::new(app.server.clone(), policy_config);
             match policy_listener {
-                Some(l) => {
-                    let service = PolicyService::new(app.server.clone(), policy_config);
+                Some(FrontListener::Tcp(l)) => {
                     service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await
+                }
+                Some(FrontListener::Unix(l, path)) => {
+                    let served = service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await;
+                    let _ = std::fs::remove_file(path);
+                    served
                 }
                 None => Ok(()),
             }
@@ -298,7 +290,17 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
                     prepare_private_dir(&milter_dir)
                         .with_context(|| format!("cannot prepare {}", milter_dir.display()))?;
                     let service = MilterService::new(app.server.clone(), milter_config, milter_dir);
-                    service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await?;
+                    match l {
+                        FrontListener::Tcp(l) => {
+                            service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await?
+                        }
+                        FrontListener::Unix(l, path) => {
+                            let served =
+                                service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await;
+                            let _ = std::fs::remove_file(path);
+                            served?
+                        }
+                    }
                     Ok::<(), anyhow::Error>(())
                 }
                 None => Ok(()),
@@ -315,6 +317,49 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         tokio::try_join!(smtp, policy, milter)?;
         Ok(())
     })
+}
+
+/// A policy service's or milter's listener, bound before the privilege drop.
+enum FrontListener {
+    Tcp(std::net::TcpListener),
+    /// With its path, removed when the service stops.
+    Unix(std::os::unix::net::UnixListener, PathBuf),
+}
+
+/// Binds a front end's listener: TCP with the SMTP listener's backlog, or a Unix socket
+/// (mode 0660) owned by the serving user, in `socket_group` (or the serving user's group).
+fn bind_front(
+    addr: &FrontAddr,
+    socket_group: Option<&str>,
+    owner: Option<&gatekeeper::privilege::Identity>,
+    field: &str,
+) -> anyhow::Result<FrontListener> {
+    match addr {
+        FrontAddr::Tcp(a) => {
+            let a = *a;
+            let l = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()?
+                .block_on(async { gatekeeper::edges::tcp_listener(a)?.into_std() })
+                .with_context(|| format!("cannot listen on {a} ({field})"))?;
+            Ok(FrontListener::Tcp(l))
+        }
+        FrontAddr::Unix(path) => {
+            let gid = match socket_group {
+                Some(name) => Some(
+                    nix::unistd::Group::from_name(name)
+                        .with_context(|| format!("cannot look group {name:?} up"))?
+                        .with_context(|| format!("no group {name:?} on this system ({field})"))?
+                        .gid
+                        .as_raw(),
+                ),
+                None => owner.map(|o| o.gid),
+            };
+            let l = gatekeeper::front::bind_unix(path, owner.map(|o| o.uid), gid)
+                .with_context(|| format!("cannot listen on {addr} ({field})"))?;
+            Ok(FrontListener::Unix(l, path.clone()))
+        }
+    }
 }
 
 /// Creates `dir` (mode 0700) or empties it of files.

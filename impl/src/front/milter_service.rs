@@ -25,7 +25,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -34,7 +34,8 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::milter::{Command, Family, MilterReceiver, Options, Response};
-use crate::edges::{Listener, MessageFile};
+use super::{FrontAddr, FrontListener};
+use crate::edges::MessageFile;
 use crate::proto::Reply;
 use crate::server::Server;
 use crate::session::{Action, Session};
@@ -43,8 +44,11 @@ use crate::session::{Action, Session};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MilterSection {
-    /// `address:port` of the milter; unset: none.
+    /// `address:port` or `unix:/path` of the milter; unset: none.
     pub listen: Option<String>,
+    /// With a `unix:` listener: the socket's group (mode 0660), e.g. `postfix`; unset: the
+    /// group of `[server] user` (or root's).
+    pub socket_group: Option<String>,
     /// Longest a RCPT waits for a callback (C1) before it is answered 451; must stay below
     /// the MTA's command timeout (Postfix's `milter_command_timeout`, 30 s).
     #[serde(with = "humantime_serde")]
@@ -64,6 +68,7 @@ impl Default for MilterSection {
     fn default() -> Self {
         MilterSection {
             listen: None,
+            socket_group: None,
             timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(600),
             max_connections: 1000,
@@ -76,10 +81,8 @@ impl MilterSection {
     pub fn problems(&self) -> Vec<String> {
         let show = humantime_serde::re::humantime::format_duration;
         let mut p = Vec::new();
-        if let Some(l) = &self.listen
-            && l.parse::<SocketAddr>().is_err()
-        {
-            p.push(format!("milter.listen: {l:?} is not an address:port"));
+        if let Some(Err(e)) = self.listen.as_deref().map(FrontAddr::parse) {
+            p.push(format!("milter.listen: {e}"));
         }
         if self.timeout.is_zero() || self.timeout >= POSTFIX_MILTER_COMMAND_TIMEOUT {
             p.push(format!(
@@ -97,8 +100,8 @@ impl MilterSection {
     }
 
     /// The listen address, if set and valid.
-    pub fn addr(&self) -> Option<SocketAddr> {
-        self.listen.as_deref().and_then(|l| l.parse().ok())
+    pub fn addr(&self) -> Option<FrontAddr> {
+        self.listen.as_deref().and_then(|l| FrontAddr::parse(l).ok())
     }
 }
 
@@ -123,14 +126,14 @@ impl MilterService {
 
     /// Serves milter connections from `listener` until `shutdown` completes; connections
     /// then end (the MTA applies its default action to what was under way).
-    pub async fn run<L: Listener>(&self, listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    pub async fn run<L: FrontListener>(&self, listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         super::accept_loop("milter", listener, self.cfg.max_connections, shutdown, |stream, peer| {
             self.clone().connection(stream, peer)
         })
         .await
     }
 
-    async fn connection<S>(self, mut stream: S, peer: SocketAddr)
+    async fn connection<S>(self, mut stream: S, peer: String)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     {
@@ -642,6 +645,7 @@ mod tests {
     fn section_problems_are_all_listed() {
         let s = MilterSection {
             listen: Some("nowhere".into()),
+            socket_group: None,
             timeout: Duration::from_secs(30),
             idle_timeout: Duration::ZERO,
             max_connections: 0,

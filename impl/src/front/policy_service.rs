@@ -22,14 +22,14 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::policy::{Answer, PolicyEvent, PolicyReceiver, Request};
-use crate::edges::Listener;
+use super::{FrontAddr, FrontListener};
 use crate::proto::Reply;
 use crate::server::Server;
 use crate::session::{Action, Session};
@@ -38,8 +38,11 @@ use crate::session::{Action, Session};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PolicySection {
-    /// `address:port` of the policy service; unset: none.
+    /// `address:port` or `unix:/path` of the policy service; unset: none.
     pub listen: Option<String>,
+    /// With a `unix:` listener: the socket's group (mode 0660), e.g. `postfix`; unset: the
+    /// group of `[server] user` (or root's).
+    pub socket_group: Option<String>,
     /// Longest a request waits for a callback before it is answered `on_timeout`; must stay
     /// well below Postfix's `smtpd_policy_service_timeout` (100 s).
     #[serde(with = "humantime_serde")]
@@ -61,6 +64,7 @@ impl Default for PolicySection {
     fn default() -> Self {
         PolicySection {
             listen: None,
+            socket_group: None,
             timeout: Duration::from_secs(20),
             on_timeout: OnTimeout::DeferIfPermit,
             idle_timeout: Duration::from_secs(600),
@@ -73,10 +77,8 @@ impl PolicySection {
     /// Every problem with the section.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if let Some(l) = &self.listen
-            && l.parse::<SocketAddr>().is_err()
-        {
-            p.push(format!("postfix_policy.listen: {l:?} is not an address:port"));
+        if let Some(Err(e)) = self.listen.as_deref().map(FrontAddr::parse) {
+            p.push(format!("postfix_policy.listen: {e}"));
         }
         if self.timeout.is_zero() || self.timeout >= POSTFIX_POLICY_TIMEOUT {
             p.push(format!(
@@ -88,6 +90,11 @@ impl PolicySection {
             p.push("postfix_policy.max_connections: must be at least 1".into());
         }
         p
+    }
+
+    /// The listen address, if set and valid.
+    pub fn addr(&self) -> Option<FrontAddr> {
+        self.listen.as_deref().and_then(|l| FrontAddr::parse(l).ok())
     }
 }
 
@@ -117,14 +124,14 @@ impl PolicyService {
 
     /// Serves policy connections from `listener` until `shutdown` completes; connections
     /// then end after the request in progress.
-    pub async fn run<L: Listener>(&self, listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+    pub async fn run<L: FrontListener>(&self, listener: L, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         super::accept_loop("policy service", listener, self.cfg.max_connections, shutdown, |stream, peer| {
             self.clone().connection(stream, peer)
         })
         .await
     }
 
-    async fn connection<S>(self, mut stream: S, peer: SocketAddr)
+    async fn connection<S>(self, mut stream: S, peer: String)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
     {
