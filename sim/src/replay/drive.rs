@@ -208,8 +208,8 @@ struct Shared {
     /// A client's retry interval as the log showed it.
     observed_gap: HashMap<IpAddr, Duration>,
     /// Gatekeeper refusals of MTA-accepted messages, to be checked for review at the end:
-    /// (client, sender hash, logged ms, index into differences or none).
-    to_review: Vec<(IpAddr, u64, i64, Option<usize>)>,
+    /// (client-sender key, logged ms, index into differences or none).
+    to_review: Vec<(u64, i64, Option<usize>)>,
     /// Bans already attributed: ban key → decided at.
     bans_seen: HashMap<IpAddr, Duration>,
     generator_done: bool,
@@ -242,7 +242,18 @@ impl std::fmt::Debug for Ctx {
 /// took a message (for "honest-looking": delivered later from the same client).
 /// `(last, count)`: a message logged at `t` has a later one if `last > t`, or `last == t` with
 /// more than one message at `last` (syslog stamps have whole seconds).
-type LaterMap = HashMap<(IpAddr, u64), (i64, u32)>;
+/// Keyed by a hash of (client, sender), 8 octets: this map is the replay's one aggregate that
+/// grows with the log (with its distinct client-sender pairs, not its lines).
+type LaterMap = HashMap<u64, (i64, u32)>;
+
+/// The [`LaterMap`] key of a client and a sender.
+fn pair_key(client: IpAddr, sender: &str) -> u64 {
+    let c = match client {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    key_of(&[&c, sender.as_bytes()])
+}
 
 /// The reader thread's result: line counts, [`LaterMap`], the log's time span.
 type ReadResult = (LineStats, LaterMap, Option<(i64, i64)>);
@@ -382,8 +393,8 @@ pub fn replay(
     let (stats, later, span) = reader.join().map_err(|_| anyhow::anyhow!("the log reader panicked"))??;
     let mut shared = std::mem::take(&mut *ctx.shared.lock().expect("shared"));
     // Honest-looking: the MTA took mail from the same client and sender after this one.
-    for (client, sender, at, diff) in std::mem::take(&mut shared.to_review) {
-        if later.get(&(client, sender)).is_some_and(|&(last, n)| last > at || (last == at && n > 1)) {
+    for (pair, at, diff) in std::mem::take(&mut shared.to_review) {
+        if later.get(&pair).is_some_and(|&(last, n)| last > at || (last == at && n > 1)) {
             shared.findings.review += 1;
             if let Some(i) = diff {
                 shared.findings.differences[i].review = true;
@@ -395,8 +406,9 @@ pub fn replay(
         shared.findings.undelivered += 1;
         let what = format!("still undelivered at the end, after {} retries", p.attempt);
         let i = push_retry_difference(&mut shared.findings, &p, what, false);
-        let sender = key_of(&[p.from.as_bytes()]);
-        if later.get(&(p.client, sender)).is_some_and(|&(last, n)| last > p.logged_ms || (last == p.logged_ms && n > 1))
+        if later
+            .get(&pair_key(p.client, &p.from))
+            .is_some_and(|&(last, n)| last > p.logged_ms || (last == p.logged_ms && n > 1))
         {
             shared.findings.review += 1;
             if let Some(i) = i {
@@ -454,7 +466,7 @@ fn read(
         for t in &s.txns {
             if t.queued && t.accepted().next().is_some() {
                 let from = t.from.as_deref().unwrap_or("");
-                let e = later.entry((s.client, key_of(&[from.as_bytes()]))).or_insert((s.start_ms, 0));
+                let e = later.entry(pair_key(s.client, from)).or_insert((s.start_ms, 0));
                 if s.start_ms > e.0 {
                     *e = (s.start_ms, 0);
                 }
@@ -500,10 +512,13 @@ fn class_of(s: &LoggedSession, local_domains: &[String]) -> Class {
         let domain = from.rsplit_once('@').map(|x| x.1.to_ascii_lowercase());
         let local = domain.is_some_and(|d| local_domains.iter().any(|l| l.eq_ignore_ascii_case(&d)));
         let c = match (from.is_empty(), took) {
+            // A local sender from outside: forged, or a user who should submit (either way
+            // not a remote MTA's mail).
+            (false, _) if local => Class::ForgedLocal,
             (true, true) => Class::Bounce,
             (false, true) => Class::Honest,
             (true, false) => Class::Backscatter,
-            (false, false) if local || matches!(t.refused, Some((super::event::Stage::Mail, _))) => Class::ForgedLocal,
+            (false, false) if matches!(t.refused, Some((super::event::Stage::Mail, _))) => Class::ForgedLocal,
             (false, false) => Class::Dictionary,
         };
         // The most benign transaction names the session.
@@ -631,7 +646,7 @@ async fn play(ctx: &Arc<Ctx>, s: LoggedSession) {
             s.txns.iter().map(|_| TxnEnd::Retry).collect()
         }
     };
-    note_ban(ctx, &s, started);
+    note_ban(ctx, &s, started, class);
     // What became of the messages the MTA took; retries for those tempfailed.
     let mut retries = Vec::new();
     {
@@ -658,8 +673,7 @@ async fn play(ctx: &Arc<Ctx>, s: LoggedSession) {
                     sh.findings.rejected += 1;
                     let what = format!("rejected {code} at {stage}");
                     let i = push_difference(&mut sh.findings, &s, &from, took.len() as u32, what, false);
-                    let sender = key_of(&[from.as_bytes()]);
-                    sh.to_review.push((s.client, sender, s.start_ms, i));
+                    sh.to_review.push((pair_key(s.client, &from), s.start_ms, i));
                 }
                 TxnEnd::Retry => retries.push(Pending {
                     id: 0,
@@ -721,7 +735,7 @@ fn push_difference(
 }
 
 /// A ban decided during this session: attribute it to the session's log lines.
-fn note_ban(ctx: &Ctx, s: &LoggedSession, started: Duration) {
+fn note_ban(ctx: &Ctx, s: &LoggedSession, started: Duration, class: Class) {
     let w = &ctx.world;
     let ban = {
         let st = w.state();
@@ -737,6 +751,12 @@ fn note_ban(ctx: &Ctx, s: &LoggedSession, started: Duration) {
         return;
     }
     sh.bans_seen.insert(key, b.at);
+    {
+        let mut st = w.state();
+        let c = st.c.of(class);
+        c.bans += 1;
+        c.banned_addrs += 1;
+    }
     sh.costs.entry(s.client).or_default().bans += 1;
     if sh.findings.bans.len() < BANS_KEPT {
         let at_ms = ctx.ms_of(b.at);
@@ -920,8 +940,7 @@ async fn retry(ctx: Arc<Ctx>, client: IpAddr, class: Class) {
                 sh.queued -= 1;
                 sh.findings.undelivered += 1;
                 let i = push_retry_difference(&mut sh.findings, &p, "never delivered (queue lifetime)".into(), false);
-                let sender = key_of(&[p.from.as_bytes()]);
-                sh.to_review.push((p.client, sender, p.logged_ms, i));
+                sh.to_review.push((pair_key(p.client, &p.from), p.logged_ms, i));
             }
             if live.is_empty() {
                 return;
@@ -993,15 +1012,13 @@ async fn retry(ctx: Arc<Ctx>, client: IpAddr, class: Class) {
                     w.state().delays_ms.push(delay.as_millis() as u64);
                     let what = format!("delayed {} by {} retries", crate::fmt::secs(delay.as_secs_f64()), p.attempt);
                     let i = push_retry_difference(&mut sh.findings, &p, what, true);
-                    let sender = key_of(&[p.from.as_bytes()]);
-                    sh.to_review.push((p.client, sender, p.logged_ms, i));
+                    sh.to_review.push((pair_key(p.client, &p.from), p.logged_ms, i));
                 }
                 TxnEnd::Rejected(code, stage) => {
                     sh.findings.rejected += 1;
                     let what = format!("rejected {code} at {stage} on retry {}", p.attempt);
                     let i = push_retry_difference(&mut sh.findings, &p, what, false);
-                    let sender = key_of(&[p.from.as_bytes()]);
-                    sh.to_review.push((p.client, sender, p.logged_ms, i));
+                    sh.to_review.push((pair_key(p.client, &p.from), p.logged_ms, i));
                 }
             }
             sh.queued -= 1;
