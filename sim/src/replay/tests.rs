@@ -124,3 +124,56 @@ fn garbage_is_counted_never_fatal() {
     assert!(stats.unknown >= 7, "{stats:?}");
     assert!(s.is_empty(), "{s:?}");
 }
+
+/// What the fuzz target `logline` checks, over seeded mutations of real lines (the fuzz target
+/// needs nightly; this runs with every `cargo test`).
+#[test]
+fn mutated_lines_never_panic_and_are_counted_once() {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    let sample = include_str!("../../tests/data/postfix-sample.log");
+    let mut base: Vec<&str> = POSTFIX.lines().chain(sample.lines().take(400)).collect();
+    base.push("Dec  6 10:00:01 mx sm-mta[500]: 0B6A01aB000001: ruleset=check_rcpt, arg1=<n@example.test>, relay=s.test [203.0.113.9], reject=550 5.1.1 <n@example.test>... User unknown");
+    base.push("Dec  6 10:00:05 mx sm-mta[501]: 0B6A01aB000002: from=<a@r.test>, size=812, class=0, nrcpts=1, proto=ESMTP, daemon=MTA-v4, relay=r.test [192.0.2.3]");
+    base.push(r#"{"timestamp":"2026-12-06T10:00:01Z","message":"verdict","rule":"E2","code":550,"command":"RCPT","span":{"id":7,"peer":"192.0.2.1:4"}}"#);
+    let mut r = SmallRng::seed_from_u64(17);
+    for _ in 0..1500 {
+        let mut text = String::new();
+        for _ in 0..r.random_range(1..40) {
+            let mut l: Vec<u8> = base[r.random_range(0..base.len())].as_bytes().to_vec();
+            for _ in 0..r.random_range(0..4) {
+                let at = r.random_range(0..=l.len());
+                match r.random_range(0..4) {
+                    0 if at < l.len() => l[at] = r.random(),
+                    1 => l.truncate(at),
+                    2 => l.insert(at, b"[]<>=:;, /0"[r.random_range(0..11)]),
+                    _ => {
+                        let tail = l[at..].to_vec();
+                        l.extend_from_slice(&tail);
+                    }
+                }
+            }
+            text.push_str(&String::from_utf8_lossy(&l));
+            text.push('\n');
+        }
+        for format in [Format::Auto, Format::Postfix, Format::Sendmail, Format::Gatekeeper] {
+            let mut rd = LogReader::new(format, 2026, 0);
+            let mut sessions = 0u64;
+            let mut n = 0u32;
+            for line in text.split('\n') {
+                n += 1;
+                rd.line(line, Loc { file: 0, line: n });
+                while let Some(s) = rd.next_session() {
+                    assert!(s.end_ms >= s.start_ms && s.lines.len() <= assemble::LINES_KEPT, "{s:?}");
+                    sessions += 1;
+                }
+            }
+            rd.finish();
+            sessions += std::iter::from_fn(|| rd.next_session()).count() as u64;
+            let st = rd.stats;
+            assert_eq!((st.used + st.ignored + st.unknown, st.lines), (u64::from(n), u64::from(n)));
+            assert!(sessions <= st.used);
+            assert_eq!(rd.asm.held(), 0);
+        }
+    }
+}
