@@ -126,6 +126,7 @@ verify_senders = true
 [callbacks]
 nameservers = ["127.0.0.1:$dns_port"]
 port = $mx_port
+allow_private_mx = true              # the remote MX lives on loopback (127.0.2.25)
 [postfix_policy]
 listen = "127.0.0.1:$policy_port"
 [milter]

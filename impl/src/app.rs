@@ -116,7 +116,7 @@ impl Edges {
             ban_backend: build_backend(&c.bans, c.gate.ipv6_prefix),
             downstream,
             resolver: Box::new(|dns, seed| Ok(Arc::new(HickoryResolver::tokio(&dns, seed)?))),
-            connector: Arc::new(TokioConnector),
+            connector: Arc::new(TokioConnector::new()),
             ban_sink: None,
             observer: None,
             cluster: if c.cluster.enabled() {

@@ -133,6 +133,8 @@ impl World {
             max_mx: 2,
             cache: CacheMode::Memory,
             seed: Some(7),
+            // Every MX of this world lives on loopback.
+            allow_private_mx: true,
             ..CallbacksConfig::default()
         }
     }
@@ -141,7 +143,7 @@ impl World {
         let resolver = HickoryResolver::tokio(&config.dns(), 7).unwrap();
         let edges = VerifierEdges {
             resolver: Arc::new(resolver),
-            connector: Arc::new(TokioConnector),
+            connector: Arc::new(TokioConnector::new()),
             cache: Arc::new(cache),
             clock: Arc::new(SystemClock),
         };
@@ -465,6 +467,24 @@ async fn every_outcome_with_its_evidence() {
     assert_eq!(v.stats().probes.load(Ordering::Relaxed), 15);
 }
 
+/// DESIGN §2 C1: probes never go to inside addresses. With the shipped default, a sender whose
+/// MX lives on loopback is not verified either way (unknown: never banned for it), and no
+/// connection is made; the evidence says why.
+#[tokio::test]
+async fn inside_mx_addresses_are_never_probed_by_default() {
+    let w = World::start(70).await;
+    let config = CallbacksConfig { allow_private_mx: false, ..w.config() };
+    let v = w.memory_verifier(&config);
+    for sender in ["nobody@users.test", "alice@users.test", "alice@implicit.test"] {
+        let result = v.verify(&mailbox(sender)).await;
+        assert_result(&result, Kind::Unknown, "not a global address, not probed");
+    }
+    assert_eq!(w.log.total_connections(), 0);
+    // What needs no connection still counts: a null MX, a domain that does not exist.
+    assert_result(&v.verify(&mailbox("someone@nullmx.test")).await, Kind::Invalid, "null MX");
+    assert_result(&v.verify(&mailbox("someone@missing.test")).await, Kind::Undeliverable, "NXDOMAIN");
+}
+
 #[tokio::test]
 async fn dns_failures_are_unknown_and_never_invalid() {
     let w = World::start(63).await;
@@ -539,7 +559,7 @@ async fn each_kind_of_result_expires_on_its_own_schedule() {
     let resolver = HickoryResolver::tokio(&config.dns(), 7).unwrap();
     let edges = VerifierEdges {
         resolver: Arc::new(resolver),
-        connector: Arc::new(TokioConnector),
+        connector: Arc::new(TokioConnector::new()),
         cache: Arc::new(VerifyCache::memory(config.ttls(), 1000)),
         clock: clock.clone(),
     };
@@ -649,6 +669,7 @@ verify_senders = true
 on_unknown_sender = "tempfail"
 [callbacks]
 cache = "memory"
+allow_private_mx = true
 "#;
 
 struct Client {

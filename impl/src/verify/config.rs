@@ -77,6 +77,11 @@ pub struct CallbacksConfig {
     pub max_concurrent: usize,
     /// Domains never probed: their senders are valid. Subdomains are included.
     pub allowlist: Vec<String>,
+    /// Probe MX addresses that are not global too (loopback, RFC 1918, link local, ULA …).
+    /// Off (the default), an MX pointing inside is never connected to and its sender stays
+    /// unverified (never banned for it): nobody can use the gatekeeper to scan an inside
+    /// network. For labs and tests only. Our own addresses are never probed either way.
+    pub allow_private_mx: bool,
     /// Seed for MX tie shuffling and the accept-all check's random local parts; unset: drawn
     /// from the wall clock at start.
     pub seed: Option<u64>,
@@ -108,6 +113,7 @@ impl Default for CallbacksConfig {
             rate_window: limits.rate_window,
             max_concurrent: limits.max_concurrent,
             allowlist: Vec::new(),
+            allow_private_mx: false,
             seed: None,
         }
     }

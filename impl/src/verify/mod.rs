@@ -20,6 +20,7 @@ pub mod dns;
 pub mod limits;
 pub mod net;
 pub mod probe;
+pub mod scope;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,7 @@ impl CallbackVerifier {
                 max_mx: config.max_mx,
                 connect_timeout: config.connect_timeout,
                 command_timeout: config.command_timeout,
+                allow_private_mx: config.allow_private_mx,
             },
             budget: config.budget,
             allowlist: config.allowlist_domains(),

@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use super::dns::{MxLookup, MxResolver};
 use super::net::{BoxStream, Connector};
+use super::scope::is_global;
 use crate::edges::Clock;
 use crate::proto::{Domain, Mailbox};
 
@@ -78,6 +79,9 @@ pub struct ProbeSettings {
     pub connect_timeout: Duration,
     /// Each reply: greeting, EHLO, MAIL, RCPT.
     pub command_timeout: Duration,
+    /// Connect to MX addresses that are not global ([`super::scope::is_global`]) too: labs,
+    /// tests and the simulation only. Off, such an address is never connected to.
+    pub allow_private_mx: bool,
 }
 
 /// The edges a probe runs on.
@@ -166,6 +170,14 @@ impl Probe<'_> {
             if addrs.is_empty() {
                 failures.push(format!("{host}: no address"));
                 continue;
+            }
+            // An MX pointing inside (loopback, RFC 1918, link local …) is never connected to:
+            // no conclusion can be drawn from it, and nobody may scan an inside network
+            // through us. The finding stays unknown: a sender is never banned for it.
+            let (addrs, inside): (Vec<IpAddr>, Vec<IpAddr>) =
+                addrs.into_iter().partition(|ip| self.settings.allow_private_mx || is_global(*ip));
+            for ip in inside {
+                failures.push(format!("{host}[{ip}]: not a global address, not probed"));
             }
             for ip in addrs.into_iter().take(ADDRS_PER_HOST) {
                 if self.now() >= self.deadline {
