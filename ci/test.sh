@@ -20,4 +20,5 @@ echo "== outside robustness suite (abuse, memory, descriptors) against the relea
 echo "== real kernel: xt_recent and nftables in network namespaces"; bash ci/kernel.sh
 echo "== criterion smoke"; cargo bench -p gatekeeper-benches -- --test
 echo "== load bench smoke"; bash ci/bench-peers.sh --smoke
+echo "== cluster bench smoke (two nodes, one redis-server)"; bash ci/bench-cluster.sh --smoke
 echo "ci: all green"

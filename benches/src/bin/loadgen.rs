@@ -6,6 +6,7 @@
 //! loadgen spike     --target 127.0.0.1:2525 --workload mix --rate 1250 --duration 60 --server-pid PID
 //! loadgen hold      --target 127.0.0.1:2525 -n 10000 --server-pid PID
 //! loadgen external  --server postfix --server-pid PID --workload early-reject -n 20000 --client smtp-source -- smtp-source ...
+//! loadgen propagation --target 127.0.0.1:2525 --other 127.0.0.1:2526 -n 200
 //! loadgen responder --listen 127.0.0.1:2527
 //! loadgen table     results.jsonl
 //! ```
@@ -131,6 +132,26 @@ enum Command {
         /// Existing local parts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "alice,bob")]
         users: Vec<String>,
+    },
+    /// Ban propagation between two nodes of a cluster (docs/cluster.md): N times, a forged
+    /// local sender on `--target` (550 and a B1 ban), then the same address polled on `--other`
+    /// until its greeting is 554; prints p50/p90/p99/max of the time from the 550 to the 554.
+    Propagation {
+        /// The node that bans.
+        #[arg(long, short, default_value = "127.0.0.1:2525")]
+        target: SocketAddr,
+        /// The node that must refuse.
+        #[arg(long)]
+        other: SocketAddr,
+        /// Bans measured.
+        #[arg(long, short = 'n', default_value_t = 200)]
+        bans: u64,
+        /// The first source address's index (127.1.0.1 is index 0).
+        #[arg(long, default_value_t = 0)]
+        source_start: u64,
+        /// Give up on one ban after this many seconds.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
     },
     /// Prints the side-by-side table from files of JSON lines written with `--json`.
     Table {
@@ -298,6 +319,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
             runtime()?.block_on(null_smtpd::run(listen, responder)).with_context(|| format!("serving {listen}"))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Propagation { target, other, bans, source_start, timeout } => {
+            runtime()?.block_on(propagation(target, other, bans, source_start, Duration::from_secs_f64(timeout)))
+        }
         Command::Table { files } => {
             let mut reports = Vec::new();
             for path in files {
@@ -312,4 +336,83 @@ fn real_main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The first line of each reply to `lines`, from `source`, the greeting first.
+async fn dialogue(server: SocketAddr, source: std::net::Ipv4Addr, lines: &[&str]) -> anyhow::Result<Vec<String>> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(source.into(), 0))?;
+    let stream = socket.connect(server).await?;
+    let _ = stream.set_nodelay(true);
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    let mut replies = Vec::new();
+    for i in 0..=lines.len() {
+        if i > 0 {
+            w.write_all(format!("{}\r\n", lines[i - 1]).as_bytes()).await?;
+        }
+        let mut first = String::new();
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).await? == 0 {
+                break;
+            }
+            if first.is_empty() {
+                first = line.trim_end().to_string();
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+        let done = !first.starts_with('2') && !first.starts_with('3');
+        replies.push(first);
+        if done {
+            break;
+        }
+    }
+    Ok(replies)
+}
+
+/// See [`Command::Propagation`].
+async fn propagation(
+    target: SocketAddr,
+    other: SocketAddr,
+    bans: u64,
+    start: u64,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let cursor = SourceCursor::new(start);
+    let mut took = Vec::new();
+    let mut lost = 0;
+    for _ in 0..bans {
+        let source = cursor.take();
+        let r = dialogue(target, source, &["EHLO bench.test", "MAIL FROM:<nobody@example.test>"]).await?;
+        anyhow::ensure!(r.get(2).is_some_and(|l| l.starts_with("550")), "{source}: not banned on {target}: {r:?}");
+        let banned = std::time::Instant::now();
+        loop {
+            let g = dialogue(other, source, &[]).await?;
+            if g[0].starts_with("554") {
+                took.push(banned.elapsed());
+                break;
+            }
+            if banned.elapsed() > timeout {
+                lost += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    took.sort();
+    let q = |p: f64| took.get(((took.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or_default();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "propagation {target} -> {other}: {} bans, p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms, not within {timeout:?}: {lost}",
+        took.len(),
+        ms(q(0.50)),
+        ms(q(0.90)),
+        ms(q(0.99)),
+        ms(q(1.0)),
+    );
+    Ok(if lost == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }

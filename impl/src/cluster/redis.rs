@@ -182,6 +182,25 @@ impl ClusterStore for RedisStore {
         })
     }
 
+    fn publish_many(&self, entries: Vec<SharedBan>) -> BoxFuture<'_, Result<Vec<bool>, ClusterError>> {
+        Box::pin(async move {
+            if entries.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut con = self.commands.clone();
+            // One pipeline: the script loaded (a no-op when it is; Redis may have restarted
+            // empty), then one EVALSHA per entry, each atomic, in order.
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCRIPT").arg("LOAD").arg(PUBLISH).ignore();
+            for e in &entries {
+                pipe.cmd("EVALSHA").arg(self.publish.get_hash()).arg(2).arg(&self.table).arg(&self.log);
+                pipe.arg(&e.net).arg(e.encode()).arg(&e.node).arg(self.log_max);
+            }
+            let won: Vec<i64> = self.bounded(self.timeout, pipe.query_async(&mut con)).await?;
+            Ok(won.into_iter().map(|w| w == 1).collect())
+        })
+    }
+
     fn follow(&self, cursor: String, max: usize, wait: Duration) -> BoxFuture<'_, Result<Vec<LogEntry>, ClusterError>> {
         Box::pin(async move {
             let mut con = self.reader.clone();

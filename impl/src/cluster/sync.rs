@@ -273,11 +273,9 @@ impl ClusterSync {
             let Some(last) = rows.last().map(|r| r.id) else {
                 return Ok(());
             };
-            for row in &rows {
-                if self.store.publish(outbox_entry(row, &self.node)).await? {
-                    self.stats.published.fetch_add(1, Ordering::Relaxed);
-                }
-            }
+            let entries = rows.iter().map(|r| outbox_entry(r, &self.node)).collect();
+            let won = self.store.publish_many(entries).await?;
+            self.stats.published.fetch_add(won.iter().filter(|w| **w).count() as u64, Ordering::Relaxed);
             self.bans.outbox_done(last).await.map_err(|e| ClusterError(format!("outbox: {e}")))?;
         }
     }
@@ -290,17 +288,19 @@ impl ClusterSync {
         self.store.purge(expired.into_iter().map(|e| e.net).collect(), now_ms).await?;
         let applied = self.bans.apply_shared(live.clone()).await.map_err(|e| ClusterError(format!("applying: {e}")))?;
         let by_net: HashMap<&str, &SharedBan> = live.iter().map(|e| (e.net.as_str(), e)).collect();
+        let mine: Vec<SharedBan> = self
+            .bans
+            .active()
+            .iter()
+            .filter(|b| to_ms(b.expires) > now_ms)
+            .map(|b| shared_ban(b, &self.node))
+            .filter(|e| wins(e, by_net.get(e.net.as_str()).copied()))
+            .collect();
         let mut published = 0;
-        for ban in self.bans.active() {
-            if to_ms(ban.expires) <= now_ms {
-                continue;
-            }
-            let entry = shared_ban(&ban, &self.node);
-            if wins(&entry, by_net.get(entry.net.as_str()).copied()) && self.store.publish(entry).await? {
-                published += 1;
-                self.stats.published.fetch_add(1, Ordering::Relaxed);
-            }
+        for chunk in mine.chunks(BATCH) {
+            published += self.store.publish_many(chunk.to_vec()).await?.iter().filter(|w| **w).count();
         }
+        self.stats.published.fetch_add(published as u64, Ordering::Relaxed);
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %self.node, table = live.len(), applied, published, "cluster bans reconciled");
         Ok(())

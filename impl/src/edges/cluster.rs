@@ -131,6 +131,18 @@ pub trait ClusterStore: Send + Sync + fmt::Debug {
     /// whether it won.
     fn publish(&self, entry: SharedBan) -> BoxFuture<'_, Result<bool, ClusterError>>;
 
+    /// [`ClusterStore::publish`] for several entries, in order (one round trip where the store
+    /// can: a flood bans thousands of clients a second). Returns whether each won.
+    fn publish_many(&self, entries: Vec<SharedBan>) -> BoxFuture<'_, Result<Vec<bool>, ClusterError>> {
+        Box::pin(async move {
+            let mut won = Vec::with_capacity(entries.len());
+            for e in entries {
+                won.push(self.publish(e).await?);
+            }
+            Ok(won)
+        })
+    }
+
     /// Log entries after `cursor` (at most `max`), waiting up to `wait` for the first. Each
     /// comes with its id, the cursor to resume after it. An entry that does not decode is
     /// skipped (its id is still returned, as `None`).
