@@ -79,6 +79,7 @@ pub fn registry(app: &App) -> Registry {
         server: app.server.clone(),
         bans: app.bans.clone(),
         verifier: app.verifier.clone(),
+        cluster: app.cluster.as_ref().map(|c| c.stats().clone()),
     }));
     r
 }
@@ -96,6 +97,7 @@ struct Snapshot {
     server: Server,
     bans: BanManager,
     verifier: Option<Arc<CallbackVerifier>>,
+    cluster: Option<Arc<crate::cluster::ClusterStats>>,
 }
 
 /// One label `NAME="VALUE"`.
@@ -272,6 +274,45 @@ impl Collector for Snapshot {
                 "gatekeeper_ban_table_capacity",
                 "Entries one kernel ban table holds before the kernel evicts (xt_recent ip_list_tot)",
                 count(capacity),
+            )?;
+        }
+
+        if let Some(c) = &self.cluster {
+            gauge(
+                &mut e,
+                "gatekeeper_cluster_connected",
+                "1 if the cluster store answered the sync's last round, 0 if this node is alone",
+                i64::from(c.connected.load(std::sync::atomic::Ordering::Relaxed)),
+            )?;
+            counter(
+                &mut e,
+                "gatekeeper_cluster_published",
+                "This node's bans, extensions and liftings that entered the shared table",
+                load(&c.published),
+            )?;
+            counter(
+                &mut e,
+                "gatekeeper_cluster_received",
+                "Other nodes' entries read from the shared log",
+                load(&c.received),
+            )?;
+            counter(
+                &mut e,
+                "gatekeeper_cluster_reconciles",
+                "Whole-table reconciles (start, after an outage, new epoch, periodic)",
+                load(&c.reconciles),
+            )?;
+            counter(
+                &mut e,
+                "gatekeeper_cluster_failures",
+                "Rounds of the sync in which the store failed (the node went on alone)",
+                load(&c.failures),
+            )?;
+            counter(
+                &mut e,
+                "gatekeeper_cluster_applied",
+                "Other nodes' bans and liftings that changed this node's bans",
+                load(&self.bans.stats().cluster_applied),
             )?;
         }
 

@@ -7,7 +7,7 @@
 //! `local` for the rules), `[rules]` tunables and `mode`, and the certificate and key of
 //! `[tls]` (new handshakes). Everything else is read at start only, and a change to it is
 //! logged as needing a restart: `[server]`, `[gate]`, `[bans]`, `[delivery]`, `[scan]`,
-//! `[callbacks]`, `[metrics]`, `rules.verify_senders`, `rules.scan`, `rules.b4_window` (the B4 counters'
+//! `[callbacks]`, `[metrics]`, `[cluster]`, `rules.verify_senders`, `rules.scan`, `rules.b4_window` (the B4 counters'
 //! window), `tls.handshake_timeout`, `tls.max_handshakes`, and turning TLS on or off. The
 //! callback verifier keeps the `domains.local` it started with.
 
@@ -31,6 +31,7 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
         ("[metrics]", &old.metrics, &new.metrics),
         ("[postfix_policy]", &old.postfix_policy, &new.postfix_policy),
         ("[milter]", &old.milter, &new.milter),
+        ("[cluster]", &old.cluster, &new.cluster),
     ];
     for (name, a, b) in sections {
         if differs(a, b) {

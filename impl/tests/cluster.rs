@@ -299,12 +299,32 @@ async fn a_ban_on_one_node_is_refused_by_the_other_within_2s_and_the_cli_reaches
     let dir = tempfile::tempdir().unwrap();
     let redis = Redis::start(bin, dir.path(), None, None);
     let a = Node::start(dir.path(), "mx1", &cluster_table(&redis, "mx1", ""));
-    let b = Node::start(dir.path(), "mx2", &cluster_table(&redis, "mx2", ""));
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let b = Node::start(
+        dir.path(),
+        "mx2",
+        &format!("{}[metrics]\nlisten = \"{metrics}\"\n", cluster_table(&redis, "mx2", "")),
+    );
     assert!(b.greeting("127.0.0.81").await.starts_with("220 "));
     a.forge("127.0.0.81").await;
     let took = refused_within(&b, "127.0.0.81", Duration::from_secs(2)).await;
     eprintln!("ban propagation mx1 -> mx2: {took:?}");
     assert!(b.lists("127.0.0.81"), "applied through mx2's ban manager, so in its database");
+    let scrape = {
+        use std::io::{Read, Write};
+        let mut c = TcpStream::connect(&metrics).unwrap();
+        c.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    };
+    for line in [
+        "gatekeeper_cluster_connected 1",
+        "gatekeeper_cluster_applied_total 1",
+        "gatekeeper_cluster_reconciles_total 1",
+    ] {
+        assert!(scrape.lines().any(|l| l == line), "{line:?} missing in\n{scrape}");
+    }
 
     // `bans add` on mx2 (another process beside its server) reaches mx1.
     let (ok, out) = b.cli(&["bans", "add", "127.0.0.82", "--for", "10m", "--reason", "seen in logs"]);
