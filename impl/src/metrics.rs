@@ -333,6 +333,12 @@ impl Collector for Snapshot {
             )?;
             counter(
                 &mut e,
+                "gatekeeper_callback_shared",
+                "Callback answers from a probe of the same sender already in flight",
+                load(&v.shared),
+            )?;
+            counter(
+                &mut e,
                 "gatekeeper_callback_allowlisted",
                 "Senders in allowlisted domains (not probed)",
                 load(&v.allowlisted),

@@ -640,6 +640,74 @@ async fn probes_are_limited_per_domain_and_overall() {
 }
 
 #[tokio::test]
+async fn concurrent_verifications_of_one_sender_share_one_probe() {
+    let w = World::start(71).await;
+    let config = w.config();
+    assert_eq!(config.domain_concurrency, 2);
+    let v = w.memory_verifier(&config);
+    // An MTA delivering five messages from one new sender over parallel connections: one probe
+    // (a slow one: the first MX never answers), five answers. Meanwhile two other senders of
+    // the same domain: one takes the domain's second slot, the third is refused as before.
+    let alice = mailbox("alice@fallback.test");
+    let upper = mailbox("ALICE@fallback.test");
+    let (bob, carol) = (mailbox("bob@fallback.test"), mailbox("carol@fallback.test"));
+    let (a1, a2, a3, a4, a5, b, c) = tokio::join!(
+        v.verify(&alice),
+        v.verify(&alice),
+        v.verify(&upper),
+        v.verify(&alice),
+        v.verify(&alice),
+        v.verify(&bob),
+        v.verify(&carol),
+    );
+    for a in [&a1, &a2, &a3, &a4, &a5] {
+        assert_result(a, Kind::Valid, "250");
+        assert_eq!(a, &a1, "every caller gets the one probe's finding");
+    }
+    assert_result(&b, Kind::Valid, "250");
+    assert_result(&c, Kind::Unknown, "probe not made: 2 probes of this domain already running");
+    let stats = v.stats();
+    assert_eq!(stats.probes.load(Ordering::Relaxed), 2, "alice's and bob's");
+    assert_eq!(stats.shared.load(Ordering::Relaxed), 4);
+    assert_eq!(stats.limited.load(Ordering::Relaxed), 1);
+    assert_eq!(w.log.connections(SILENT), 2, "one MX connection per probe");
+    let rcpt = |who: &str| w.log.lines(USERS).iter().filter(|l| l.eq_ignore_ascii_case(who)).count();
+    assert_eq!(rcpt("RCPT TO:<alice@fallback.test>"), 1);
+    assert_eq!(rcpt("RCPT TO:<bob@fallback.test>"), 1);
+    // The map holds live probes only; the result was cached once.
+    assert_eq!(v.in_flight(), 0);
+    assert_result(&v.verify(&upper).await, Kind::Valid, "cached");
+    assert_eq!(stats.probes.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn a_caller_that_goes_away_does_not_cancel_the_shared_probe() {
+    let w = World::start(72).await;
+    let v = w.memory_verifier(&w.config());
+    let alice = mailbox("alice@fallback.test");
+    // The caller that started the probe and a second one go away after 50 ms (their sessions
+    // closed); the third still gets the probe's result, some 400 ms later.
+    let gone = || tokio::time::timeout(Duration::from_millis(50), v.verify(&alice));
+    let (first, second, third) = tokio::join!(gone(), gone(), v.verify(&alice));
+    assert!(first.is_err() && second.is_err());
+    assert_result(&third, Kind::Valid, "250");
+    assert_eq!(v.stats().probes.load(Ordering::Relaxed), 1);
+    assert_eq!(v.stats().shared.load(Ordering::Relaxed), 2);
+    assert_eq!(w.log.connections(SILENT), 1);
+    // Nobody waits at all: the probe still runs to its end, fills the cache, leaves the map.
+    let bob = mailbox("bob@fallback.test");
+    assert!(tokio::time::timeout(Duration::from_millis(50), v.verify(&bob)).await.is_err());
+    assert_eq!(v.in_flight(), 1);
+    let start = Instant::now();
+    while v.in_flight() > 0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the probe never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_result(&v.verify(&bob).await, Kind::Valid, "cached");
+    assert_eq!(v.stats().probes.load(Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
 async fn allowlisted_local_and_literal_senders_are_never_probed() {
     let w = World::start(67).await;
     let mut config = w.config();

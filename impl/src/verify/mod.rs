@@ -9,6 +9,12 @@
 //! [`probe`] (MX lookup over the [`dns`] edge, SMTP over the [`net`] edge with lettre); cache
 //! and log the result, one `callback probe` event per probe with its evidence.
 //!
+//! One probe per sender at a time: a verification of a sender whose probe is in flight (an
+//! MTA delivering several messages from one new sender over parallel connections) waits for
+//! that probe's result instead of starting a second probe or being refused by the limits. The
+//! probe runs as its own task, so a caller that goes away (its session closed, a front end's
+//! timeout) never cancels it for the others; its result is cached as usual.
+//!
 //! The verifier only finds facts; the verdict (250, 550 with or without ban B2, 451 for a
 //! while) is `policy::verified`'s.
 //! It never reads a clock except through the [`Clock`] edge, and all its randomness (MX tie
@@ -22,13 +28,16 @@ pub mod net;
 pub mod probe;
 pub mod scope;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, UNIX_EPOCH};
 
 use lettre::transport::smtp::extension::ClientId;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tracing::Instrument;
 
 pub use self::cache::{CacheError, CacheHit, CacheTtls, VerifyCache};
 pub use self::config::{CacheMode, CallbacksConfig};
@@ -73,6 +82,9 @@ pub struct VerifyStats {
     pub cache_hits: AtomicU64,
     /// Probes not made because of a limit.
     pub limited: AtomicU64,
+    /// Answers from another verification's probe of the same sender, in flight: probes not
+    /// made twice.
+    pub shared: AtomicU64,
     /// Senders in allowlisted domains.
     pub allowlisted: AtomicU64,
     /// MX connections opened.
@@ -92,7 +104,28 @@ pub struct CallbackVerifier {
     allowlist: Vec<Domain>,
     directory: Option<Arc<Directory>>,
     rng: Mutex<SmallRng>,
-    stats: VerifyStats,
+    stats: Arc<VerifyStats>,
+    in_flight: InFlightMap,
+}
+
+/// The result of a probe in flight: `None` until it is there.
+type Pending = watch::Receiver<Option<Verification>>;
+
+/// The probes in flight, by cache key (the sender in lower case). Holds live probes only: an
+/// entry is removed by its probe's task when it ends (or is dropped).
+type InFlightMap = Arc<Mutex<HashMap<String, Pending>>>;
+
+/// A probe's entry in the in-flight map; dropping it (the probe is over, or its task was
+/// dropped or panicked) removes the entry.
+struct InFlight {
+    map: InFlightMap,
+    key: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.key);
+    }
 }
 
 impl CallbackVerifier {
@@ -115,7 +148,8 @@ impl CallbackVerifier {
             allowlist: config.allowlist_domains(),
             directory: None,
             rng: Mutex::new(SmallRng::seed_from_u64(seed ^ 0x6761_7465_6b65_6570)),
-            stats: VerifyStats::default(),
+            stats: Arc::default(),
+            in_flight: Arc::default(),
         }
     }
 
@@ -135,8 +169,13 @@ impl CallbackVerifier {
         &self.edges.cache
     }
 
+    /// Probes in flight now (senders, each probed once however many wait for it).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.lock().expect("in-flight lock").len()
+    }
+
     fn wall_secs(&self) -> u64 {
-        self.edges.clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+        wall_secs(&*self.edges.clock)
     }
 
     fn allowlisted(&self, domain: &Domain) -> bool {
@@ -191,52 +230,104 @@ impl CallbackVerifier {
             }
             None => {}
         }
-        let permit = match self.limiter.try_acquire(domain.as_str(), self.edges.clock.now()) {
-            Ok(permit) => permit,
-            Err(e) => {
-                self.stats.limited.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(sender = %sender, domain = %domain, limit = %e, "callback not probed");
-                return Verification::Unknown { evidence: format!("probe not made: {e}") };
+        // Join the probe of this sender in flight, or start one within the limits: both under
+        // the map's lock (never held across an await), so that a sender is probed once.
+        let mut pending = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            match in_flight.get(&key) {
+                Some(pending) => {
+                    self.stats.shared.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(sender = %sender, "callback in flight: waiting for its result");
+                    pending.clone()
+                }
+                None => {
+                    let permit = match self.limiter.try_acquire(domain.as_str(), self.edges.clock.now()) {
+                        Ok(permit) => permit,
+                        Err(e) => {
+                            self.stats.limited.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(sender = %sender, domain = %domain, limit = %e, "callback not probed");
+                            return Verification::Unknown { evidence: format!("probe not made: {e}") };
+                        }
+                    };
+                    let (tx, rx) = watch::channel(None);
+                    in_flight.insert(key.clone(), rx.clone());
+                    let entry = InFlight { map: self.in_flight.clone(), key: key.clone() };
+                    let probe = self.probe(sender.clone(), domain.clone(), key);
+                    // Owned by its task, not by this caller: dropping this call does not cancel it.
+                    tokio::spawn(
+                        async move {
+                            let result = probe.await;
+                            drop(permit);
+                            // Cached (by the probe), then handed to the waiters, then out of the
+                            // map: whoever comes later finds the result in one or the other.
+                            tx.send_replace(Some(result));
+                            drop(entry);
+                        }
+                        .in_current_span(),
+                    );
+                    rx
+                }
             }
         };
+        // The probe ends by its deadline, `budget` after its start, which was no later than this
+        // call: waiting for it never takes longer than a probe of our own would have.
+        let outcome = pending.wait_for(Option::is_some).await.map(|r| r.clone()).ok().flatten();
+        match outcome.or_else(|| pending.borrow().clone()) {
+            Some(result) => result,
+            None => Verification::Unknown { evidence: format!("{sender}: probe ended without a result") },
+        }
+    }
+
+    /// One probe of `sender` (not in the cache, admitted by the limits) as an owned future, to
+    /// run on its own task: logged, its result cached under `key`.
+    fn probe(
+        &self,
+        sender: Mailbox,
+        domain: Domain,
+        key: String,
+    ) -> impl std::future::Future<Output = Verification> + Send + 'static {
         self.stats.probes.fetch_add(1, Ordering::Relaxed);
-        let random = self.random_mailbox(sender);
+        let random = self.random_mailbox(&sender);
         let started = self.edges.clock.now();
         let deadline = tokio::time::Instant::from_std(started + self.budget);
-        let edges = probe::ProbeEdges {
-            resolver: &*self.edges.resolver,
-            connector: &*self.edges.connector,
-            clock: &*self.edges.clock,
-        };
-        let result = probe::run(edges, &self.probe, sender, domain, &random, deadline).await;
-        drop(permit);
-        self.stats.connections.fetch_add(result.connections as u64, Ordering::Relaxed);
-        let elapsed = self.edges.clock.now().saturating_duration_since(started);
-        let verification = match result.finding {
-            Finding::Valid => Verification::Valid { evidence: result.evidence.clone() },
-            Finding::Invalid => Verification::Invalid { evidence: result.evidence.clone() },
-            Finding::Undeliverable => Verification::Undeliverable { evidence: result.evidence.clone() },
-            Finding::AcceptAll => {
-                Verification::AcceptAll { evidence: format!("accept-all domain: {}", result.evidence) }
+        let (edges, settings, stats) = (self.edges.clone(), self.probe.clone(), self.stats.clone());
+        async move {
+            let on =
+                probe::ProbeEdges { resolver: &*edges.resolver, connector: &*edges.connector, clock: &*edges.clock };
+            let result = probe::run(on, &settings, &sender, &domain, &random, deadline).await;
+            stats.connections.fetch_add(result.connections as u64, Ordering::Relaxed);
+            let elapsed = edges.clock.now().saturating_duration_since(started);
+            let verification = match result.finding {
+                Finding::Valid => Verification::Valid { evidence: result.evidence.clone() },
+                Finding::Invalid => Verification::Invalid { evidence: result.evidence.clone() },
+                Finding::Undeliverable => Verification::Undeliverable { evidence: result.evidence.clone() },
+                Finding::AcceptAll => {
+                    Verification::AcceptAll { evidence: format!("accept-all domain: {}", result.evidence) }
+                }
+                Finding::Unknown => Verification::Unknown { evidence: result.evidence.clone() },
+            };
+            tracing::info!(
+                sender = %sender,
+                domain = %domain,
+                result = verification.kind(),
+                evidence = %result.evidence,
+                connections = result.connections,
+                elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                "callback probe"
+            );
+            let now = wall_secs(&*edges.clock);
+            if result.finding == Finding::AcceptAll {
+                edges.cache.set_accept_all(domain.as_str(), &result.evidence, now).await;
             }
-            Finding::Unknown => Verification::Unknown { evidence: result.evidence.clone() },
-        };
-        tracing::info!(
-            sender = %sender,
-            domain = %domain,
-            result = verification.kind(),
-            evidence = %result.evidence,
-            connections = result.connections,
-            elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            "callback probe"
-        );
-        let now = self.wall_secs();
-        if result.finding == Finding::AcceptAll {
-            self.edges.cache.set_accept_all(domain.as_str(), &result.evidence, now).await;
+            edges.cache.store(&key, &verification, now).await;
+            verification
         }
-        self.edges.cache.store(&key, &verification, now).await;
-        verification
     }
+}
+
+/// The wall clock in seconds since the epoch, for cache expiry.
+fn wall_secs(clock: &dyn Clock) -> u64 {
+    clock.wall().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl Verifier for CallbackVerifier {
