@@ -48,7 +48,17 @@ struct Outcome {
     /// Probe-shaped (DESIGN §2, E2): a non-null sender, one recipient refused as unknown, no
     /// DATA. B4 remembers it for its window.
     probe: bool,
+    /// The session ended with a verdict (2xx or 5xx), not a 4xx, a 554 greeting or a broken
+    /// connection: a retrying source is done with it.
+    verdict: bool,
 }
+
+/// A retrying source's queue (Postfix): the first retry after `minimal_backoff_time`, each
+/// later one after twice the wait, at most `maximal_backoff_time`, for
+/// `bounce_queue_lifetime`.
+const MIN_BACKOFF: Duration = Duration::from_secs(300);
+const MAX_BACKOFF: Duration = Duration::from_secs(4000);
+const BOUNCE_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
 
 /// What drives actor `index`'s arrivals: its spec, its seeded RNG, its rate profile (drawn
 /// from that RNG first) and its address chooser. Shared by spammers and MTA actors so that
@@ -72,7 +82,6 @@ pub(crate) fn arrivals(world: &World, index: usize) -> Arrivals {
 /// Runs actor `index` of the scenario until the end of the safety phase.
 pub async fn generator(world: Arc<World>, index: usize) {
     let Arrivals { spec, rng: mut r, profile, chooser } = arrivals(&world, index);
-    let first = world.cfg.ranges[index].1;
     let end = world.cfg.duration.as_secs_f64();
     let start = tokio::time::Instant::now();
     let base = start - world.now();
@@ -81,11 +90,28 @@ pub async fn generator(world: Arc<World>, index: usize) {
     while let Some(next) = profile.next_arrival(t, end, &mut r) {
         t = next;
         tokio::time::sleep_until(base + Duration::from_secs_f64(t)).await;
-        let addr = spec.addr(first, chooser.pick(&mut r));
+        let addr = world.cfg.addr_of(index, chooser.pick(&mut r));
         let script = draw(&world, &spec, addr, n, &mut r);
         n += 1;
         let w = world.clone();
-        tokio::spawn(async move { session(w, script).await });
+        let retry = spec.retry;
+        tokio::spawn(crate::world::ACTOR.scope(index, source(w, script, retry)));
+    }
+}
+
+/// One session of a source; with `retry`, tried again on a bounce queue's schedule until it
+/// ends with a verdict or its lifetime is over.
+async fn source(world: Arc<World>, s: Script, retry: bool) {
+    let first = world.now();
+    let mut backoff = MIN_BACKOFF;
+    while !session(world.clone(), s.clone()).await && retry {
+        if world.now() + backoff >= first + BOUNCE_LIFETIME {
+            world.state().bump(s.addr, |c| c.abandoned += 1);
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+        world.state().bump(s.addr, |c| c.retries += 1);
     }
 }
 
@@ -139,8 +165,9 @@ fn draw(world: &World, spec: &ActorSpec, addr: IpAddr, n: u64, r: &mut SmallRng)
 /// Longest a spam session may take before the client gives up.
 const SESSION_MAX: Duration = Duration::from_secs(1200);
 
-async fn session(world: Arc<World>, s: Script) {
-    let Ok(stream) = connect_as(&world, s.addr, s.port, s.proxy).await else { return };
+/// One session; whether it ended with a verdict.
+async fn session(world: Arc<World>, s: Script) -> bool {
+    let Ok(stream) = connect_as(&world, s.addr, s.port, s.proxy).await else { return false };
     let start = world.now();
     let mut smtp = Smtp::new(stream, world.clone(), s.addr);
     let outcome = tokio::time::timeout(SESSION_MAX, dialogue(&world, &mut smtp, &s, start)).await;
@@ -157,6 +184,7 @@ async fn session(world: Arc<World>, s: Script) {
     if outcome.offended {
         check_banned(&world, &s, start);
     }
+    outcome.verdict
 }
 
 /// The dialogue, and what it showed (`Outcome`) if it ran to its end.
@@ -208,7 +236,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
                 );
                 return Ok(nothing);
             }
-            return Ok(Outcome { offended: mail.code == 550, probe: false });
+            return Ok(Outcome { offended: mail.code == 550, probe: false, verdict: true });
         }
         _ if s.from == "<>" && mail.code >= 500 => {
             unexpected(
@@ -217,9 +245,9 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
                 Invariant::BadReply,
                 format!("MAIL FROM:<> refused with {} (RFC 5321 §4.5.5)", mail.code),
             );
-            return Ok(nothing);
+            return Ok(Outcome { verdict: true, ..nothing });
         }
-        _ if mail.code != 250 => return Ok(nothing),
+        _ if mail.code != 250 => return Ok(Outcome { verdict: mail.code >= 500, ..nothing }),
         _ => {}
     }
     let mut accepted = 0;
@@ -227,6 +255,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
     let mut first_unknown = None;
     let mut offended = false;
     let mut closed = false;
+    let mut tempfailed = false;
     // C1 (docs/design.md §2): an NXDOMAIN sender is refused without a ban, and so is a refusal
     // that does not say the mailbox does not exist (a bare 550, a policy 5.7.1); an accept-all
     // domain's sender is valid-but-unverifiable, so accepted.
@@ -276,6 +305,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
         if (400..500).contains(&r.code) && r.code != 421 {
             world.state().bump(s.addr, |c| c.tempfailed += 1);
         }
+        tempfailed |= (400..500).contains(&r.code);
         if r.code == 421 {
             closed = true;
             break;
@@ -287,14 +317,15 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
     if s.class == Class::Dictionary {
         offended = judge_dictionary(world, s, unknown, accepted, data, first_unknown);
     }
+    let verdict = !tempfailed && !closed;
     if !data {
-        return Ok(Outcome { offended, probe });
+        return Ok(Outcome { offended, probe, verdict });
     }
     let sent = world.now();
     let reply = smtp.cmd(Verb::Data, "DATA").await?;
     world.check_served_after_ban(s.addr, start, sent, "DATA", reply.code);
     if reply.code != 354 {
-        return Ok(Outcome { offended, probe });
+        return Ok(Outcome { offended, probe, verdict: reply.code >= 500 });
     }
     let body = if s.class == Class::Virus {
         format!("Subject: invoice\r\nX-Sim-Class: {}\r\n\r\n{EICAR}\r\n", s.class.as_str())
@@ -312,7 +343,7 @@ async fn dialogue(world: &World, smtp: &mut Smtp, s: &Script, start: Duration) -
         (_, 250) => world.state().bump(s.addr, |c| c.spam_accepted += 1),
         _ => {}
     }
-    Ok(Outcome { offended, probe })
+    Ok(Outcome { offended, probe, verdict: !(400..500).contains(&end.code) })
 }
 
 /// Whether a dictionary session must have been banned (B4, DESIGN §2), judged only where
@@ -365,6 +396,9 @@ fn check_banned(world: &World, s: &Script, start: Duration) {
     let banned = world.ban_of(&st, s.addr).is_some_and(|b| b.at >= start && b.reason == want);
     if banned {
         st.bump(s.addr, |c| c.banned_in_session += 1);
+        if let Some(at) = world.ban_of(&st, s.addr).map(|b| b.at) {
+            world.earned(&mut st, s.addr, at);
+        }
     } else {
         let detail = format!(
             "{} client offended ({}) but was not banned ({}) in that session",

@@ -70,6 +70,10 @@ pub async fn connect_as(world: &World, src: IpAddr, port: u16, proxy: ProxyMode)
             continue;
         }
         match syn(world, src) {
+            GateDecision::Accept if world.syn_ack_lost(world.now()) => {
+                // The kernel took the SYN (and counted it); the answer never arrived.
+                world.state().bump(src, |c| c.syn_acks_lost += 1);
+            }
             GateDecision::Accept => {
                 let stream = open(world, src, port, proxy).await;
                 if delayed && stream.is_ok() {

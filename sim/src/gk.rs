@@ -52,7 +52,7 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
     let (sink_world, watch_world) = (world.clone(), world.clone());
     let spool = Spool::open(world.clone(), state_dir.join("incoming"))?;
     let edges = Edges {
-        clock: Arc::new(SimClock::new(cfg.epoch)),
+        clock: Arc::new(SimClock::new(cfg.epoch, world.wall_step_ms.clone())),
         state_dir,
         offload: false,
         ban_backend: Box::new(KernelBackend { world: world.clone() }),

@@ -163,6 +163,12 @@ pub struct ClassCounters {
     pub tempfailed: u64,
     /// Replies that did not match the expected rule outcome (counted also as violations).
     pub unexpected: u64,
+    /// Accepted SYNs whose SYN-ACK was lost (`syn_ack_loss`): the client retransmitted.
+    pub syn_acks_lost: u64,
+    /// Sessions tried again by a retrying source (`retry`) after one without a verdict.
+    pub retries: u64,
+    /// Sessions of a retrying source given up without a verdict (its queue lifetime over).
+    pub abandoned: u64,
 }
 
 /// Per-hour totals for the graph.
@@ -180,6 +186,64 @@ pub struct Hour {
     pub delivered: u64,
     /// Bans decided.
     pub bans: u64,
+}
+
+/// The fields of an hourly bucket, by name: what a time-windowed metric may sum.
+pub const HOUR_FIELDS: [&str; 6] = ["attempts", "kernel_drops", "rejects", "tempfails", "delivered", "bans"];
+
+impl Hour {
+    fn field(&self, i: usize) -> u64 {
+        [self.attempts, self.kernel_drops, self.rejects, self.tempfails, self.delivered, self.bans][i]
+    }
+}
+
+/// A time-windowed metric, `FIELD[FROM..UNTIL]` (`"bans[2h..3h]"`): the sum of an hourly
+/// bucket's field over the whole hours from `FROM` to `UNTIL` (say, bans during a fault).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    field: usize,
+    from_h: usize,
+    until_h: usize,
+}
+
+impl Window {
+    /// `None` if `name` is no windowed metric at all; otherwise the window or what is wrong
+    /// with it.
+    pub fn parse(name: &str) -> Option<Result<Window, String>> {
+        let (field, rest) = name.split_once('[')?;
+        let range = rest.strip_suffix(']')?;
+        Some((|| {
+            let field = HOUR_FIELDS
+                .iter()
+                .position(|f| *f == field)
+                .ok_or_else(|| format!("{name:?}: a window sums one of {HOUR_FIELDS:?}"))?;
+            let (from, until) = range.split_once("..").ok_or_else(|| format!("{name:?}: FROM..UNTIL"))?;
+            let hours = |t: &str| {
+                let d =
+                    humantime_serde::re::humantime::parse_duration(t.trim()).map_err(|e| format!("{name:?}: {e}"))?;
+                if d.as_secs() % 3600 != 0 || d.subsec_nanos() != 0 {
+                    return Err(format!("{name:?}: windows are whole hours (the hourly buckets)"));
+                }
+                Ok((d.as_secs() / 3600) as usize)
+            };
+            let (from_h, until_h) = (hours(from)?, hours(until)?);
+            if from_h >= until_h {
+                return Err(format!("{name:?}: FROM must be before UNTIL"));
+            }
+            Ok(Window { field, from_h, until_h })
+        })())
+    }
+
+    /// The sum over the window.
+    pub fn value(&self, hours: &[Hour]) -> f64 {
+        let end = self.until_h.min(hours.len());
+        hours.get(self.from_h.min(end)..end).unwrap_or_default().iter().map(|h| h.field(self.field)).sum::<u64>() as f64
+    }
+
+    /// The window's end, in hours.
+    pub fn until_h(&self) -> usize {
+        self.until_h
+    }
 }
 
 /// The rules whose verdicts are counted.
@@ -260,7 +324,7 @@ impl Delays {
     }
 }
 
-const CLASS_FIELDS: [&str; 23] = [
+const CLASS_FIELDS: [&str; 26] = [
     "attempts",
     "syns",
     "drop_rate",
@@ -284,9 +348,12 @@ const CLASS_FIELDS: [&str; 23] = [
     "spam_accepted",
     "tempfailed",
     "unexpected",
+    "syn_acks_lost",
+    "retries",
+    "abandoned",
 ];
 
-fn class_values(c: &ClassCounters) -> [u64; 23] {
+fn class_values(c: &ClassCounters) -> [u64; 26] {
     [
         c.attempts,
         c.syns,
@@ -311,6 +378,9 @@ fn class_values(c: &ClassCounters) -> [u64; 23] {
         c.spam_accepted,
         c.tempfailed,
         c.unexpected,
+        c.syn_acks_lost,
+        c.retries,
+        c.abandoned,
     ]
 }
 
@@ -429,6 +499,18 @@ mod tests {
         assert_eq!(Class::of("2001:db8::1".parse().unwrap()), None);
         assert_ne!(Class::Backscatter.addr(0), Class::Backscatter.addr(1));
         assert_eq!(Class::ForgedLocal.addr6(4, 3).to_string(), "fd10:12:0:3::5");
+    }
+
+    #[test]
+    fn windows_sum_whole_hours() {
+        let hours: Vec<Hour> = (0..5).map(|i| Hour { bans: i, attempts: 10, ..Hour::default() }).collect();
+        let w = Window::parse("bans[1h..3h]").unwrap().unwrap();
+        assert_eq!(w.value(&hours), 3.0);
+        assert_eq!(Window::parse("attempts[4h..9h]").unwrap().unwrap().value(&hours), 10.0);
+        assert!(Window::parse("bans").is_none());
+        assert!(Window::parse("bans[3h..1h]").unwrap().is_err());
+        assert!(Window::parse("bans[30m..1h]").unwrap().is_err());
+        assert!(Window::parse("nothing[0h..1h]").unwrap().is_err());
     }
 
     #[test]

@@ -10,8 +10,11 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
+
+use gatekeeper::proto::Verb;
 
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream};
 use lettre::transport::smtp::extension::ClientId;
@@ -21,10 +24,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
 
 use crate::actors::{Arrivals, EICAR, arrivals};
-use crate::client::connect;
+use crate::client::{Smtp, connect};
 use crate::invariants::Invariant;
 use crate::metrics::Class;
 use crate::profile::{random_local, rng};
+use crate::scenario::After5xx;
 use crate::world::World;
 
 /// How long a message may stay queued before it is given up (Postfix's
@@ -88,19 +92,20 @@ pub async fn generator(world: Arc<World>, index: usize) {
         Some(pool) => format!("d{}.{}.remote.test", i % pool.domains, pool.pool),
         None => format!("mta{i}.bounce.sim.test"),
     };
-    let start = world.cfg.ranges[index].1;
     let mut queues = Vec::with_capacity(spec.addresses as usize);
     for i in 0..spec.addresses {
         let (tx, rx) = mpsc::channel(QUEUE_MAX);
         let mta = Mta {
             world: world.clone(),
             class: spec.kind,
-            addr: spec.addr(start, i),
+            addr: world.cfg.addr_of(index, i),
             domain: home(i),
             rng: rng(seed, &format!("mta-{index}"), u64::from(i)),
-            port: 0,
+            port: AtomicU16::new(0),
+            after_5xx: spec.after_5xx,
+            connections: spec.connections.max(1) as usize,
         };
-        tokio::spawn(mta.run(rx));
+        tokio::spawn(crate::world::ACTOR.scope(index, mta.run(rx)));
         queues.push(tx);
     }
     let end = world.cfg.duration.as_secs_f64();
@@ -130,17 +135,18 @@ pub async fn generator(world: Arc<World>, index: usize) {
         n += 1;
         let msg =
             Msg { id, from, to: format!("{local}@{}", world.cfg.domain), typo, virus, submitted: now, next_try: now };
+        let addr = world.cfg.addr_of(index, i);
         {
             let mut st = world.state();
-            st.bump(spec.addr(start, i), |c| c.messages += 1);
+            st.bump(addr, |c| c.messages += 1);
             st.pending += 1;
-            st.queued.insert(id, (spec.addr(start, i), now));
+            st.queued.insert(id, (addr, now));
         }
         if queues[i as usize].try_send(msg).is_err() {
             let mut st = world.state();
             st.pending -= 1;
             st.queued.remove(&id);
-            st.violate(now, Invariant::HonestLost, spec.addr(start, i), "MTA queue full".into());
+            st.violate(now, Invariant::HonestLost, addr, "MTA queue full".into());
         }
     }
 }
@@ -152,7 +158,25 @@ struct Mta {
     addr: IpAddr,
     domain: String,
     rng: SmallRng,
-    port: u16,
+    /// The source port of its last connection.
+    port: AtomicU16,
+    /// QUIT or RSET after a negative reply.
+    after_5xx: After5xx,
+    /// Parallel connections per queue run.
+    connections: usize,
+}
+
+/// What became of one message in a queue run: delivered or bounced (`None`), or deferred at
+/// the given time.
+type Fate = (u64, Option<Duration>);
+
+/// What a transaction in an RSET-style session ended with.
+enum Verdict {
+    Delivered,
+    Refused(String),
+    Deferred,
+    /// 421: the server closes the connection.
+    Closed,
 }
 
 impl Mta {
@@ -189,18 +213,58 @@ impl Mta {
         }
     }
 
-    /// Tries every due message; defers, bounces or gives up the rest.
+    /// Tries every due message, over up to `connections` connections in parallel, each
+    /// taking its share; defers (in the order the deferrals happened), bounces or gives up.
     async fn queue_run(&mut self, queue: &mut VecDeque<Msg>) {
         // Only what was due when the run began; messages that fall due meanwhile go next.
         let start = self.world.now();
-        for _ in 0..CONNECTIONS_PER_RUN {
-            let due: Vec<usize> = (0..queue.len()).filter(|&i| queue[i].next_try <= start).collect();
-            if due.is_empty() {
-                return;
+        let due: Vec<Msg> = queue.iter().filter(|m| m.next_try <= start).cloned().collect();
+        if due.is_empty() {
+            return;
+        }
+        let n = self.connections.min(due.len());
+        let mut shares: Vec<VecDeque<Msg>> = vec![VecDeque::new(); n];
+        for (k, m) in due.into_iter().enumerate() {
+            shares[k % n].push_back(m);
+        }
+        let this = &*self;
+        let fates: Vec<Fate> = futures_util::future::join_all(shares.into_iter().map(|share| async move {
+            match this.after_5xx {
+                After5xx::Quit => this.deliver_lettre(share).await,
+                After5xx::Rset => this.deliver_rset(share).await,
             }
-            self.port = self.port.wrapping_add(1).max(1024);
-            let Ok(stream) = connect(&self.world, self.addr, self.port).await else {
-                return self.defer_due(queue, start);
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+        // Deferrals draw the next try from the MTA's generator: in time order, then queue order.
+        let position = |id: u64| queue.iter().position(|m| m.id == id).unwrap_or(usize::MAX);
+        let mut deferred: Vec<(Duration, usize)> =
+            fates.iter().filter_map(|&(id, at)| at.map(|at| (at, position(id)))).collect();
+        deferred.sort_unstable();
+        let mut gone: Vec<u64> = fates.iter().filter(|(_, at)| at.is_none()).map(|(id, _)| *id).collect();
+        for (at, i) in deferred {
+            let mut m = queue[i].clone();
+            if self.requeue(&mut m, at) {
+                queue[i].next_try = m.next_try;
+            } else {
+                gone.push(m.id);
+            }
+        }
+        queue.retain(|m| !gone.contains(&m.id));
+    }
+
+    /// A share of a queue run over lettre: a connection per failure (lettre gives a
+    /// connection up after any error), at most `CONNECTIONS_PER_RUN`.
+    async fn deliver_lettre(&self, mut left: VecDeque<Msg>) -> Vec<Fate> {
+        let mut fates = Vec::with_capacity(left.len());
+        for _ in 0..CONNECTIONS_PER_RUN {
+            if left.is_empty() {
+                return fates;
+            }
+            let Ok(stream) = connect(&self.world, self.addr, self.next_port()).await else {
+                return self.defer_all(fates, left);
             };
             let connected = self.world.now();
             let hello = ClientId::Domain(format!("mx.{}", self.domain));
@@ -212,16 +276,12 @@ impl Mta {
             // A 4xx or 5xx greeting (G2 554, busy 421) is a host problem, not the message's:
             // Postfix skips such a server and defers (smtp_skip_5xx_greeting).
             let Ok(Ok(mut conn)) = conn else {
-                return self.defer_due(queue, start);
+                return self.defer_all(fates, left);
             };
             // lettre got a 220: a banned MTA let in (counted as honest bans elsewhere).
             self.world.check_let_in(self.addr, connected, 220);
             let mut broken = false;
-            for i in due {
-                if broken {
-                    break;
-                }
-                let msg = queue[i].clone();
+            while let Some(msg) = left.pop_front() {
                 let envelope = lettre::address::Envelope::new(
                     msg.from.as_deref().map(|f| f.parse().expect("valid sender")),
                     vec![msg.to.parse().expect("valid recipient")],
@@ -233,39 +293,138 @@ impl Mta {
                 match sent {
                     Ok(Ok(_)) => {
                         self.delivered(&msg, now);
-                        queue[i].next_try = Duration::MAX;
+                        fates.push((msg.id, None));
                     }
                     Ok(Err(e)) if e.is_permanent() => {
                         self.bounced(&msg, now, &e.to_string());
-                        queue[i].next_try = Duration::MAX;
+                        fates.push((msg.id, None));
                         broken = true;
                     }
                     _ => {
                         // 4xx, a broken connection or a timeout: this message waits for the
                         // next queue run; lettre has given up on the connection, so the rest
                         // of this run goes on a new one.
-                        let mut m = queue[i].clone();
-                        queue[i].next_try = if self.requeue(&mut m, now) { m.next_try } else { Duration::MAX };
+                        fates.push((msg.id, Some(now)));
                         broken = true;
                     }
                 }
+                if broken {
+                    break;
+                }
             }
-            queue.retain(|m| m.next_try != Duration::MAX);
             if !broken {
                 let _ = tokio::time::timeout(Duration::from_secs(60), conn.quit()).await;
-                return self.defer_due(queue, start);
+                return fates;
             }
         }
-        self.defer_due(queue, start);
+        self.defer_all(fates, left)
     }
 
-    /// Every message that was due at `start` and is still queued waits for the next queue
-    /// run, or is given up.
-    fn defer_due(&mut self, queue: &mut VecDeque<Msg>, start: Duration) {
+    /// A share of a queue run the way Postfix sends: after a negative reply to a transaction
+    /// command, RSET and the next message in the same connection; a new connection only after
+    /// a 421 or a broken one (at most `CONNECTIONS_PER_RUN`). Every reply is checked on the
+    /// wire ([`Smtp`]).
+    async fn deliver_rset(&self, mut left: VecDeque<Msg>) -> Vec<Fate> {
+        let mut fates = Vec::with_capacity(left.len());
+        for _ in 0..CONNECTIONS_PER_RUN {
+            if left.is_empty() {
+                return fates;
+            }
+            let Ok(stream) = connect(&self.world, self.addr, self.next_port()).await else {
+                return self.defer_all(fates, left);
+            };
+            let connected = self.world.now();
+            let mut smtp = Smtp::new(stream, self.world.clone(), self.addr);
+            let hello = async {
+                let greeting = smtp.greeting().await?;
+                if greeting.code != 220 {
+                    if greeting.code == 554 {
+                        self.world.state().bump(self.addr, |c| c.greeted_banned += 1);
+                    }
+                    return Ok(false);
+                }
+                self.world.check_let_in(self.addr, connected, 220);
+                let ehlo = smtp.cmd(Verb::Ehlo, &format!("EHLO mx.{}", self.domain)).await?;
+                Ok::<bool, std::io::Error>(ehlo.code == 250)
+            };
+            if !matches!(tokio::time::timeout(TRANSACTION_MAX, hello).await, Ok(Ok(true))) {
+                smtp.quit().await;
+                return self.defer_all(fates, left);
+            }
+            let mut broken = false;
+            while let Some(msg) = left.pop_front() {
+                let verdict = tokio::time::timeout(TRANSACTION_MAX, self.transaction(&mut smtp, &msg)).await;
+                let now = self.world.now();
+                match verdict {
+                    Ok(Ok(Verdict::Delivered)) => {
+                        self.delivered(&msg, now);
+                        fates.push((msg.id, None));
+                        continue;
+                    }
+                    Ok(Ok(Verdict::Refused(why))) => {
+                        self.bounced(&msg, now, &why);
+                        fates.push((msg.id, None));
+                    }
+                    Ok(Ok(Verdict::Deferred)) => fates.push((msg.id, Some(now))),
+                    Ok(Ok(Verdict::Closed)) | Ok(Err(_)) | Err(_) => {
+                        fates.push((msg.id, Some(now)));
+                        broken = true;
+                        break;
+                    }
+                }
+                // The transaction failed: RSET, and on with the next message.
+                let rset = tokio::time::timeout(TRANSACTION_MAX, smtp.cmd(Verb::Rset, "RSET")).await;
+                if !matches!(rset, Ok(Ok(ref r)) if r.code == 250) {
+                    broken = true;
+                    break;
+                }
+            }
+            if !broken {
+                let _ = tokio::time::timeout(Duration::from_secs(60), smtp.quit()).await;
+                return fates;
+            }
+        }
+        self.defer_all(fates, left)
+    }
+
+    /// MAIL, RCPT, DATA and the message, stopping at the first negative reply.
+    async fn transaction(&self, smtp: &mut Smtp, msg: &Msg) -> std::io::Result<Verdict> {
+        let from = msg.from.as_deref().unwrap_or("");
+        let steps = [(Verb::Mail, format!("MAIL FROM:<{from}>")), (Verb::Rcpt, format!("RCPT TO:<{}>", msg.to))];
+        for (verb, line) in steps {
+            if let Some(v) = Self::negative(smtp.cmd(verb, &line).await?) {
+                return Ok(v);
+            }
+        }
+        let data = smtp.cmd(Verb::Data, "DATA").await?;
+        if data.code != 354 {
+            return Ok(Self::negative(data).unwrap_or(Verdict::Deferred));
+        }
+        let end = smtp.message(&self.body(msg)).await?;
+        Ok(Self::negative(end).unwrap_or(Verdict::Delivered))
+    }
+
+    fn negative(r: gatekeeper::proto::Reply) -> Option<Verdict> {
+        match r.code {
+            421 => Some(Verdict::Closed),
+            400..=499 => Some(Verdict::Deferred),
+            500.. => Some(Verdict::Refused(format!("{} {}", r.code, r.lines.join(" ")))),
+            _ => None,
+        }
+    }
+
+    /// The source port of a new connection.
+    fn next_port(&self) -> u16 {
+        let p = self.port.load(Ordering::Relaxed).wrapping_add(1).max(1024);
+        self.port.store(p, Ordering::Relaxed);
+        p
+    }
+
+    /// Every message left of a share waits for the next queue run.
+    fn defer_all(&self, mut fates: Vec<Fate>, left: VecDeque<Msg>) -> Vec<Fate> {
         let now = self.world.now();
-        let mut q = std::mem::take(queue);
-        q.retain_mut(|m| m.next_try > start || self.requeue(m, now));
-        *queue = q;
+        fates.extend(left.iter().map(|m| (m.id, Some(now))));
+        fates
     }
 
     /// Defers `m` to the next queue run; `false` if it has outlived its queue lifetime and is

@@ -3,6 +3,8 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use gatekeeper::edges::{Clock, Listener};
@@ -34,16 +36,18 @@ impl Listener for SimListener {
 }
 
 /// Simulated time: tokio's (paused) clock for `now`, and the simulation's epoch plus elapsed
-/// simulated time for the wall clock.
-#[derive(Debug, Clone, Copy)]
+/// simulated time, plus the steps of `clock_jump` faults, for the wall clock.
+#[derive(Debug, Clone)]
 pub struct SimClock {
     epoch: SystemTime,
+    step_ms: Arc<AtomicI64>,
 }
 
 impl SimClock {
-    /// A clock whose wall time starts at `epoch` (the turmoil builder's epoch).
-    pub fn new(epoch: SystemTime) -> Self {
-        SimClock { epoch }
+    /// A clock whose wall time starts at `epoch` (the turmoil builder's epoch) and is stepped
+    /// by `step_ms` milliseconds (the world's `wall_step_ms`), while `now` never jumps.
+    pub fn new(epoch: SystemTime, step_ms: Arc<AtomicI64>) -> Self {
+        SimClock { epoch, step_ms }
     }
 }
 
@@ -52,6 +56,9 @@ impl Clock for SimClock {
         tokio::time::Instant::now().into_std()
     }
     fn wall(&self) -> SystemTime {
-        self.epoch + turmoil::sim_elapsed().unwrap_or(Duration::ZERO)
+        let t = self.epoch + turmoil::sim_elapsed().unwrap_or(Duration::ZERO);
+        let step = self.step_ms.load(Ordering::Relaxed);
+        let by = Duration::from_millis(step.unsigned_abs());
+        if step < 0 { t - by } else { t + by }
     }
 }

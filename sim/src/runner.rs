@@ -58,14 +58,20 @@ pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
     if users.is_empty() && !s.actors.is_empty() {
         return Err(format!("no users in {domain}: set local_users or [gatekeeper.domains] users"));
     }
+    let names = s.actor_names();
+    let shares: Vec<Option<usize>> =
+        s.actors.iter().map(|a| a.share.as_ref().and_then(|t| names.iter().position(|n| n == t))).collect();
     let mut next = [0u32; 8];
+    // An actor that shares another's addresses has none of its own (an empty range).
     let ranges = s
         .actors
         .iter()
-        .map(|a| {
+        .zip(&shares)
+        .map(|(a, share)| {
             let start = next[a.kind.index()];
-            next[a.kind.index()] += a.addresses;
-            (a.kind, start, start + a.addresses)
+            let n = if share.is_some() { 0 } else { a.addresses };
+            next[a.kind.index()] += n;
+            (a.kind, start, start + n)
         })
         .collect();
     Ok(Resolved {
@@ -85,7 +91,8 @@ pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
         sabotage,
         epoch: UNIX_EPOCH + Duration::from_secs(EPOCH_SECS),
         ranges,
-        actor_names: s.actor_names(),
+        actor_names: names,
+        shares,
     })
 }
 
@@ -97,6 +104,7 @@ enum Action {
     Fast(usize, usize),
     Crash { reboot: bool },
     Start,
+    Clock { back: bool, by: Duration },
 }
 
 fn schedule(faults: &[FaultSpec]) -> Vec<(Duration, Action)> {
@@ -116,7 +124,8 @@ fn schedule(faults: &[FaultSpec]) -> Vec<(Duration, Action)> {
                 out.push((*from, Action::Slow(host(a), host(b), *latency)));
                 out.push((*until, Action::Fast(host(a), host(b))));
             }
-            FaultSpec::DnsOutage { .. } | FaultSpec::MxTimeout { .. } => {}
+            FaultSpec::ClockJump { at, step } => out.push((*at, Action::Clock { back: step.back, by: step.by })),
+            FaultSpec::DnsOutage { .. } | FaultSpec::MxTimeout { .. } | FaultSpec::SynAckLoss { .. } => {}
         }
     }
     out.sort_by_key(|(t, _)| *t);
@@ -191,6 +200,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
                     world.state().machine_down = false;
                     sim.bounce(HOSTS[0]);
                 }
+                Action::Clock { back, by } => world.step_wall_clock(back, by),
             }
         }
         sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
@@ -200,6 +210,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
     }
     progress.tick(1.0, sim.elapsed());
     world.check_still_deferred(sim.elapsed(), crate::mta::QUEUE_INTERVAL_MAX);
+    world.check_shared_bans(sim.elapsed());
     drop(sim);
     let wall = wall.elapsed();
     Ok(report(&world, wall))
@@ -213,9 +224,9 @@ async fn traffic(world: Arc<World>, host: &'static str) -> turmoil::Result {
         }
         let w = world.clone();
         if a.kind.is_mta() {
-            tokio::spawn(crate::mta::generator(w, i));
+            tokio::spawn(crate::world::ACTOR.scope(i, crate::mta::generator(w, i)));
         } else {
-            tokio::spawn(crate::actors::generator(w, i));
+            tokio::spawn(crate::world::ACTOR.scope(i, crate::actors::generator(w, i)));
         }
     }
     std::future::pending::<()>().await;
@@ -251,14 +262,25 @@ pub(crate) fn report(world: &World, wall: Duration) -> Report {
     let metrics = flatten(&st.c, &fin, &actors);
     let mut expect = cfg.run.expect.clone();
     // The invariants always hold, whatever the file says.
-    let zero = crate::scenario::Expectation { op: crate::scenario::Op::Eq, value: 0.0 };
+    let zero = crate::scenario::Expectation::number(crate::scenario::Op::Eq, 0.0);
     expect.entry("violations".into()).or_insert(crate::scenario::Checks(vec![zero]));
+    // A metric by name, or a time-windowed sum of the hourly buckets (`bans[2h..3h]`).
+    let value = |name: &str| match crate::metrics::Window::parse(name) {
+        Some(Ok(w)) => Some(w.value(&st.hours)),
+        Some(Err(_)) => None,
+        None => metrics.get(name).copied(),
+    };
     let expectations: Vec<ExpectResult> = expect
         .iter()
         .flat_map(|(metric, checks)| checks.0.iter().map(move |e| (metric, e)))
         .map(|(metric, e)| {
-            let actual = metrics.get(metric).copied().unwrap_or(f64::NAN);
-            ExpectResult { metric: metric.clone(), expect: e.to_string(), actual, pass: e.holds(actual) }
+            let actual = value(metric).unwrap_or(f64::NAN);
+            let bound = e.bound.value(value).unwrap_or(f64::NAN);
+            let expect = match e.bound.constant() {
+                Some(_) => e.to_string(),
+                None => format!("{e} (= {})", crate::fmt::num(bound)),
+            };
+            ExpectResult { metric: metric.clone(), expect, actual, pass: e.holds_against(actual, bound) }
         })
         .collect();
     let c = &cfg.settings.config;

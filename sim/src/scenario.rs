@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 use crate::fmt::num;
-use crate::metrics::{Class, metric_names};
+use crate::metrics::{Class, Window, metric_names};
 
 /// A scenario file as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +220,38 @@ pub struct ActorSpec {
     /// checks, which get a greeting and 451 at MAIL, never a rule and never a ban).
     #[serde(default)]
     pub proxy: ProxyMode,
+    /// `backscatter`: a real bounce MTA's queue behind each source: a session that ends
+    /// without a verdict (ETIMEDOUT, refused, a 4xx or 554 greeting, a 4xx reply, a broken
+    /// connection) is tried again after 5 min, doubling up to 67 min, for 5 days (Postfix's
+    /// `minimal_backoff_time`, `maximal_backoff_time`, `bounce_queue_lifetime`). Without it a
+    /// source tries once.
+    #[serde(default)]
+    pub retry: bool,
+    /// `honest`, `bounce`: what an MTA does after a 5xx (or 4xx) to MAIL, RCPT, DATA or the end
+    /// of DATA: `quit` (lettre's way: QUIT, the rest of the queue on a new connection) or
+    /// `rset` (Postfix's: RSET, and the next message in the same connection).
+    #[serde(default)]
+    pub after_5xx: After5xx,
+    /// `honest`, `bounce`: connections one queue run opens in parallel at most, its due
+    /// messages shared among them (Postfix's `default_destination_concurrency_limit`).
+    #[serde(default = "one")]
+    pub connections: u32,
+    /// Another actor whose addresses this one uses (its first `addresses` of them): clients
+    /// behind one NAT or on one shared host. Counters still go to this actor; a ban of a shared
+    /// address is judged by what every actor behind it did.
+    #[serde(default)]
+    pub share: Option<String>,
+}
+
+/// What an MTA does after a negative reply to a transaction command.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum After5xx {
+    /// QUIT; the rest of the queue run goes on a new connection (lettre).
+    #[default]
+    Quit,
+    /// RSET and the next message in the same connection (Postfix).
+    Rset,
 }
 
 fn one() -> u32 {
@@ -348,6 +380,49 @@ pub enum FaultSpec {
         #[serde(default)]
         reboot: bool,
     },
+    /// The gatekeeper host's wall clock steps by `step` at `at` (`"+1d"`, `"-2h"`: NTP
+    /// correcting a bad clock, a VM resumed); its monotonic clock does not.
+    ClockJump {
+        /// When.
+        #[serde(with = "humantime_serde")]
+        at: Duration,
+        /// How far, forward (`+`) or back (`-`).
+        step: Step,
+    },
+    /// The SYN-ACK of an accepted SYN is lost with probability `rate`: the client retransmits
+    /// its SYN on its schedule, and the kernel sees (and counts) it again.
+    SynAckLoss {
+        /// Probability of a loss, 0 to 1.
+        rate: f64,
+        /// Start.
+        #[serde(with = "humantime_serde")]
+        from: Duration,
+        /// End.
+        #[serde(with = "humantime_serde")]
+        until: Duration,
+    },
+}
+
+/// A signed duration: `"+1d"`, `"-2h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    /// Backwards.
+    pub back: bool,
+    /// How far.
+    pub by: Duration,
+}
+
+impl<'de> Deserialize<'de> for Step {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let (back, rest) = match s.trim().split_at_checked(1) {
+            Some(("+", r)) => (false, r),
+            Some(("-", r)) => (true, r),
+            _ => return Err(serde::de::Error::custom(format!("{s:?}: a step starts with + or -"))),
+        };
+        let by = humantime_serde::re::humantime::parse_duration(rest.trim()).map_err(serde::de::Error::custom)?;
+        Ok(Step { back, by })
+    }
 }
 
 /// How the always-on invariants apply.
@@ -382,6 +457,11 @@ pub struct Variant {
     /// More expectations (replacing the scenario's for the same metric).
     #[serde(default)]
     pub expect: BTreeMap<String, Checks>,
+    /// What the variant replaces instead of merging: `"expect"` (the scenario's whole
+    /// expectation table) or the dotted path of a `[gatekeeper]` table (`"gate.kind"`: the
+    /// variant's table stands alone, no key of the scenario's is kept).
+    #[serde(default)]
+    pub replace: Vec<String>,
 }
 
 /// A duration written the human way (`"90s"`, `"12h"`).
@@ -425,33 +505,145 @@ impl Op {
     }
 }
 
-/// `"OP NUMBER"`, e.g. `">= 54000"`, `"== 0"`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What an expectation compares with: a number, or a sum of other metrics of the same run,
+/// each maybe scaled, and numbers (`"<= 0.5 * honest.messages"`,
+/// `">= actor.q.gave_up + actor.q.refused - 3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bound {
+    /// `(factor, metric)` terms, summed; a term without a metric is the constant `factor`.
+    pub terms: Vec<(f64, Option<String>)>,
+}
+
+impl Bound {
+    /// A constant.
+    pub fn number(v: f64) -> Bound {
+        Bound { terms: vec![(v, None)] }
+    }
+
+    /// The constant, if the bound names no metric.
+    pub fn constant(&self) -> Option<f64> {
+        self.terms.iter().all(|(_, m)| m.is_none()).then(|| self.terms.iter().map(|(f, _)| f).sum())
+    }
+
+    /// The bound's value, given the run's metrics (`None`: a metric the run does not have).
+    pub fn value(&self, metric: impl Fn(&str) -> Option<f64>) -> Option<f64> {
+        self.terms.iter().map(|(f, m)| m.as_deref().map_or(Some(*f), |m| metric(m).map(|v| f * v))).sum()
+    }
+
+    /// The metrics it names.
+    pub fn metrics(&self) -> impl Iterator<Item = &str> {
+        self.terms.iter().filter_map(|(_, m)| m.as_deref())
+    }
+}
+
+impl fmt::Display for Bound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (factor, metric)) in self.terms.iter().enumerate() {
+            let sign = if *factor < 0.0 { "-" } else { "+" };
+            match i {
+                0 if sign == "-" => write!(f, "-")?,
+                0 => {}
+                _ => write!(f, " {sign} ")?,
+            }
+            match metric {
+                None => write!(f, "{}", num(factor.abs()))?,
+                Some(m) if factor.abs() == 1.0 => write!(f, "{m}")?,
+                Some(m) => write!(f, "{} * {m}", num(factor.abs()))?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for Bound {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let bad =
+            |why: &str| format!("{s:?}: {why}; expected terms NUMBER, METRIC or NUMBER * METRIC joined by + or -");
+        let tokens: Vec<&str> = s.split_whitespace().collect();
+        if tokens.is_empty() {
+            return Err(bad("nothing to compare with"));
+        }
+        let mut terms = Vec::new();
+        let mut sign = 1.0;
+        let mut i = 0;
+        let metric = |t: &str| {
+            let ok = t.as_bytes().first().is_some_and(u8::is_ascii_alphabetic)
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b));
+            ok.then(|| t.to_string())
+        };
+        loop {
+            let t = tokens[i];
+            if let Ok(v) = t.parse::<f64>() {
+                if tokens.get(i + 1) == Some(&"*") {
+                    let m = tokens.get(i + 2).and_then(|t| metric(t)).ok_or_else(|| bad("a metric after *"))?;
+                    terms.push((sign * v, Some(m)));
+                    i += 3;
+                } else {
+                    terms.push((sign * v, None));
+                    i += 1;
+                }
+            } else {
+                terms.push((sign, Some(metric(t).ok_or_else(|| bad(&format!("{t:?} is not a metric name")))?)));
+                i += 1;
+            }
+            match tokens.get(i) {
+                None => break,
+                Some(&"+") => sign = 1.0,
+                Some(&"-") => sign = -1.0,
+                Some(t) => return Err(bad(&format!("{t:?} where + or - was expected (spaced)"))),
+            }
+            i += 1;
+            if i >= tokens.len() {
+                return Err(bad("a term after + or -"));
+            }
+        }
+        if terms.iter().any(|(f, _)| !f.is_finite()) {
+            return Err(bad("numbers must be finite"));
+        }
+        Ok(Bound { terms })
+    }
+}
+
+/// `"OP BOUND"`, e.g. `">= 54000"`, `"== 0"`, `"<= 0.01 * attempts"`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Expectation {
     /// The comparison.
     pub op: Op,
     /// The bound.
-    pub value: f64,
+    pub bound: Bound,
 }
 
 impl Expectation {
-    /// Whether `actual` satisfies it (exact for integers; `==` tolerates 1e-9 for ratios).
-    pub fn holds(&self, actual: f64) -> bool {
+    /// A constant bound.
+    pub fn number(op: Op, value: f64) -> Expectation {
+        Expectation { op, bound: Bound::number(value) }
+    }
+
+    /// Whether `actual` satisfies it against `value`, the bound's value (exact for integers;
+    /// `==` tolerates 1e-9 for ratios). A missing value (NaN) never holds.
+    pub fn holds_against(&self, actual: f64, value: f64) -> bool {
         let eps = 1e-9;
         match self.op {
-            Op::Eq => (actual - self.value).abs() <= eps,
-            Op::Ne => (actual - self.value).abs() > eps,
-            Op::Lt => actual < self.value,
-            Op::Le => actual <= self.value + eps,
-            Op::Gt => actual > self.value,
-            Op::Ge => actual + eps >= self.value,
+            Op::Eq => (actual - value).abs() <= eps,
+            Op::Ne => (actual - value).abs() > eps,
+            Op::Lt => actual < value,
+            Op::Le => actual <= value + eps,
+            Op::Gt => actual > value,
+            Op::Ge => actual + eps >= value,
         }
+    }
+
+    /// Whether `actual` satisfies a constant bound (a metric bound never holds here).
+    pub fn holds(&self, actual: f64) -> bool {
+        self.bound.constant().is_some_and(|v| self.holds_against(actual, v))
     }
 }
 
 impl fmt::Display for Expectation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.op.as_str(), num(self.value))
+        write!(f, "{} {}", self.op.as_str(), self.bound)
     }
 }
 
@@ -462,9 +654,8 @@ impl FromStr for Expectation {
         let (op, rest) = [("==", Op::Eq), ("!=", Op::Ne), ("<=", Op::Le), (">=", Op::Ge), ("<", Op::Lt), (">", Op::Gt)]
             .into_iter()
             .find_map(|(p, op)| s.strip_prefix(p).map(|r| (op, r)))
-            .ok_or_else(|| format!("{s:?}: expected \"OP NUMBER\" with OP one of == != < <= > >="))?;
-        let value = rest.trim().parse::<f64>().map_err(|e| format!("{s:?}: {e}"))?;
-        Ok(Expectation { op, value })
+            .ok_or_else(|| format!("{s:?}: expected \"OP BOUND\" with OP one of == != < <= > >="))?;
+        Ok(Expectation { op, bound: rest.parse()? })
     }
 }
 
@@ -642,6 +833,18 @@ impl Scenario {
             if a.proxy == ProxyMode::Local && a.kind.is_mta() {
                 p.push(format!("{}: \"local\" is for scripted clients, not MTAs", at("proxy")));
             }
+            if a.retry && a.kind != Class::Backscatter {
+                p.push(format!("{}: only for backscatter (MTAs always retry)", at("retry")));
+            }
+            if a.after_5xx != After5xx::Quit && !a.kind.is_mta() {
+                p.push(format!("{}: only for honest and bounce", at("after_5xx")));
+            }
+            if a.connections != 1 && !a.kind.is_mta() {
+                p.push(format!("{}: only for honest and bounce", at("connections")));
+            }
+            if a.connections == 0 || a.connections > 20 {
+                p.push(format!("{}: between 1 and 20", at("connections")));
+            }
             if let Some(n) = a.rcpts {
                 if !matches!(a.kind, Class::Backscatter | Class::Dictionary) {
                     p.push(format!("{}: only for backscatter and dictionary", at("rcpts")));
@@ -679,6 +882,22 @@ impl Scenario {
                         p.push(format!("fault[{i}].downtime: longer than 0s"));
                     }
                 }
+                FaultSpec::ClockJump { at, step } => {
+                    if *at >= self.duration {
+                        p.push(format!("fault[{i}].at: within duration"));
+                    }
+                    if step.by.is_zero() || step.by > Duration::from_secs(365 * 86_400) {
+                        p.push(format!("fault[{i}].step: between 1ns and 365d"));
+                    }
+                }
+                FaultSpec::SynAckLoss { rate, from, until } => {
+                    if from >= until {
+                        p.push(format!("fault[{i}]: from must be before until"));
+                    }
+                    if !(0.0..=1.0).contains(rate) {
+                        p.push(format!("fault[{i}].rate: between 0 and 1"));
+                    }
+                }
             }
         }
         let mut per_class = [0u32; 8];
@@ -699,17 +918,53 @@ impl Scenario {
                 p.push(format!("actor[{i}].name: {n:?} must be [A-Za-z0-9_-]+"));
             }
         }
-        let names = metric_names(&actor_names);
-        let mut check_expect = |scope: &str, expect: &BTreeMap<String, Checks>| {
-            for k in expect.keys() {
-                if !names.iter().any(|n| n == k) {
-                    p.push(format!("{scope}: unknown metric {k:?}"));
+        for (i, a) in self.actors.iter().enumerate() {
+            let Some(target) = &a.share else { continue };
+            match actor_names.iter().position(|n| n == target) {
+                None => p.push(format!("actor[{i}].share: no actor named {target:?}")),
+                Some(j) if j == i => p.push(format!("actor[{i}].share: an actor cannot share with itself")),
+                Some(j) => {
+                    let t = &self.actors[j];
+                    if t.share.is_some() {
+                        p.push(format!("actor[{i}].share: {target:?} shares addresses itself"));
+                    }
+                    if t.addresses < a.addresses {
+                        p.push(format!("actor[{i}].addresses: at most {target:?}'s ({})", t.addresses));
+                    }
+                    if a.family != Family::Ipv4 || t.family != Family::Ipv4 || a.proxy != ProxyMode::Client {
+                        p.push(format!("actor[{i}].share: IPv4 clients with PROXY headers only"));
+                    }
                 }
+            }
+        }
+        let names = metric_names(&actor_names);
+        let horizon_h = (self.duration + self.drain).as_secs().div_ceil(3600) as usize;
+        let metric_problem = |scope: &str, k: &str| match Window::parse(k) {
+            Some(Ok(w)) if w.until_h() > horizon_h => {
+                Some(format!("{scope}: {k:?} ends after the run ({horizon_h} h)"))
+            }
+            Some(Ok(_)) => None,
+            Some(Err(e)) => Some(format!("{scope}: {e}")),
+            None if !names.iter().any(|n| n == k) => Some(format!("{scope}: unknown metric {k:?}")),
+            None => None,
+        };
+        let mut check_expect = |scope: &str, expect: &BTreeMap<String, Checks>| {
+            for (k, checks) in expect {
+                let named = checks.0.iter().flat_map(|e| e.bound.metrics());
+                p.extend(std::iter::once(k.as_str()).chain(named).filter_map(|m| metric_problem(scope, m)));
             }
         };
         check_expect("expect", &self.expect);
         for v in &self.variants {
             check_expect(&format!("variant {:?}.expect", v.name), &v.expect);
+        }
+        for v in &self.variants {
+            for r in &v.replace {
+                let known = r == "expect" || r.split('.').all(|seg| !seg.is_empty());
+                if !known {
+                    p.push(format!("variant {:?}.replace: {r:?} is neither \"expect\" nor a table path", v.name));
+                }
+            }
         }
         let mut seen = Vec::new();
         for v in &self.variants {
@@ -742,9 +997,13 @@ impl Scenario {
             .iter()
             .map(|v| {
                 let mut s = self.clone();
+                for path in v.replace.iter().filter(|p| *p != "expect") {
+                    remove_path(&mut s.gatekeeper, path);
+                }
                 merge(&mut s.gatekeeper, &v.gatekeeper);
                 s.variants.clear();
-                let mut expect = self.expect.clone();
+                let mut expect =
+                    if v.replace.iter().any(|p| p == "expect") { BTreeMap::new() } else { self.expect.clone() };
                 expect.extend(v.expect.iter().map(|(k, e)| (k.clone(), e.clone())));
                 Run {
                     name: format!("{}[{}]", self.name(), v.name),
@@ -755,6 +1014,20 @@ impl Scenario {
                 }
             })
             .collect()
+    }
+}
+
+/// Removes the value at a dotted path (`"gate.kind"`) of `table`, if there is one.
+fn remove_path(table: &mut toml::Table, path: &str) {
+    match path.split_once('.') {
+        None => {
+            table.remove(path);
+        }
+        Some((head, rest)) => {
+            if let Some(toml::Value::Table(t)) = table.get_mut(head) {
+                remove_path(t, rest);
+            }
+        }
     }
 }
 
@@ -795,12 +1068,57 @@ mod tests {
     #[test]
     fn expectations_parse() {
         let e: Expectation = ">= 54000".parse().unwrap();
-        assert_eq!((e.op, e.value), (Op::Ge, 54000.0));
+        assert_eq!((e.op, e.bound.constant()), (Op::Ge, Some(54000.0)));
         assert!(e.holds(54000.0) && !e.holds(53999.0));
         let e: Expectation = "== 0".parse().unwrap();
         assert!(e.holds(0.0) && !e.holds(1.0));
         assert!("about 3".parse::<Expectation>().is_err());
-        assert!("< x".parse::<Expectation>().is_err());
+        assert!("< 3 x".parse::<Expectation>().is_err());
+        assert_eq!(">= -2.5".parse::<Expectation>().unwrap().bound.constant(), Some(-2.5));
+        let e: Expectation = "<= 0.5 * honest.messages - 2".parse().unwrap();
+        assert_eq!(e.to_string(), "<= 0.5 * honest.messages - 2");
+        let metrics = |m: &str| (m == "honest.messages").then_some(10.0);
+        assert_eq!(e.bound.value(metrics), Some(3.0));
+        assert_eq!(e.bound.value(|_| None), None);
+        assert!(!e.holds(0.0), "a metric bound needs the metrics");
+        let e: Expectation = ">= actor.nat-mta.delivered + actor.q.refused - 2 * bans[1h..2h]".parse().unwrap();
+        assert_eq!(e.to_string(), ">= actor.nat-mta.delivered + actor.q.refused - 2 * bans[1h..2h]");
+        assert_eq!(
+            e.bound.metrics().collect::<Vec<_>>(),
+            ["actor.nat-mta.delivered", "actor.q.refused", "bans[1h..2h]"]
+        );
+        assert_eq!(e.bound.value(|_| Some(3.0)), Some(0.0));
+        for bad in ["> 2 * ", "> x * y", "> a +", "> a b", ">"] {
+            assert!(bad.parse::<Expectation>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_variant_may_replace_a_table() {
+        let text = r#"
+            seed = 1
+            duration = "1h"
+            tick = "1s"
+            [gatekeeper.gate.kind]
+            backend = "xt_recent"
+            ip_list_tot = 100
+            [expect]
+            attempts = "> 0"
+            bans = "== 0"
+            [[variant]]
+            name = "nft"
+            replace = ["gate.kind", "expect"]
+            gatekeeper = { gate = { kind = { backend = "nft" } } }
+            expect = { "bans[0h..1h]" = "<= attempts" }
+        "#;
+        let s = Scenario::parse(text, Path::new("x.toml")).unwrap();
+        let runs = s.runs(Path::new("x.toml"), None);
+        let kind = &runs[0].scenario.gatekeeper["gate"]["kind"];
+        assert_eq!(kind.as_table().map(|t| t.len()), Some(1), "{kind:?}");
+        assert_eq!(runs[0].expect.keys().collect::<Vec<_>>(), ["bans[0h..1h]"]);
+        let bad = text.replace("bans[0h..1h]", "bans[0h..3h]").replace("<= attempts", "<= nothing.here");
+        let problems = Scenario::parse(&bad, Path::new("x.toml")).unwrap_err().problems;
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

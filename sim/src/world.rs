@@ -9,8 +9,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::rngs::SmallRng;
 
 use gatekeeper::ban::Net;
 use gatekeeper::config::{Config, Settings};
@@ -70,6 +74,8 @@ pub struct Resolved {
     pub ranges: Vec<(Class, u32, u32)>,
     /// Each actor's name in metrics (`actor.<name>.*`).
     pub actor_names: Vec<String>,
+    /// For each actor, the actor whose addresses it uses (`share`), if any.
+    pub shares: Vec<Option<usize>>,
 }
 
 impl Resolved {
@@ -88,6 +94,23 @@ impl Resolved {
     /// Whether a fault of this kind is active at `now`.
     pub fn dns_down(&self, now: Duration) -> bool {
         self.faults.iter().any(|f| matches!(f, FaultSpec::DnsOutage { from, until } if *from <= now && now < *until))
+    }
+
+    /// The `i`-th address of actor `index` (another actor's, for an actor that shares them).
+    pub fn addr_of(&self, index: usize, i: u32) -> IpAddr {
+        let owner = self.shares[index].unwrap_or(index);
+        self.actors[owner].addr(self.ranges[owner].1, i)
+    }
+
+    /// The SYN-ACK loss rate at `now` (`syn_ack_loss` faults), 0 if none.
+    pub fn syn_ack_loss(&self, now: Duration) -> f64 {
+        self.faults
+            .iter()
+            .filter_map(|f| match f {
+                FaultSpec::SynAckLoss { rate, from, until } if *from <= now && now < *until => Some(*rate),
+                _ => None,
+            })
+            .fold(0.0, f64::max)
     }
 
     /// Whether the remote MX is hanging at `now`.
@@ -162,6 +185,13 @@ impl Kernel {
     }
 }
 
+tokio::task_local! {
+    /// The actor (index) whose task is running: its counters get what its clients do, even
+    /// from an address it shares with another actor (`share`). Unset on the gatekeeper's and
+    /// the remote hosts, where the address decides.
+    pub static ACTOR: usize;
+}
+
 /// The actor an address belongs to.
 pub fn actor_of(ranges: &[(Class, u32, u32)], class: Class, addr: IpAddr) -> Option<usize> {
     let n = Class::ordinal(addr)?;
@@ -216,6 +246,11 @@ pub struct State {
     pub probes: BTreeMap<IpAddr, Vec<Duration>>,
     /// Honest and bounce messages still queued: id → (MTA, submitted and first tried).
     pub queued: BTreeMap<u64, (IpAddr, Duration)>,
+    /// Bans of addresses shared by a protected actor and an offender, judged at the end: each
+    /// must have been earned by an offender's session behind it (ban key, decided at, why).
+    pub shared_bans: Vec<(IpAddr, Duration, BanReason)>,
+    /// Bans an offender's session proved it earned (ban key, decided at).
+    pub earned: BTreeSet<(IpAddr, Duration)>,
     ranges: Vec<(Class, u32, u32)>,
 }
 
@@ -236,13 +271,23 @@ impl State {
         }
     }
 
-    /// Counts for the class and the actor of `addr`.
+    /// Counts for the actor whose task runs ([`ACTOR`]) and its class, or else for the class
+    /// and the actor of `addr`.
     pub fn bump(&mut self, addr: IpAddr, f: impl Fn(&mut ClassCounters)) {
+        if let Ok(i) = ACTOR.try_with(|i| *i) {
+            return self.bump_actor(i, f);
+        }
         let Some(class) = Class::of(addr) else { return };
         f(self.c.of(class));
         if let Some(i) = actor_of(&self.ranges, class, addr) {
             f(&mut self.actors[i]);
         }
+    }
+
+    /// Counts for actor `i` and its class.
+    pub fn bump_actor(&mut self, i: usize, f: impl Fn(&mut ClassCounters)) {
+        f(self.c.of(self.ranges[i].0));
+        f(&mut self.actors[i]);
     }
 
     /// The hourly bucket of `now`.
@@ -269,6 +314,12 @@ pub struct World {
     /// Tolerance the other way: the kernel may forget a ban up to two jiffies before its exact
     /// end (xt_recent's `--seconds` window runs from the jiffy the ban was stamped in).
     pub jiffy_slack: Duration,
+    /// Addresses (ban keys) that several actors use (`share`): the actors behind each.
+    pub shared: BTreeMap<IpAddr, Vec<usize>>,
+    /// How far the gatekeeper host's wall clock has been stepped (`clock_jump`), in ms.
+    pub wall_step_ms: Arc<AtomicI64>,
+    /// Draws SYN-ACK losses (`syn_ack_loss`), in the order SYNs happen.
+    syn_ack_rng: Mutex<SmallRng>,
 }
 
 impl World {
@@ -280,6 +331,18 @@ impl World {
         let jiffy_slack = Duration::from_nanos(2 * 1_000_000_000 / u64::from(hz) + 1_000_000);
         let expiry_slack = cfg.settings.config.bans.sync_interval + jiffy_slack;
         let hours = cfg.horizon.as_secs().div_ceil(3600) as usize;
+        let key = |a: IpAddr| Net::ban_key(a, gate.ipv6_prefix).addr();
+        let mut shared: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
+        for (i, owner) in cfg.shares.iter().enumerate() {
+            let Some(owner) = *owner else { continue };
+            for n in 0..cfg.actors[i].addresses {
+                let users = shared.entry(key(cfg.addr_of(i, n))).or_insert_with(|| vec![owner]);
+                if !users.contains(&i) {
+                    users.push(i);
+                }
+            }
+        }
+        let syn_ack_rng = Mutex::new(crate::profile::rng(cfg.run.seed, "syn-ack-loss", 0));
         let state = State {
             hours: vec![Hour::default(); hours.max(1)],
             actors: vec![ClassCounters::default(); cfg.ranges.len()],
@@ -292,7 +355,49 @@ impl World {
             cfg,
             expiry_slack,
             jiffy_slack,
+            shared,
+            wall_step_ms: Arc::new(AtomicI64::new(0)),
+            syn_ack_rng,
         })
+    }
+
+    /// Steps the gatekeeper host's wall clock (`clock_jump`).
+    pub fn step_wall_clock(&self, back: bool, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.wall_step_ms.fetch_add(if back { -ms } else { ms }, Ordering::Relaxed);
+    }
+
+    /// Whether the SYN-ACK answering a SYN accepted now is lost (`syn_ack_loss`). Draws only
+    /// while such a fault is active, so other runs' numbers do not move.
+    pub fn syn_ack_lost(&self, now: Duration) -> bool {
+        let rate = self.cfg.syn_ack_loss(now);
+        rate > 0.0 && self.syn_ack_rng.lock().expect("syn-ack rng").random_bool(rate)
+    }
+
+    /// An offender's session proved it earned the ban decided at `at` (see
+    /// [`State::shared_bans`]).
+    pub fn earned(&self, st: &mut State, addr: IpAddr, at: Duration) {
+        if self.shared.contains_key(&self.ban_key(addr)) {
+            st.earned.insert((self.ban_key(addr), at));
+        }
+    }
+
+    /// At the end of the run: a ban of an address that a protected actor shares with an
+    /// offender is fair only if an offender's session behind it earned it; the protected
+    /// actor then waits for the ban like any client of that address (its mail is deferred,
+    /// never refused), which its own counters show.
+    pub fn check_shared_bans(&self, now: Duration) {
+        let mut st = self.state();
+        let unearned: Vec<(IpAddr, Duration, BanReason)> =
+            st.shared_bans.iter().filter(|(k, at, _)| !st.earned.contains(&(*k, *at))).copied().collect();
+        for (key, at, reason) in unearned {
+            let detail = format!(
+                "shared address banned ({}) at {:.0} s, earned by no offender's session behind it",
+                reason.as_str(),
+                at.as_secs_f64()
+            );
+            st.violate(now, Invariant::ProtectedBanned, key, detail);
+        }
     }
 
     /// Simulated time since the start (exact inside a host, between ticks too).
@@ -447,9 +552,27 @@ impl World {
             st.violate(now, Invariant::ProtectedBanned, addr, detail);
             return;
         };
-        st.bump(addr, |c| c.bans += 1);
-        if first {
-            st.bump(addr, |c| c.banned_addrs += 1);
+        let key = self.ban_key(addr);
+        if let Some(users) = self.shared.get(&key) {
+            // Every actor behind a shared address is banned with it.
+            for &i in users {
+                st.bump_actor(i, |c| c.bans += 1);
+                if first {
+                    st.bump_actor(i, |c| c.banned_addrs += 1);
+                }
+            }
+            let kinds: Vec<Class> = users.iter().map(|&i| self.cfg.actors[i].kind).collect();
+            let measured = self.cfg.honest_bans == HonestBans::Measure;
+            let protected = kinds.iter().any(|k| k.is_protected() && !(measured && *k == Class::Honest));
+            if protected && kinds.iter().any(|k| !k.is_protected()) {
+                st.shared_bans.push((key, now, reason));
+                return;
+            }
+        } else {
+            st.bump(addr, |c| c.bans += 1);
+            if first {
+                st.bump(addr, |c| c.banned_addrs += 1);
+            }
         }
         let measured = class == Class::Honest && self.cfg.honest_bans == HonestBans::Measure;
         // DESIGN §2, E2: a probe-shaped session repeated within B4's window counts.

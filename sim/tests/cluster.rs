@@ -50,7 +50,7 @@ async fn node(
     slot: Arc<Mutex<Option<BanManager>>>,
 ) -> turmoil::Result {
     let settings = settings(name, &dir.join("state"));
-    let clock = Arc::new(SimClock::new(epoch));
+    let clock = Arc::new(SimClock::new(epoch, Default::default()));
     let spool = MaildirSpool::open(dir.join("maildir"), name, clock.clone(), false)?;
     let edges = Edges {
         clock,

@@ -33,7 +33,7 @@ fn dialogue_under_simulated_time() -> turmoil::Result {
         let banned = banned_probe.clone();
         async move {
             let settings = Config::parse("").unwrap().validate(None).unwrap();
-            let clock = Arc::new(SimClock::new(epoch));
+            let clock = Arc::new(SimClock::new(epoch, Default::default()));
             let spool = MaildirSpool::open(&spool_root, "mx.example.test", clock.clone(), false)?;
             let server = Server::builder(settings.session.clone(), settings.directory.clone(), Arc::new(spool))
                 .clock(clock)

@@ -152,6 +152,111 @@ fn a_ban_that_never_reaches_the_kernel_fails_the_suite() {
     assert!(failed(&bad).contains(&"kernel.accepted_while_banned"), "{:?}", failed(&bad));
 }
 
+#[test]
+fn a_shared_address_is_banned_only_for_what_an_offender_behind_it_did() {
+    // shared_nat, cut to 2 h: the NAT's spammer is banned in the sessions that proved it, its
+    // honest neighbour with it, and the oracle accepts those bans.
+    let path = scenarios().join("shared_nat.toml");
+    let mut s = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    (s.duration, s.drain) = (Duration::from_secs(7200), Duration::from_secs(3600));
+    let r = s.runs(&path, None).remove(0);
+    let good = run(&r, Sabotage::None);
+    assert_eq!(good.metrics["violations"], 0.0, "{}", good.table());
+    assert!(good.metrics["actor.nat_spammer.banned_in_session"] >= 1.0, "{}", good.table());
+    assert_eq!(good.metrics["actor.nat_mta.bans"], good.metrics["actor.nat_spammer.bans"]);
+    assert!(good.metrics["actor.nat_mta.bans"] >= 1.0);
+    assert!(good.metrics["actor.postfix.sessions"] > 0.0);
+    // Backscatter behind a spammer's address, banned for what the backscatter did (a gatekeeper
+    // that bans `<>` senders): no offender earned those bans, and the oracle says so.
+    let text = r#"
+        seed = 3
+        duration = "30m"
+        tick = "250ms"
+        local_users = 20
+        [gatekeeper.server]
+        hostname = "mx.example.test"
+        [gatekeeper.gate.kind]
+        backend = "nft"
+        [[actor]]
+        kind = "forged_local"
+        name = "spam"
+        addresses = 5
+        rate = [["0h", 1]]
+        [[actor]]
+        kind = "backscatter"
+        addresses = 5
+        share = "spam"
+        rate = [["0h", 200]]
+    "#;
+    let path = scenarios().join("inline.toml");
+    let s = Scenario::parse(text, &path).unwrap_or_else(|e| panic!("{e}"));
+    let r = s.runs(&path, None).remove(0);
+    let bad = run(&r, Sabotage::BanNullSenders);
+    assert!(bad.metrics["violations.protected_banned"] > 0.0, "{}", bad.table());
+    assert!(bad.violations.iter().any(|v| v.detail.contains("earned by no offender")), "{}", bad.table());
+    let good = run(&r, Sabotage::None);
+    assert_eq!(good.metrics["violations"], 0.0, "{}", good.table());
+}
+
+#[test]
+fn world_options_are_validated() {
+    let text = r#"
+        seed = 1
+        duration = "1h"
+        tick = "1s"
+        [[remote]]
+        pool = "p"
+        domains = 1
+        behaviour = "normal"
+        [[actor]]
+        kind = "dictionary"
+        senders = "p"
+        addresses = 2
+        retry = true
+        after_5xx = "rset"
+        connections = 3
+        share = "nobody"
+        rate = [["0h", 1]]
+        [[actor]]
+        kind = "honest"
+        senders = "p"
+        addresses = 1
+        connections = 0
+        share = "honest"
+        rate = [["0h", 1]]
+        [[fault]]
+        kind = "clock_jump"
+        at = "2h"
+        step = "+0s"
+        [[fault]]
+        kind = "syn_ack_loss"
+        rate = 2
+        from = "1h"
+        until = "1h"
+        [expect]
+        "bans[0h..3h]" = "<= nothing.at.all"
+    "#;
+    let err = Scenario::parse(text, Path::new("bad.toml")).unwrap_err();
+    let all = err.problems.join("\n");
+    for needle in [
+        "retry: only for backscatter",
+        "after_5xx: only for honest and bounce",
+        "connections: only for honest and bounce",
+        "no actor named \"nobody\"",
+        "connections: between 1 and 20",
+        "cannot share with itself",
+        "fault[0].at: within duration",
+        "fault[0].step",
+        "fault[1].rate",
+        "fault[1]: from must be before until",
+        "ends after the run",
+        "unknown metric \"nothing.at.all\"",
+    ] {
+        assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+    }
+    assert!(Scenario::parse(&text.replace("+0s", "1d"), Path::new("bad.toml")).is_err(), "a step needs its sign");
+}
+
 /// The whole suite at full length (about a minute in release; several minutes in debug). Its
 /// speed is the runner's to print (README), not a test's to assert.
 #[test]

@@ -250,8 +250,11 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
                 Err(e) => fails.entry("(error)".into()).or_default().push(format!("{}: {e}", s.seed)),
                 Ok(failed) => {
                     for e in failed {
-                        let key = format!("{} {}", e.metric, e.expect);
-                        fails.entry(key).or_default().push(format!("{} ({})", s.seed, num(e.actual)));
+                        // A bound that names a metric shows its value per seed: `(= 12)`.
+                        let (expect, bound) = e.expect.split_once(" (= ").unwrap_or((&e.expect, ""));
+                        let key = format!("{} {expect}", e.metric);
+                        let bound = bound.strip_suffix(')').map(|b| format!(" vs {b}")).unwrap_or_default();
+                        fails.entry(key).or_default().push(format!("{} ({}{bound})", s.seed, num(e.actual)));
                     }
                 }
             }
