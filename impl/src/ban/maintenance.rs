@@ -85,8 +85,10 @@ impl Inner {
 
     /// The phases, in order (see the module documentation).
     fn maintain(&self) -> Result<(), BanError> {
-        let mut pass = Pass { now: self.clock.wall(), mono: self.clock.now(), ops: Vec::new(), kernel: Vec::new() };
         let mut core = self.core.lock().expect("core lock");
+        // Through the step check: the bans have moved with a stepped clock before expiry.
+        let now = self.wall(&mut core);
+        let mut pass = Pass { now, mono: self.clock.now(), ops: Vec::new(), kernel: Vec::new() };
         // The decisions are carried out even if a later phase fails.
         let decided = self
             .sync_from_store(&mut core, &mut pass)

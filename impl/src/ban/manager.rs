@@ -113,6 +113,7 @@ impl BanManager {
                     last_save: None,
                     last_reconcile: None,
                     last_prune: None,
+                    last_read: None,
                 }),
                 queue: Mutex::new(Vec::new()),
                 turn: Mutex::new(0),
@@ -395,9 +396,9 @@ impl Inner {
             Ban(Ban),
             Lift(Net),
         }
-        let now = self.clock.wall();
-        let now_ms = to_ms(now);
         let mut core = self.core.lock().expect("core lock");
+        let now = self.wall(&mut core);
+        let now_ms = to_ms(now);
         let Core { store, active, .. } = &mut *core;
         let full = active.len() >= self.cfg.max_active;
         let effects = store.batch(|s| -> Result<Vec<Effect>, StoreError> {
@@ -486,7 +487,7 @@ impl Inner {
     /// enforced anyway and kept for a retry. Returns the time used and the in-process gate and
     /// kernel operations to carry out once the lock is released.
     fn commit_orders(&self, core: &mut Core, orders: Vec<Queued>) -> (SystemTime, Vec<MirrorOp>, Vec<KernelOp>) {
-        let now = self.clock.wall();
+        let now = self.wall(core);
         bump(&self.stats.commits);
         // New automatic bans this group may still add.
         let mut room = self.cfg.max_active.saturating_sub(core.active.len());
@@ -761,8 +762,8 @@ impl Inner {
     }
 
     fn lift(&self, net: Net, event: HistoryEvent) -> Result<Option<Ban>, BanError> {
-        let now = self.clock.wall();
         let mut core = self.core.lock().expect("core lock");
+        let now = self.wall(&mut core);
         let old = core.store.remove(net, event, now)?;
         core.active.remove(&net);
         let unsaved = core.unsaved.remove(&net);
@@ -780,8 +781,8 @@ impl Inner {
     }
 
     fn restore(&self) -> Result<RestoreReport, BanError> {
-        let now = self.clock.wall();
         let mut core = self.core.lock().expect("core lock");
+        let now = self.wall(&mut core);
         core.store.changed()?;
         let mut report = RestoreReport::default();
         let mut kernel = Vec::new();

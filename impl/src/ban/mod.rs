@@ -53,6 +53,7 @@
 
 mod active;
 pub mod backend;
+mod clock_step;
 pub mod config;
 mod maintenance;
 mod manager;
@@ -172,6 +173,8 @@ pub struct BanStats {
     pub order_timeouts: AtomicU64,
     /// Bad rows skipped by the last full read of the database (a gauge).
     pub bad_rows: AtomicU64,
+    /// Steps of the wall clock the active bans moved with.
+    pub clock_steps: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -282,6 +285,8 @@ struct Core {
     last_save: Option<Instant>,
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
+    /// The last reading of the wall and monotonic clocks ([`Inner::wall`]: steps).
+    last_read: Option<(SystemTime, Instant)>,
 }
 
 #[derive(Debug)]

@@ -57,6 +57,8 @@ pub enum HistoryEvent {
     Expire,
     /// Replaced by the ban of the IPv6 /48 around it (`[bans] widen_v6_after`).
     Widen,
+    /// Moved with a step of the wall clock (its length in real time kept).
+    Shift,
 }
 
 impl HistoryEvent {
@@ -68,6 +70,7 @@ impl HistoryEvent {
             HistoryEvent::Remove => "remove",
             HistoryEvent::Expire => "expire",
             HistoryEvent::Widen => "widen",
+            HistoryEvent::Shift => "shift",
         }
     }
 }

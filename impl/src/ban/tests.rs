@@ -26,6 +26,11 @@ impl TestClock {
         at.0 += d;
         at.1 += d;
     }
+    /// Steps the wall clock alone, as NTP or `date -s` do.
+    pub(super) fn step_wall(&self, back: bool, d: Duration) {
+        let mut at = self.at.lock().unwrap();
+        at.1 = if back { at.1 - d } else { at.1 + d };
+    }
 }
 
 impl Clock for TestClock {
@@ -111,6 +116,47 @@ pub(super) fn request(reason: BanReason, evidence: String) -> BanRequest {
 pub(super) fn order(addr: &str, clock: &TestClock) -> BanOrder {
     let b1 = request(BanReason::ForgedLocalSender, "MAIL FROM:<nobody@example.test>".into());
     BanOrder::from_request(ip(addr), 42, b1).decided_at(clock.wall()).lasting(4 * DAY)
+}
+
+/// A step of the wall clock moves the active bans with it, in memory and in the database: a
+/// step forward expires nothing early, a step back lengthens nothing (issue 16).
+#[tokio::test]
+async fn bans_move_with_a_stepped_wall_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let m = open(dir.path(), &cfg, &clock);
+    let mirror = Arc::new(Recorder::default());
+    m.attach_mirror(mirror.clone());
+    m.restore().await.unwrap();
+    BanSink::ban(&m, order("192.0.2.1", &clock)).await;
+    clock.advance(DAY);
+    clock.step_wall(false, 2 * DAY);
+    m.tick().await;
+    let left = |m: &BanManager| m.list_blocking().unwrap().first().map(|b| b.remaining(clock.wall()));
+    assert_eq!(left(&m), Some(3 * DAY), "two days forward: nothing expires early");
+    clock.advance(DAY);
+    clock.step_wall(true, 5 * DAY);
+    // A ban decided after the step is taken on the new clock and not moved again.
+    BanSink::ban(&m, order("192.0.2.2", &clock)).await;
+    m.tick().await;
+    let bans = m.list_blocking().unwrap();
+    let by_addr: Vec<(String, Duration)> =
+        bans.iter().map(|b| (b.net.to_string(), b.remaining(clock.wall()))).collect();
+    assert_eq!(by_addr, [("192.0.2.1".to_string(), 2 * DAY), ("192.0.2.2".to_string(), 4 * DAY)]);
+    assert_eq!(m.stats().clock_steps.load(Ordering::Relaxed), 2);
+    // The database holds the moved times: a restart restores the same remaining time.
+    drop(m);
+    let m = open(dir.path(), &cfg, &clock);
+    m.restore().await.unwrap();
+    assert_eq!(left(&m), Some(2 * DAY));
+    clock.advance(2 * DAY + Duration::from_secs(1));
+    m.tick().await;
+    assert_eq!(m.list_blocking().unwrap().len(), 1, "the first ban ran out on time, in real time");
+    let small = Duration::from_millis(500);
+    clock.step_wall(false, small);
+    m.tick().await;
+    assert_eq!(m.stats().clock_steps.load(Ordering::Relaxed), 0, "half a second is no step");
 }
 
 #[tokio::test]
