@@ -315,6 +315,9 @@ enum SenderCheck {
 struct Transaction {
     from: ReversePath,
     rcpts: Vec<ForwardPath>,
+    /// An unknown local recipient was refused in this transaction (B4: DATA in it is an
+    /// attack; DATA in a later one, after RSET and a new MAIL, is an MTA carrying on).
+    unknown: bool,
     /// Recipients answered (accepted or not), for "no valid recipients" at DATA.
     sender: SenderCheck,
 }
@@ -873,7 +876,7 @@ impl Session {
                 ReversePath::Mailbox(m) if self.cfg.verify_senders && !self.dir.is_local(m) => SenderCheck::NotYet,
                 _ => SenderCheck::NotNeeded,
             };
-            self.state = State::Mail(Transaction { from, rcpts: Vec::new(), sender });
+            self.state = State::Mail(Transaction { from, rcpts: Vec::new(), unknown: false, sender });
         }
         if observed {
             return self.replies.push_back(Reply::sender_ok());
@@ -892,6 +895,7 @@ impl Session {
         let verdict = policy::rcpt_to(&self.dir, &self.cfg.policy, &tx.from, &to, &self.b4);
         if policy::is_b4_unknown(&tx.from, &verdict) {
             self.b4.session += 1;
+            tx.unknown = true;
         } else if verdict.rule == Rule::E2 && verdict.reply.is_positive() {
             self.b4.session_valid += 1;
         }
@@ -930,7 +934,14 @@ impl Session {
     }
 
     fn data(&mut self) {
-        if self.b4.session > 0 && !self.b4.data {
+        // Postfix RSETs after a refused recipient and sends its next message in the same
+        // connection: DATA in a later transaction says nothing about the unknown recipient.
+        // DATA in its transaction, or with none open (after RSET), does.
+        let after_unknown = match &self.state {
+            State::Mail(tx) => tx.unknown,
+            _ => true,
+        };
+        if self.b4.session > 0 && !self.b4.data && after_unknown {
             // E2: DATA after an unknown recipient: no longer probe-shaped (a probe never sends
             // DATA), so a deferred unknown recipient counts now.
             let decided = (self.b4.is_probe() && !self.client.exempt).then(|| {

@@ -438,6 +438,29 @@ fn e2_second_unknown_recipient_550_b4_ban_and_421() {
     assert_eq!(t.session.unknown_rcpts(), 2);
 }
 
+/// E2: Postfix RSETs after a refused recipient and carries on with its next message in the
+/// same connection: DATA in that later transaction is no attack, the session stays
+/// probe-shaped (issue 16, found by the simulation's `after_5xx = "rset"` MTAs).
+#[test]
+fn e2_rset_and_a_new_transaction_after_an_unknown_recipient_is_no_attack() {
+    let mut t = ehlo(session_config());
+    let r = t.send(
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRSET\r\n\
+         MAIL FROM:<y@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n",
+    );
+    assert_eq!(codes(&r), [250, 550, 250, 250, 250, 354]);
+    assert!(t.bans().is_empty(), "no ban");
+    assert!(t.session.b4_tally().is_probe(), "still one unknown recipient, remembered as a probe");
+    // A second unknown recipient, in any transaction, is still an attack.
+    let mut t = ehlo(session_config());
+    let r = t.send(
+        "MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\nRSET\r\n\
+         MAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<n2@example.test>\r\n",
+    );
+    assert_eq!(codes(&r), [250, 550, 250, 250, 550, 421]);
+    assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
+}
+
 /// E2: a client that was probe-shaped before within the B4 window is banned at its next
 /// unknown recipient.
 #[test]
