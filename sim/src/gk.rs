@@ -147,7 +147,7 @@ impl BanSink for LedgerSink {
             let ban_time = self.world.cfg.settings.config.gate.ban_time;
             let duration =
                 if order.reason == BanReason::Manual { order.duration.unwrap_or(ban_time) } else { ban_time };
-            self.world.record_ban(order.addr, order.reason, duration);
+            self.world.record_ban(order.addr, order.reason, duration, &order.evidence);
             if self.world.cfg.sabotage == Sabotage::LoseForgedBans && order.reason == BanReason::ForgedLocalSender {
                 return;
             }
@@ -277,7 +277,7 @@ impl Observer for Watch {
             && event.ban.is_none()
         {
             let ban_time = self.world.cfg.settings.config.gate.ban_time;
-            self.world.record_ban(client, BanReason::UnknownRecipient, ban_time);
+            self.world.record_ban(client, BanReason::UnknownRecipient, ban_time, "sabotage");
             let _ = self.manager.ban_blocking(BanOrder {
                 addr: client,
                 reason: BanReason::UnknownRecipient,

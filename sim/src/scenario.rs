@@ -457,6 +457,9 @@ pub struct Variant {
     /// More expectations (replacing the scenario's for the same metric).
     #[serde(default)]
     pub expect: BTreeMap<String, Checks>,
+    /// Replaces the scenario's `duration` (a shorter or longer run of the same traffic).
+    #[serde(default, with = "humantime_serde")]
+    pub duration: Option<Duration>,
     /// What the variant replaces instead of merging: `"expect"` (the scenario's whole
     /// expectation table) or the dotted path of a `[gatekeeper]` table (`"gate.kind"`: the
     /// variant's table stands alone, no key of the scenario's is kept).
@@ -1001,6 +1004,7 @@ impl Scenario {
                     remove_path(&mut s.gatekeeper, path);
                 }
                 merge(&mut s.gatekeeper, &v.gatekeeper);
+                s.duration = v.duration.unwrap_or(s.duration);
                 s.variants.clear();
                 let mut expect =
                     if v.replace.iter().any(|p| p == "expect") { BTreeMap::new() } else { self.expect.clone() };

@@ -519,7 +519,7 @@ impl World {
     }
 
     /// A ban decided by the gatekeeper, as its ban sink reports it: ledger, checkers, kernel.
-    pub fn record_ban(&self, addr: IpAddr, reason: BanReason, duration: Duration) {
+    pub fn record_ban(&self, addr: IpAddr, reason: BanReason, duration: Duration, evidence: &str) {
         let now = self.now();
         let class = Class::of(addr);
         let mut st = self.state();
@@ -561,10 +561,10 @@ impl World {
                     st.bump_actor(i, |c| c.banned_addrs += 1);
                 }
             }
+            // Judged whatever `honest_bans` says: that counts an honest MTA's bans for its own
+            // typos, not bans of an address it shares with an offender.
             let kinds: Vec<Class> = users.iter().map(|&i| self.cfg.actors[i].kind).collect();
-            let measured = self.cfg.honest_bans == HonestBans::Measure;
-            let protected = kinds.iter().any(|k| k.is_protected() && !(measured && *k == Class::Honest));
-            if protected && kinds.iter().any(|k| !k.is_protected()) {
+            if kinds.iter().any(|k| k.is_protected()) && kinds.iter().any(|k| !k.is_protected()) {
                 st.shared_bans.push((key, now, reason));
                 return;
             }
@@ -584,7 +584,7 @@ impl World {
                 now,
                 Invariant::ProtectedBanned,
                 addr,
-                format!("{} client banned ({})", class.as_str(), reason.as_str()),
+                format!("{} client banned ({}: {evidence})", class.as_str(), reason.as_str()),
             );
         }
     }
