@@ -5,6 +5,8 @@
 mod bans;
 #[path = "gatekeeper/cluster.rs"]
 mod cluster;
+#[path = "gatekeeper/logwriter.rs"]
+mod logwriter;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -107,7 +109,8 @@ fn main() -> ExitCode {
     // Every file any command creates (state, spool, databases) is private: 0600, dirs 0700.
     gatekeeper::privilege::restrict_umask();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // Flushes the log when main returns (dropped after the match).
+    let _log = init_logging(cli.log_format);
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config, Overrides::default()) {
             Ok(s) => {
@@ -152,19 +155,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Lines go to stderr through [`logwriter`]: formatted on the logging thread, written in
+/// batches by one writer thread. The guard flushes them.
+fn init_logging(format: LogFormat) -> logwriter::Guard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
     // Colour only on a terminal: log files stay plain text, cheap to write and to count.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal());
+    let (writer, guard) = logwriter::stderr();
+    let builder = builder.with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
+    guard
 }
 
 /// Serves: binds the listener and prepares the state dir and the kernel tables while still
@@ -236,6 +241,8 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
         tracing::info!(user = %id.user, uid = id.uid, group = %id.group, gid = id.gid, cap_net_admin = keep_net_admin,
             "privileges dropped");
     }
+    // Privileges are dropped: threads may start. Log lines are written in batches from here on.
+    logwriter::start();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let listener = listener.map(tokio::net::TcpListener::from_std).transpose()?;
