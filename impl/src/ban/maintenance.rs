@@ -29,6 +29,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{Ban, BanError, BanManager, Core, HistoryEvent, Inner, KernelOp, MirrorOp, Net, Pending, bump};
 
+/// The longest wait between two scans for long bans to refresh.
+const REFRESH_EVERY_MAX: Duration = Duration::from_secs(3600);
+
 /// How often history older than `history_keep` is pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -285,7 +288,15 @@ impl Inner {
     /// Phase 4: bans longer than the xt rule's `--seconds` (escalation) need a fresh stamp in
     /// time, every half `ban_time`; so do the in-process gate's (it models the same rule). A
     /// backend that expires entries itself (nft) holds the whole length already.
+    ///
+    /// The scan reads every active ban, so it runs every eighth of `ban_time` (at most hourly),
+    /// not every pass: a stamp is then refreshed between half and five eighths of `ban_time`
+    /// old, in time, and a table of a million bans is not read every second.
     fn refresh_long_bans(&self, core: &mut Core, pass: &mut Pass) {
+        if !pass.due(core.last_refresh, (self.ban_time / 8).min(REFRESH_EVERY_MAX)) {
+            return;
+        }
+        core.last_refresh = Some(pass.mono);
         let now = pass.now;
         let half = self.ban_time / 2;
         let stale: Vec<Ban> = core

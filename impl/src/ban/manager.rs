@@ -113,6 +113,7 @@ impl BanManager {
                     last_save: None,
                     last_reconcile: None,
                     last_prune: None,
+                    last_refresh: None,
                     last_read: None,
                 }),
                 queue: Mutex::new(Vec::new()),

@@ -285,6 +285,8 @@ struct Core {
     last_save: Option<Instant>,
     last_reconcile: Option<Instant>,
     last_prune: Option<Instant>,
+    /// The last scan for long bans to refresh.
+    last_refresh: Option<Instant>,
     /// The last reading of the wall and monotonic clocks ([`Inner::wall`]: steps).
     last_read: Option<(SystemTime, Instant)>,
 }
