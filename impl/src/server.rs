@@ -474,7 +474,9 @@ impl Server {
                     Ok((stream, peer)) => {
                         let shared = self.shared.clone();
                         let stop = stop_rx.clone();
-                        tasks.spawn(async move { shared.connection(stream, peer, stop).await });
+                        // Boxed: the connection's future (a few KiB, the session inside) is
+                        // then moved once, not at each step of the task's life (issue 18).
+                        tasks.spawn(Box::pin(async move { shared.connection(stream, peer, stop).await }));
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning.
