@@ -41,6 +41,7 @@
 # Fails (never skips) when a tool is missing and GATEKEEPER_REQUIRE_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/postfix-private.sh
 if ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || ! command -v dnsmasq >/dev/null \
   || ! command -v python3 >/dev/null; then
   # Debian's postfix asks debconf for a mailer type: none, this script writes its own main.cf.
@@ -177,26 +178,10 @@ cat >"$etc/master.cf" <<EOF2
 127.0.0.1:$unix_port inet n - n - - smtpd
   -o smtpd_recipient_restrictions=check_policy_service,unix:$run/policy.sock
   -o smtpd_milters=unix:$run/milter.sock
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-virtual   unix  - n n - - virtual
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-tlsmgr    unix  - - n 1000? 1 tlsmgr
-postlog   unix-dgram n - n - 1 postlogd
 EOF2
+postfix_daemons >>"$etc/master.cf"
+# Debian's TLS lines in main.cf (below) need it.
+echo "tlsmgr    unix  - - n 1000? 1 tlsmgr" >>"$etc/master.cf"
 # 1. Stock Debian: what the postfix package's postinst writes for any mailer type but "No
 # configuration".
 cp /usr/share/postfix/main.cf.debian "$etc/main.cf"
@@ -205,14 +190,7 @@ postconf -c "$etc" -e "smtpd_relay_restrictions=permit_mynetworks permit_sasl_au
 # 2. This test's site, as an admin's would be: the private instance's paths and log, its
 # names, virtual mailboxes for example.test (Maildirs under $work/mail), loopback only, and
 # no trusted network (the loopback clients stand for the Internet). Nothing for the gatekeeper.
-postconf -c "$etc" -e "queue_directory=$work/queue" "data_directory=$work/data" \
-  "maillog_file=$work/maillog" "maillog_file_prefixes=$work" \
-  myhostname=mx.example.test mydomain=example.test 'myorigin=$myhostname' mydestination= \
-  relay_domains= mynetworks=192.0.2.1/32 inet_interfaces=loopback-only inet_protocols=ipv4 \
-  alias_maps= alias_database= smtputf8_enable=no smtpd_peername_lookup=no \
-  virtual_mailbox_domains=example.test "virtual_mailbox_maps=texthash:$etc/users" \
-  "virtual_mailbox_base=$work/mail" "virtual_uid_maps=static:$(id -u postfix)" \
-  "virtual_gid_maps=static:$(id -g postfix)"
+postfix_site "$etc" "$work"
 cp "$etc/main.cf" "$work/main.cf.site"
 # 3. The gatekeeper: the two lines of docs/postfix.md (milter_default_action is Postfix's
 # default, tempfail).

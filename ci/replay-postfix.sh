@@ -15,6 +15,7 @@
 # Fails (never skips) when postfix or swaks is missing and GATEKEEPER_REQUIRE_TOOLS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. ci/postfix-private.sh
 if ! command -v postfix >/dev/null || ! command -v swaks >/dev/null || ! command -v jq >/dev/null; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
   bash ci/setup.sh postfix swaks jq || true
@@ -55,39 +56,15 @@ mkdir -p "$etc" "$work/queue" "$work/data" "$work/mail"
 chown postfix "$work/data" "$work/mail"
 cat >"$etc/master.cf" <<EOF2
 127.0.0.1:$port inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-virtual   unix  - n n - - virtual
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
 EOF2
+postfix_daemons >>"$etc/master.cf"
 cp /usr/share/postfix/main.cf.debian "$etc/main.cf"
 postconf -c "$etc" -e "smtpd_relay_restrictions=permit_mynetworks permit_sasl_authenticated defer_unauth_destination"
 # Virtual mailboxes for example.test (alice, bob, postmaster); loopback clients stand for the
 # Internet (no trusted network); no rate limits (anvil's defaults would refuse smtp-source).
-postconf -c "$etc" -e "queue_directory=$work/queue" "data_directory=$work/data" \
-  "maillog_file=$work/maillog" "maillog_file_prefixes=$work" \
-  myhostname=mx.example.test mydomain=example.test 'myorigin=$myhostname' mydestination= \
-  relay_domains= mynetworks=192.0.2.1/32 inet_interfaces=loopback-only inet_protocols=ipv4 \
-  alias_maps= alias_database= smtputf8_enable=no smtpd_peername_lookup=no \
-  virtual_mailbox_domains=example.test "virtual_mailbox_maps=texthash:$etc/users" \
-  "virtual_mailbox_base=$work/mail" "virtual_uid_maps=static:$(id -u postfix)" \
-  "virtual_gid_maps=static:$(id -g postfix)" smtpd_client_connection_rate_limit=0 \
-  smtpd_client_message_rate_limit=0 smtpd_error_sleep_time=0 smtpd_soft_error_limit=100 \
-  smtpd_hard_error_limit=100
+postfix_site "$etc" "$work"
+postconf -c "$etc" -e smtpd_client_connection_rate_limit=0 smtpd_client_message_rate_limit=0 \
+  smtpd_error_sleep_time=0 smtpd_soft_error_limit=100 smtpd_hard_error_limit=100
 printf '%s %s/\n' alice@example.test alice bob@example.test bob postmaster@example.test postmaster >"$etc/users"
 if ! script -qec "postfix -c '$etc' check && postfix -c '$etc' start" "$work/start.log" >/dev/null; then
   echo "replay-postfix: postfix did not start:" >&2; tr -d '\r' <"$work/start.log" >&2; exit 1
