@@ -18,7 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 /// The store's port.
 pub const PORT: u16 = 6379;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Request {
     Publish(SharedBan),
     Follow { cursor: String, max: usize, wait_ms: u64 },
@@ -167,7 +167,7 @@ impl Store {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(wait);
         loop {
             let notified = self.appended.notified();
-            let answer = self.answer(clone_request(&req));
+            let answer = self.answer(req.clone());
             let empty = match &answer {
                 Answer::Log(v) => v.is_empty(),
                 Answer::Counts(v) => v.is_empty(),
@@ -178,18 +178,6 @@ impl Store {
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
         }
-    }
-}
-
-fn clone_request(req: &Request) -> Request {
-    match req {
-        Request::Follow { cursor, max, wait_ms } => {
-            Request::Follow { cursor: cursor.clone(), max: *max, wait_ms: *wait_ms }
-        }
-        Request::FollowCounts { cursor, max, wait_ms } => {
-            Request::FollowCounts { cursor: cursor.clone(), max: *max, wait_ms: *wait_ms }
-        }
-        _ => unreachable!("only log reads wait"),
     }
 }
 

@@ -7,7 +7,7 @@
 //! It must not decide whether to ban (the rules did, or an administrator) nor run the periodic
 //! work (that is `maintenance.rs`); it never names the server (the gate is a [`BanMirror`]).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -275,6 +275,11 @@ impl BanManager {
         self.inner.core.lock().expect("core lock").active.values().cloned().collect()
     }
 
+    /// Bans in force at `now` (counted in place: no copy of the table).
+    pub fn in_force(&self, now: SystemTime) -> usize {
+        self.inner.core.lock().expect("core lock").active.values().filter(|b| !b.is_expired(now)).count()
+    }
+
     /// Backend operations waiting for a retry.
     pub fn pending_len(&self) -> usize {
         self.inner.core.lock().expect("core lock").pending.len()
@@ -401,9 +406,13 @@ impl Inner {
         let now = self.wall(&mut core);
         let now_ms = to_ms(now);
         let Core { store, active, .. } = &mut *core;
-        let full = active.len() >= self.cfg.max_active;
+        // Room for automatic bans, as `commit_orders` counts it: a whole table from the
+        // cluster must not carry the node past `max_active` either.
+        let mut room = self.cfg.max_active.saturating_sub(active.len());
         let effects = store.batch(|s| -> Result<Vec<Effect>, StoreError> {
             let mut out: Vec<Effect> = Vec::new();
+            // What this batch has done to each network so far (a ban, or `None`: lifted).
+            let mut changed: HashMap<Net, Option<Ban>> = HashMap::new();
             for e in &entries {
                 let Ok(net) = e.net.parse::<Net>() else {
                     tracing::warn!(net = %crate::proto::escape(&e.net), node = %crate::proto::escape(&e.node),
@@ -411,14 +420,10 @@ impl Inner {
                     continue;
                 };
                 // An earlier entry of this batch may have changed the network already.
-                let mut local = active.get(&net).filter(|b| !b.is_expired(now)).cloned();
-                for fx in &out {
-                    match fx {
-                        Effect::Ban(b) if b.net == net => local = Some(b.clone()),
-                        Effect::Lift(n) if *n == net => local = None,
-                        _ => {}
-                    }
-                }
+                let local = match changed.get(&net) {
+                    Some(now_local) => now_local.clone(),
+                    None => active.get(&net).filter(|b| !b.is_expired(now)).cloned(),
+                };
                 if e.lifted {
                     let Some(local) = local else { continue };
                     if to_ms(local.start) > e.at_ms {
@@ -426,6 +431,7 @@ impl Inner {
                         continue;
                     }
                     s.remove_synced(net, HistoryEvent::Remove, now)?;
+                    changed.insert(net, None);
                     out.push(Effect::Lift(net));
                 } else {
                     if e.is_expired(now_ms) || self.allowlisted(net) {
@@ -435,8 +441,11 @@ impl Inner {
                         continue;
                     }
                     let reason = parse_reason(&e.reason).unwrap_or(BanReason::Manual);
-                    if local.is_none() && full && reason != BanReason::Manual {
-                        continue;
+                    if local.is_none() && reason != BanReason::Manual {
+                        if room == 0 {
+                            continue;
+                        }
+                        room -= 1;
                     }
                     let ban = Ban {
                         net,
@@ -449,6 +458,7 @@ impl Inner {
                     };
                     let event = if local.is_some() { HistoryEvent::Extend } else { HistoryEvent::Ban };
                     s.put_synced(&ban, event, now)?;
+                    changed.insert(net, Some(ban.clone()));
                     out.push(Effect::Ban(ban));
                 }
             }

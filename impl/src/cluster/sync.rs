@@ -307,9 +307,10 @@ impl ClusterSync {
     }
 
     async fn heartbeat(&self) -> Result<(), ClusterError> {
-        let bans = self.bans.active().iter().filter(|b| !b.is_expired(self.clock.wall())).count() as u64;
+        let now = self.clock.wall();
+        let bans = self.bans.in_force(now) as u64;
         let outbox = self.bans.outbox_len().await.unwrap_or(0);
-        let beat = NodeBeat { node: self.node.clone(), at_ms: to_ms(self.clock.wall()), bans, outbox };
+        let beat = NodeBeat { node: self.node.clone(), at_ms: to_ms(now), bans, outbox };
         self.store.heartbeat(beat).await
     }
 
