@@ -271,8 +271,8 @@ impl CallbackVerifier {
         };
         // The probe ends by its deadline, `budget` after its start, which was no later than this
         // call: waiting for it never takes longer than a probe of our own would have.
-        let outcome = pending.wait_for(Option::is_some).await.map(|r| r.clone()).ok().flatten();
-        match outcome.or_else(|| pending.borrow().clone()) {
+        // `wait_for` sees a result sent before the probe's task ended; an error means none was.
+        match pending.wait_for(Option::is_some).await.ok().and_then(|r| r.clone()) {
             Some(result) => result,
             None => Verification::Unknown { evidence: format!("{sender}: probe ended without a result") },
         }

@@ -752,12 +752,15 @@ fn note_ban(ctx: &Ctx, s: &LoggedSession, started: Duration, class: Class) {
     if sh.bans_seen.get(&key) == Some(&b.at) {
         return;
     }
-    sh.bans_seen.insert(key, b.at);
+    // The first ban of this key also counts an address banned; a later one only a ban.
+    let first = sh.bans_seen.insert(key, b.at).is_none();
     {
         let mut st = w.state();
         let c = st.c.of(class);
         c.bans += 1;
-        c.banned_addrs += 1;
+        if first {
+            c.banned_addrs += 1;
+        }
     }
     sh.costs.entry(s.client).or_default().bans += 1;
     if sh.findings.bans.len() < BANS_KEPT {

@@ -272,13 +272,16 @@ mod tests {
             let mut line = Line { shared: &*shared, buf: Vec::new() };
             writeln!(line, "line {i}").unwrap();
         }
-        // No timing assumed: wait until it is there (the writer is woken by the first line).
+        // Wait until it is there (the writer is woken by the first line); a writer never woken
+        // fails the test instead of hanging it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             let written = shared.out.lock().unwrap().0.concat();
             if written == b"line 0\nline 1\nline 2\n" {
                 break;
             }
             assert!(b"line 0\nline 1\nline 2\n".starts_with(&written), "{written:?}");
+            assert!(std::time::Instant::now() < deadline, "the writer thread never wrote: {written:?}");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
