@@ -18,6 +18,7 @@ use rand::rngs::SmallRng;
 use crate::client::{Smtp, connect_as};
 use crate::invariants::Invariant;
 use crate::metrics::Class;
+use crate::mta;
 use crate::profile::{Chooser, Profile, random_local, rng};
 use crate::scenario::{ActorSpec, Behaviour, ProbeSender, ProxyMode};
 use crate::world::World;
@@ -53,12 +54,9 @@ struct Outcome {
     verdict: bool,
 }
 
-/// A retrying source's queue (Postfix): the first retry after `minimal_backoff_time`, each
-/// later one after twice the wait, at most `maximal_backoff_time`, for
-/// `bounce_queue_lifetime`.
-const MIN_BACKOFF: Duration = Duration::from_secs(300);
-const MAX_BACKOFF: Duration = Duration::from_secs(4000);
-const BOUNCE_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
+/// A retrying source's queue (Postfix) retries on [`mta::backoff`] for `bounce_queue_lifetime`,
+/// whose default is `maximal_queue_lifetime`'s.
+const BOUNCE_LIFETIME: Duration = mta::QUEUE_LIFETIME;
 
 /// What drives actor `index`'s arrivals: its spec, its seeded RNG, its rate profile (drawn
 /// from that RNG first) and its address chooser. Shared by spammers and MTA actors so that
@@ -103,14 +101,15 @@ pub async fn generator(world: Arc<World>, index: usize) {
 /// ends with a verdict or its lifetime is over.
 async fn source(world: Arc<World>, s: Script, retry: bool) {
     let first = world.now();
-    let mut backoff = MIN_BACKOFF;
+    let mut attempt = 0;
     while !session(world.clone(), s.clone()).await && retry {
+        let backoff = mta::backoff(attempt);
         if world.now() + backoff >= first + BOUNCE_LIFETIME {
             world.state().bump(s.addr, |c| c.abandoned += 1);
             return;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        attempt += 1;
         world.state().bump(s.addr, |c| c.retries += 1);
     }
 }

@@ -34,6 +34,15 @@ use crate::world::World;
 /// How long a message may stay queued before it is given up (Postfix's
 /// `maximal_queue_lifetime`).
 pub const QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 24 * 3600);
+/// Postfix's `minimal_backoff_time` and `maximal_backoff_time`.
+const BACKOFF_MIN: Duration = Duration::from_secs(300);
+const BACKOFF_MAX: Duration = Duration::from_secs(4000);
+
+/// The wait before a queue's retry number `attempt` (from 0), Postfix's way: the minimal
+/// backoff, doubled at each retry, at most the maximal.
+pub fn backoff(attempt: u32) -> Duration {
+    (BACKOFF_MIN * 2u32.saturating_pow(attempt)).min(BACKOFF_MAX)
+}
 /// The longest wait between two queue runs (a deferred message is retried 10–15 min later).
 pub const QUEUE_INTERVAL_MAX: Duration = Duration::from_secs(900);
 /// Messages an MTA queue holds at most.

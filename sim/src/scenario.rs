@@ -966,6 +966,12 @@ impl Scenario {
                 let known = r == "expect" || r.split('.').all(|seg| !seg.is_empty());
                 if !known {
                     p.push(format!("variant {:?}.replace: {r:?} is neither \"expect\" nor a table path", v.name));
+                } else if r != "expect" && !has_path(&self.gatekeeper, r) && !has_path(&v.gatekeeper, r) {
+                    // A misspelt path would replace nothing: the variant would merge silently.
+                    p.push(format!(
+                        "variant {:?}.replace: {r:?} names nothing in the scenario's or the variant's [gatekeeper]",
+                        v.name
+                    ));
                 }
             }
         }
@@ -1022,6 +1028,14 @@ impl Scenario {
 }
 
 /// Removes the value at a dotted path (`"gate.kind"`) of `table`, if there is one.
+/// Whether the dotted `path` names a key of `table`.
+fn has_path(table: &toml::Table, path: &str) -> bool {
+    match path.split_once('.') {
+        None => table.contains_key(path),
+        Some((head, rest)) => matches!(table.get(head), Some(toml::Value::Table(t)) if has_path(t, rest)),
+    }
+}
+
 fn remove_path(table: &mut toml::Table, path: &str) {
     match path.split_once('.') {
         None => {
@@ -1123,6 +1137,10 @@ mod tests {
         let bad = text.replace("bans[0h..1h]", "bans[0h..3h]").replace("<= attempts", "<= nothing.here");
         let problems = Scenario::parse(&bad, Path::new("x.toml")).unwrap_err().problems;
         assert_eq!(problems.len(), 2, "{problems:?}");
+        // A misspelt path would replace nothing: refused, not merged silently.
+        let misspelt = text.replace(r#"replace = ["gate.kind""#, r#"replace = ["gate.kinds""#);
+        let problems = Scenario::parse(&misspelt, Path::new("x.toml")).unwrap_err().problems;
+        assert!(problems.len() == 1 && problems[0].contains("\"gate.kinds\" names nothing"), "{problems:?}");
     }
 
     #[test]

@@ -33,6 +33,7 @@ use super::event::{LOCAL, key_of};
 use super::{Format, LineStats, LogReader, input};
 use crate::client::{ConnectError, Smtp, connect};
 use crate::metrics::Class;
+use crate::mta::{self, QUEUE_LIFETIME};
 use crate::scenario::Scenario;
 use crate::world::{Sabotage, World};
 
@@ -59,11 +60,6 @@ pub struct Options {
 
 /// Remote sender domains of the replay pool.
 const POOL_DOMAINS: u32 = 1000;
-/// Messages a retry queue gives up after (Postfix's `maximal_queue_lifetime`).
-const QUEUE_LIFETIME: Duration = Duration::from_secs(5 * 86_400);
-/// Postfix's `minimal_backoff_time` and `maximal_backoff_time`.
-const BACKOFF_MIN: Duration = Duration::from_secs(300);
-const BACKOFF_MAX: Duration = Duration::from_secs(4000);
 /// Longest a replayed session may take.
 const SESSION_MAX: Duration = Duration::from_secs(1800);
 
@@ -931,7 +927,7 @@ async fn retry(ctx: Arc<Ctx>, client: IpAddr, class: Class) {
     let mut attempt: u32 = 0;
     loop {
         let gap = ctx.shared.lock().expect("shared").observed_gap.get(&client).copied();
-        let backoff = gap.unwrap_or_else(|| (BACKOFF_MIN * 2u32.saturating_pow(attempt)).min(BACKOFF_MAX));
+        let backoff = gap.unwrap_or_else(|| mta::backoff(attempt));
         attempt += 1;
         tokio::time::sleep(backoff).await;
         let now = w.now();
