@@ -196,7 +196,7 @@ impl Collector for Snapshot {
         }
 
         let b = self.bans.stats();
-        let ban_counters: [(&str, &str, &AtomicU64); 15] = [
+        let ban_counters: [(&str, &str, &AtomicU64); 16] = [
             ("gatekeeper_ban_recorded", "Bans recorded (new or extended)", &b.recorded),
             ("gatekeeper_ban_commits", "Group commits of ban orders (database transactions)", &b.commits),
             ("gatekeeper_ban_allowlisted", "Ban orders refused: the network is allowlisted", &b.allowlisted),
@@ -227,6 +227,11 @@ impl Collector for Snapshot {
             ("gatekeeper_ban_commit_recovered", "Bans committed by a retry after a failed commit", &b.commit_recovered),
             ("gatekeeper_ban_refused_full", "Automatic bans refused: bans.max_active in force", &b.refused_full),
             ("gatekeeper_ban_widened", "IPv6 /48s banned in place of the bans inside them", &b.widened),
+            (
+                "gatekeeper_ban_clock_steps",
+                "Steps of the wall clock the bans were moved with (NTP stepping, a VM resumed)",
+                &b.clock_steps,
+            ),
             (
                 "gatekeeper_ban_order_timeouts",
                 "Ban orders a session stopped waiting for (bans.order_timeout)",

@@ -8,6 +8,7 @@ mod cluster;
 #[path = "gatekeeper/logwriter.rs"]
 mod logwriter;
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -184,16 +185,7 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
     let c = &settings.config;
     // A deep accept backlog: a flood must not overflow the kernel's queue (tokio's is 128).
     // Bound on a thread-less runtime, handed over to the serving runtime below.
-    let listener = match settings.listen {
-        Some(addr) => Some(
-            tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()?
-                .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
-                .with_context(|| format!("cannot listen on {addr}"))?,
-        ),
-        None => None,
-    };
+    let listener = settings.listen.map(|addr| bind_tcp(addr, || format!("cannot listen on {addr}"))).transpose()?;
     // The Postfix policy service and the milter, if configured, bound here too (before any
     // privilege drop: a Unix socket is handed to the serving user here).
     let identity = settings.identity.as_ref();
@@ -281,10 +273,8 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
                 Some(FrontListener::Tcp(l)) => {
                     service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await
                 }
-                Some(FrontListener::Unix(l, path)) => {
-                    let served = service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await;
-                    let _ = std::fs::remove_file(path);
-                    served
+                Some(FrontListener::Unix(l, _socket)) => {
+                    service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await
                 }
                 None => Ok(()),
             }
@@ -301,11 +291,8 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
                         FrontListener::Tcp(l) => {
                             service.run(tokio::net::TcpListener::from_std(l)?, stopped(stop_rx.clone())).await?
                         }
-                        FrontListener::Unix(l, path) => {
-                            let served =
-                                service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await;
-                            let _ = std::fs::remove_file(path);
-                            served?
+                        FrontListener::Unix(l, _socket) => {
+                            service.run(tokio::net::UnixListener::from_std(l)?, stopped(stop_rx.clone())).await?
                         }
                     }
                     Ok::<(), anyhow::Error>(())
@@ -329,8 +316,27 @@ fn serve(config: PathBuf, listen: Option<String>, state_dir: Option<PathBuf>) ->
 /// A policy service's or milter's listener, bound before the privilege drop.
 enum FrontListener {
     Tcp(std::net::TcpListener),
-    /// With its path, removed when the service stops.
-    Unix(std::os::unix::net::UnixListener, PathBuf),
+    /// With its socket file, removed when the service is done with it.
+    Unix(std::os::unix::net::UnixListener, SocketFile),
+}
+
+/// A Unix socket's path, removed when dropped: when its service stops, or fails to start.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Binds a TCP listener with the SMTP listener's deep backlog ([`gatekeeper::edges::tcp_listener`]),
+/// on a thread-less runtime, for the serving runtime to take over.
+fn bind_tcp(addr: SocketAddr, context: impl FnOnce() -> String) -> anyhow::Result<std::net::TcpListener> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?
+        .block_on(async { gatekeeper::edges::tcp_listener(addr)?.into_std() })
+        .with_context(context)
 }
 
 /// Binds a front end's listener: TCP with the SMTP listener's backlog, or a Unix socket
@@ -342,15 +348,7 @@ fn bind_front(
     field: &str,
 ) -> anyhow::Result<FrontListener> {
     match addr {
-        FrontAddr::Tcp(a) => {
-            let a = *a;
-            let l = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()?
-                .block_on(async { gatekeeper::edges::tcp_listener(a)?.into_std() })
-                .with_context(|| format!("cannot listen on {a} ({field})"))?;
-            Ok(FrontListener::Tcp(l))
-        }
+        FrontAddr::Tcp(a) => Ok(FrontListener::Tcp(bind_tcp(*a, || format!("cannot listen on {a} ({field})"))?)),
         FrontAddr::Unix(path) => {
             let gid = match socket_group {
                 Some(name) => Some(
@@ -364,7 +362,7 @@ fn bind_front(
             };
             let l = gatekeeper::front::bind_unix(path, owner.map(|o| o.uid), gid)
                 .with_context(|| format!("cannot listen on {addr} ({field})"))?;
-            Ok(FrontListener::Unix(l, path.clone()))
+            Ok(FrontListener::Unix(l, SocketFile(path.clone())))
         }
     }
 }
