@@ -50,9 +50,8 @@ impl Inner {
             b.start = moved(b.start, back, by);
             b.expires = moved(b.expires, back, by);
         };
-        for b in core.active.values_mut().chain(core.unsaved.values_mut()) {
-            shift(b);
-        }
+        core.active.shift(shift);
+        core.unsaved.values_mut().for_each(shift);
         for t in core.applied.values_mut() {
             *t = moved(*t, back, by);
         }

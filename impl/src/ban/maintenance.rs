@@ -163,7 +163,7 @@ impl Inner {
     /// Phase 2: expiry, the gatekeeper's job (xt_recent cannot expire an entry early).
     fn expire(&self, core: &mut Core, pass: &mut Pass) -> Result<(), BanError> {
         let now = pass.now;
-        let due: Vec<Net> = core.active.values().filter(|b| b.is_expired(now)).map(|b| b.net).collect();
+        let due = core.active.due(now);
         for net in due {
             core.active.remove(&net);
             core.unsaved.remove(&net);

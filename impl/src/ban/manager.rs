@@ -103,7 +103,7 @@ impl BanManager {
                 backend,
                 core: Mutex::new(Core {
                     store,
-                    active: BTreeMap::new(),
+                    active: super::ledger::Ledger::default(),
                     pending: BTreeMap::new(),
                     applied: BTreeMap::new(),
                     unsaved: BTreeMap::new(),

@@ -55,6 +55,7 @@ mod active;
 pub mod backend;
 mod clock_step;
 pub mod config;
+mod ledger;
 mod maintenance;
 mod manager;
 pub mod net;
@@ -270,7 +271,7 @@ struct Ticket(u64);
 struct Core {
     store: BanStore,
     /// The bans as this process knows them (the database is the truth; `sync` catches up).
-    active: BTreeMap<Net, Ban>,
+    active: ledger::Ledger,
     /// Backend operations that failed, by network (the latest wish wins).
     pending: BTreeMap<Net, Pending>,
     /// When each ban was last written to the backend (for refreshing long xt bans).
