@@ -261,9 +261,14 @@ impl Inner {
             Ok(Some(present)) => {
                 let missing: Vec<KernelOp> = {
                     let core = self.core.lock().expect("core lock");
+                    // Both in network order: one walk along the two, not a lookup per ban.
+                    let mut present = present.iter().peekable();
                     core.active
                         .values()
-                        .filter(|b| !present.contains(&b.net) && !b.is_expired(now))
+                        .filter(|b| {
+                            while present.next_if(|p| **p < b.net).is_some() {}
+                            present.peek() != Some(&&b.net) && !b.is_expired(now)
+                        })
                         .map(|b| Inner::apply_op(b, now))
                         .collect()
                 };

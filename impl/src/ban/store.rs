@@ -472,7 +472,8 @@ impl BanStore {
     /// True if another connection committed a change since the last call (the first call
     /// after opening says false).
     pub fn changed(&mut self) -> Result<bool, StoreError> {
-        let v: i64 = self.conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+        // Every pass (each second) asks: a statement prepared once, not parsed each time.
+        let v: i64 = self.conn.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
         let before = self.data_version.replace(v);
         Ok(before.is_some_and(|b| b != v))
     }
