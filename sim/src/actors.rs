@@ -87,7 +87,7 @@ pub async fn generator(world: Arc<World>, index: usize) {
     let mut n: u64 = 0;
     while let Some(next) = profile.next_arrival(t, end, &mut r) {
         t = next;
-        tokio::time::sleep_until(base + Duration::from_secs_f64(t)).await;
+        crate::wake::sleep_until(base + Duration::from_secs_f64(t)).await;
         let addr = world.cfg.addr_of(index, chooser.pick(&mut r));
         let script = draw(&world, &spec, addr, n, &mut r);
         n += 1;
@@ -108,7 +108,7 @@ async fn source(world: Arc<World>, s: Script, retry: bool) {
             world.state().bump(s.addr, |c| c.abandoned += 1);
             return;
         }
-        tokio::time::sleep(backoff).await;
+        crate::wake::sleep(backoff).await;
         attempt += 1;
         world.state().bump(s.addr, |c| c.retries += 1);
     }

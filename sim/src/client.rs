@@ -63,7 +63,7 @@ pub async fn connect_as(world: &World, src: IpAddr, port: u16, proxy: ProxyMode)
     }
     let mut delayed = false;
     for &offset in syns {
-        tokio::time::sleep_until(start + Duration::from_secs(offset)).await;
+        crate::wake::sleep_until(start + Duration::from_secs(offset)).await;
         if world.state().machine_down {
             // A machine that is rebooting answers nothing; the client retransmits.
             world.state().bump(src, |c| c.syns += 1);
@@ -85,7 +85,7 @@ pub async fn connect_as(world: &World, src: IpAddr, port: u16, proxy: ProxyMode)
             GateDecision::DropBanned => {}
         }
     }
-    tokio::time::sleep_until(start + Duration::from_secs(etimedout)).await;
+    crate::wake::sleep_until(start + Duration::from_secs(etimedout)).await;
     world.state().bump(src, |c| c.gave_up += 1);
     Err(ConnectError::TimedOut)
 }
@@ -128,7 +128,7 @@ fn syn(world: &World, src: IpAddr) -> GateDecision {
 }
 
 async fn open(world: &World, src: IpAddr, port: u16, proxy: ProxyMode) -> Result<TcpStream, ConnectError> {
-    let connected = tokio::time::timeout(SYN_ACK_WAIT, TcpStream::connect(("gatekeeper", 25))).await;
+    let connected = crate::wake::timeout(SYN_ACK_WAIT, TcpStream::connect(("gatekeeper", 25))).await;
     let mut stream = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(_)) => {

@@ -57,11 +57,11 @@ pub struct SimTime;
 #[async_trait::async_trait]
 impl Time for SimTime {
     async fn delay_for(duration: Duration) {
-        tokio::time::sleep(duration).await;
+        crate::wake::sleep(duration).await;
     }
 
     async fn timeout<F: 'static + Future + Send>(duration: Duration, future: F) -> Result<F::Output, io::Error> {
-        tokio::time::timeout(duration, future).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))
+        crate::wake::timeout(duration, future).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out"))
     }
 
     fn current_time() -> u64 {
@@ -163,7 +163,7 @@ impl RuntimeProvider for TurmoilRuntime {
     ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
         Box::pin(async move {
             let wait = timeout.unwrap_or(Duration::from_secs(5));
-            match tokio::time::timeout(wait, turmoil::net::TcpStream::connect(server_addr)).await {
+            match crate::wake::timeout(wait, turmoil::net::TcpStream::connect(server_addr)).await {
                 Ok(Ok(s)) => Ok(SimTcp(AsyncIoTokioAsStd(s))),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out")),

@@ -46,4 +46,5 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod store;
+pub mod wake;
 pub mod world;

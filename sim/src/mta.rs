@@ -124,7 +124,7 @@ pub async fn generator(world: Arc<World>, index: usize) {
     let users = &world.cfg.users;
     while let Some(next) = profile.next_arrival(t, end, &mut r) {
         t = next;
-        tokio::time::sleep_until(base + Duration::from_secs_f64(t)).await;
+        crate::wake::sleep_until(base + Duration::from_secs_f64(t)).await;
         let i = chooser.pick(&mut r);
         let typo = spec.typo_rate > 0.0 && r.random_bool(spec.typo_rate);
         let mut local = if typo {
@@ -200,7 +200,7 @@ impl Mta {
             }
             let sleep = async {
                 match due {
-                    Some(d) => tokio::time::sleep_until(base + d).await,
+                    Some(d) => crate::wake::sleep_until(base + d).await,
                     None => std::future::pending().await,
                 }
             };
@@ -277,7 +277,7 @@ impl Mta {
             };
             let connected = self.world.now();
             let hello = ClientId::Domain(format!("mx.{}", self.domain));
-            let conn = tokio::time::timeout(
+            let conn = crate::wake::timeout(
                 TRANSACTION_MAX,
                 AsyncSmtpConnection::connect_with_transport(Box::new(LettreStream(stream)), &hello),
             )

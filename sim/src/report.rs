@@ -65,12 +65,19 @@ pub struct Timing {
     pub ratio: f64,
     /// Peak resident set size during the run, MiB (Linux; 0 elsewhere).
     pub peak_rss_mib: f64,
+    /// Steps of the simulation: ticks, and stretches of quiet time skipped in one step.
+    pub steps: u64,
 }
 
 impl Timing {
     /// From the simulated span and the wall time it took; reads the peak RSS.
     pub fn measure(simulated: Duration, wall: Duration) -> Timing {
-        Timing { wall, ratio: simulated.as_secs_f64() / wall.as_secs_f64().max(1e-9), peak_rss_mib: peak_rss_mib() }
+        Timing {
+            wall,
+            ratio: simulated.as_secs_f64() / wall.as_secs_f64().max(1e-9),
+            peak_rss_mib: peak_rss_mib(),
+            steps: 0,
+        }
     }
 }
 
@@ -224,10 +231,11 @@ impl Report {
         let t = &self.timing;
         let _ = writeln!(
             s,
-            "   {:<11}{} simulated in {:.2} s wall: ratio {}x; peak RSS {:.0} MiB",
+            "   {:<11}{} simulated in {:.2} s wall, {} steps: ratio {}x; peak RSS {:.0} MiB",
             "time",
             secs((self.setup.duration_h + self.setup.drain_h) * 3600.0),
             t.wall.as_secs_f64(),
+            num(t.steps as f64),
             num(t.ratio.round()),
             t.peak_rss_mib
         );

@@ -16,6 +16,7 @@ use gatekeeper::gate::GateKind;
 use crate::metrics::{Class, Delays, Final, flatten};
 use crate::report::{ExpectResult, Report, Timing};
 use crate::scenario::{FaultSpec, HOSTS, Run, host_of};
+use crate::wake::Wakes;
 use crate::world::{Resolved, Sabotage, World};
 
 /// The simulation's wall-clock start (any fixed instant: the report must not depend on now).
@@ -93,6 +94,7 @@ pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
         ranges,
         actor_names: names,
         shares,
+        skip_quiet: true,
     })
 }
 
@@ -141,6 +143,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
     let horizon = cfg.horizon;
     // The kernel model's Instants only need a common base; differences are what count.
     let world = World::new(cfg, wall);
+    let wakes = Wakes::install();
     let mut sim = turmoil::Builder::new()
         .simulation_duration(horizon + Duration::from_secs(3600))
         .tick_duration(tick)
@@ -171,10 +174,14 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
         let w = world.clone();
         sim.host(*host, move || traffic(w.clone(), host));
     }
-    let steps = horizon.as_nanos().div_ceil(tick.as_nanos()) as u64;
-    let every = (steps / 200).max(1);
+    // The end, on the tick grid: the run ticks to it (or skips quiet time towards it).
+    let end = tick * horizon.as_nanos().div_ceil(tick.as_nanos()) as u32;
+    let every = (end / 200).max(tick);
+    let mut shown = Duration::ZERO;
     let mut actions = schedule(&world.cfg.faults).into_iter().peekable();
-    for step in 0..steps {
+    let mut steps = 0u64;
+    while sim.elapsed() < end {
+        steps += 1;
         let now = sim.elapsed();
         while let Some((_, action)) = actions.next_if(|(t, _)| *t <= now) {
             match action {
@@ -203,9 +210,12 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
                 Action::Clock { back, by } => world.step_wall_clock(back, by),
             }
         }
-        sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
-        if step % every == 0 {
-            progress.tick(step as f64 / steps as f64, sim.elapsed());
+        let until = actions.peek().map_or(end, |(t, _)| (*t).clamp(now, end));
+        let step = if world.cfg.skip_quiet { quiet_step(&sim, &wakes, tick, until) } else { tick };
+        sim.step_by(step).map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+        if sim.elapsed() >= shown + every {
+            shown = sim.elapsed();
+            progress.tick(shown.as_secs_f64() / end.as_secs_f64(), shown);
         }
     }
     progress.tick(1.0, sim.elapsed());
@@ -213,7 +223,30 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
     world.check_shared_bans(sim.elapsed());
     drop(sim);
     let wall = wall.elapsed();
-    Ok(report(&world, wall))
+    let mut report = report(&world, wall);
+    report.timing.steps = steps;
+    Ok(report)
+}
+
+/// How far to step the simulation now: one tick while anything is on the network; when the
+/// network is quiet, straight to the last tick boundary before the next timer of the world
+/// ([`Wakes`]) or `until` (the next fault, the end), whichever comes first (at least one tick).
+///
+/// A timer inside a host fires on time within any step, and a message sent during a step is
+/// delivered at the next one's start, long or not: landing on the same tick boundaries as
+/// ticking through does, the run is the same step for step (`sim/tests/quiet_time.rs`). One
+/// catch: a task woken at the very end of a step (by a timer due then, or by such a task)
+/// runs at the start of the next one, so a step after a timer fired is always a plain tick.
+pub(crate) fn quiet_step(sim: &turmoil::Sim<'_>, wakes: &Wakes, tick: Duration, until: Duration) -> Duration {
+    let now = sim.elapsed();
+    let (passed, next) = wakes.around(now);
+    // Before the first step no host has run, so none has set a timer yet.
+    if now.is_zero() || passed.is_some_and(|t| t + tick > now) || !sim.network_quiet() {
+        return tick;
+    }
+    let next = next.map_or(until, |w| w.min(until));
+    let ticks = (next.saturating_sub(now).as_nanos() / tick.as_nanos()).clamp(1, u32::MAX as u128);
+    tick * ticks as u32
 }
 
 /// A traffic host: the generators of the actors that run on it.

@@ -228,7 +228,7 @@ impl SimStore {
             BufReader::new(r).read_line(&mut line).await?;
             serde_json::from_str::<Answer>(&line).map_err(std::io::Error::other)
         };
-        match tokio::time::timeout(self.timeout + wait, exchange).await {
+        match crate::wake::timeout(self.timeout + wait, exchange).await {
             Ok(Ok(a)) => Ok(a),
             Ok(Err(e)) => Err(ClusterError(format!("{}: {e}", self.host))),
             Err(_) => Err(ClusterError(format!("{}: no answer within {:?}", self.host, self.timeout + wait))),

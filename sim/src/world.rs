@@ -76,6 +76,8 @@ pub struct Resolved {
     pub actor_names: Vec<String>,
     /// For each actor, the actor whose addresses it uses (`share`), if any.
     pub shares: Vec<Option<usize>>,
+    /// Skip quiet time ([`crate::wake`]); off only to show that skipping changes nothing.
+    pub skip_quiet: bool,
 }
 
 impl Resolved {

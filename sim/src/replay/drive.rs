@@ -324,6 +324,7 @@ pub fn replay(
         Ok(d) if shm.is_dir() => d,
         _ => tempfile::Builder::new().prefix("gatekeeper-replay-").tempdir()?,
     };
+    let wakes = crate::wake::Wakes::install();
     let mut sim = turmoil::Builder::new()
         .simulation_duration(Duration::from_secs(400 * 86_400))
         .tick_duration(tick)
@@ -369,8 +370,12 @@ pub fn replay(
     }
     let drain = opts.drain;
     let mut step: u64 = 0;
+    let mut until = Duration::from_secs(3600);
     loop {
-        sim.step().map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
+        // Quiet time is skipped up to the next timer of the world (a logged session's start, a
+        // queue's retry), an hour at most, or the end of the drain.
+        let by = crate::runner::quiet_step(&sim, &wakes, tick, until);
+        sim.step_by(by).map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
         step += 1;
         let now = sim.elapsed();
         let (done, busy, last) = {
@@ -383,6 +388,7 @@ pub fn replay(
         if done && (busy == 0 || now > last + drain) {
             break;
         }
+        until = if done { (last + drain).max(now) } else { now + Duration::from_secs(3600) };
     }
     let horizon = sim.elapsed();
     drop(sim);
@@ -430,7 +436,7 @@ pub fn replay(
     report.setup.duration_h = horizon.as_secs_f64() / 3600.0;
     report.setup.drain_h = 0.0;
     report.metrics.insert("sim_hours".into(), horizon.as_secs_f64() / 3600.0);
-    report.timing = crate::report::Timing::measure(horizon, wall.elapsed());
+    report.timing = crate::report::Timing { steps: step, ..crate::report::Timing::measure(horizon, wall.elapsed()) };
     Ok((report, f))
 }
 
@@ -483,7 +489,7 @@ async fn generator(ctx: Arc<Ctx>, first: Option<LoggedSession>) {
     let mut next = first;
     while let Some(s) = next.take().or_else(|| ctx.rx.lock().expect("rx").recv().ok()) {
         let at = Duration::from_millis((s.start_ms - ctx.epoch_ms).max(0) as u64);
-        tokio::time::sleep_until(base + at).await;
+        crate::wake::sleep_until(base + at).await;
         {
             let mut sh = ctx.shared.lock().expect("shared");
             sh.in_flight += 1;
@@ -929,7 +935,7 @@ async fn retry(ctx: Arc<Ctx>, client: IpAddr, class: Class) {
         let gap = ctx.shared.lock().expect("shared").observed_gap.get(&client).copied();
         let backoff = gap.unwrap_or_else(|| mta::backoff(attempt));
         attempt += 1;
-        tokio::time::sleep(backoff).await;
+        crate::wake::sleep(backoff).await;
         let now = w.now();
         // Messages past the queue lifetime are given up; the rest go in one connection.
         let msgs: Vec<Pending> = {
