@@ -1,6 +1,6 @@
-//! `gatekeeper-sim run [SCENARIO.toml ... | DIR] [--seed N] [--out DIR] [--json]`: runs the
-//! scenario suite in the deterministic simulation and reports; exit status 1 if any
-//! expectation fails.
+//! `gatekeeper-sim run [SCENARIO.toml ... | DIR] [--seed N] [--out DIR] [--json] [--jobs N]`:
+//! runs the scenario suite in the deterministic simulation (one run per core at a time) and
+//! reports, in the suite's order; exit status 1 if any expectation fails.
 //!
 //! `gatekeeper-sim replay LOG... --config FILE [--format F] [--year Y] [--seed S]`: replays a
 //! real mail log through the gatekeeper on that configuration and reports what would have
@@ -45,10 +45,14 @@ enum Command {
         /// Breaks a rule on purpose, to show that the suite notices.
         #[arg(long, value_enum, default_value_t = Sabotage::None)]
         sabotage: Sabotage,
-        /// Ticks through quiet time instead of skipping it: slower, and the same reports but
-        /// for wall time and memory (it shows that skipping changes nothing).
+        /// Ticks through quiet time instead of skipping it: slower (docs/simulation.md §2,
+        /// *Quiet time*).
         #[arg(long)]
         tick_through: bool,
+        /// Runs at once (default: the machine's cores). Each run is deterministic on its own;
+        /// with more than one, the memory column is the process's peak so far.
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Runs every scenario on every seed of a range, in parallel, and lists per expectation
     /// the seeds that fail it: an expectation must hold for any seed, not only the embedded one.
@@ -141,8 +145,8 @@ fn parse_seeds(s: &str) -> Result<(u64, u64), String> {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Run { paths, seed, out, json, sabotage, tick_through } => {
-            run(paths, seed, out, json, sabotage, tick_through)
+        Command::Run { paths, seed, out, json, sabotage, tick_through, jobs } => {
+            run(paths, seed, Output { dir: out, json }, sabotage, tick_through, jobs)
         }
         Command::Sweep { paths, seeds, jobs } => sweep(paths, seeds, jobs),
         Command::SynthLog { lines, seed, days } => {
@@ -275,13 +279,39 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
 
+/// Where `run` puts its reports.
+#[derive(Debug)]
+struct Output {
+    /// `--out`: report.json, report.md and hourly.svg per scenario.
+    dir: Option<PathBuf>,
+    /// `--json`: one JSON array on stdout instead of tables.
+    json: bool,
+}
+
+impl Output {
+    /// Shows one finished run; false if its files could not be written.
+    fn report(&self, report: &Report) -> bool {
+        if !self.json {
+            println!("-- {}: seed {}", report.scenario, report.seed);
+            print!("{}", report.table());
+        }
+        if let Some(dir) = &self.dir
+            && let Err(e) = report.write(dir)
+        {
+            eprintln!("gatekeeper-sim: writing {}: {e:#}", dir.display());
+            return false;
+        }
+        true
+    }
+}
+
 fn run(
     paths: Vec<PathBuf>,
     seed: Option<u64>,
-    out: Option<PathBuf>,
-    json: bool,
+    output: Output,
     sabotage: Sabotage,
     tick_through: bool,
+    jobs: Option<usize>,
 ) -> ExitCode {
     let paths = default_paths(paths);
     // The seed comes first, so that any run can be reproduced from its first line.
@@ -289,7 +319,7 @@ fn run(
         Some(s) => format!("seed {s}"),
         None => "seed: each scenario's own (override with --seed N)".to_string(),
     };
-    if json {
+    if output.json {
         eprintln!("{seed_line}");
     } else {
         println!("{seed_line}");
@@ -301,47 +331,85 @@ fn run(
             return ExitCode::from(2);
         }
     };
+    // Every run resolves before any starts: a bad scenario stops the suite at once.
+    let mut cfgs = Vec::with_capacity(runs.len());
+    for run in &runs {
+        match runner::resolve(run, sabotage) {
+            Ok(mut cfg) => {
+                cfg.skip_quiet = !tick_through;
+                cfgs.push(cfg);
+            }
+            Err(e) => {
+                eprintln!("gatekeeper-sim: {}: {e}", run.name);
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let total = cfgs.len();
+    let jobs =
+        jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, total.max(1));
     let suite = Instant::now();
-    let mut reports: Vec<Report> = Vec::new();
-    let mut failed = false;
-    for run in runs {
-        let name = run.name.clone();
-        let mut cfg = match runner::resolve(&run, sabotage) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("gatekeeper-sim: {name}: {e}");
-                return ExitCode::from(2);
+    let mut reports: Vec<Report> = Vec::with_capacity(total);
+    if jobs == 1 {
+        for cfg in cfgs {
+            let name = cfg.run.name.clone();
+            reset_peak_rss();
+            let mut progress = Bar::new(&name, cfg.horizon);
+            let report = runner::run(cfg, &mut progress);
+            progress.finish();
+            match report {
+                Ok(r) if output.report(&r) => reports.push(r),
+                Ok(_) => return ExitCode::from(2),
+                Err(e) => {
+                    eprintln!("gatekeeper-sim: {name}: {e:#}");
+                    return ExitCode::from(2);
+                }
             }
-        };
-        cfg.skip_quiet = !tick_through;
-        if !json {
-            println!("-- {name}: seed {}", run.seed);
         }
-        reset_peak_rss();
-        let mut progress = Bar::new(&name, cfg.horizon);
-        let report = match runner::run(cfg, &mut progress) {
-            Ok(r) => r,
-            Err(e) => {
-                progress.finish();
-                eprintln!("gatekeeper-sim: {name}: {e:#}");
-                return ExitCode::from(2);
+    } else {
+        // Runs on `jobs` threads; reports shown in the suite's order as soon as every run
+        // before them has ended.
+        let queue = std::sync::Mutex::new(cfgs.into_iter().enumerate());
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, String, anyhow::Result<Report>)>();
+        let mut waiting = std::collections::BTreeMap::new();
+        let mut broken = false;
+        std::thread::scope(|scope| {
+            for _ in 0..jobs {
+                let (tx, queue) = (tx.clone(), &queue);
+                scope.spawn(move || {
+                    loop {
+                        let Some((i, cfg)) = queue.lock().expect("run queue").next() else { return };
+                        let name = cfg.run.name.clone();
+                        if tx.send((i, name, runner::run(cfg, &mut ()))).is_err() {
+                            return;
+                        }
+                    }
+                });
             }
-        };
-        progress.finish();
-        failed |= !report.passed;
-        if !json {
-            print!("{}", report.table());
-        }
-        if let Some(dir) = &out
-            && let Err(e) = report.write(dir)
-        {
-            eprintln!("gatekeeper-sim: writing {}: {e:#}", dir.display());
+            drop(tx);
+            for (i, name, report) in rx.iter() {
+                match report {
+                    Ok(r) => {
+                        waiting.insert(i, r);
+                    }
+                    Err(e) => {
+                        eprintln!("gatekeeper-sim: {name}: {e:#}");
+                        broken = true;
+                    }
+                }
+                while let Some(r) = waiting.remove(&reports.len()) {
+                    broken |= !output.report(&r);
+                    reports.push(r);
+                }
+            }
+        });
+        if broken || reports.len() != total {
             return ExitCode::from(2);
         }
-        reports.push(report);
     }
+    let failed = reports.iter().any(|r| !r.passed);
     let wall = suite.elapsed();
-    if json {
+    if output.json {
         let all: Vec<serde_json::Value> =
             reports.iter().map(|r| serde_json::to_value(r).expect("serializes")).collect();
         println!("{}", serde_json::to_string_pretty(&all).expect("serializes"));
@@ -363,7 +431,8 @@ fn run(
             );
         }
         let passed = reports.iter().filter(|r| r.passed).count();
-        println!("{passed}/{} passed in {:.1} s wall", reports.len(), wall.as_secs_f64());
+        let on = if jobs > 1 { format!(" ({jobs} at a time; memory: the process's peak)") } else { String::new() };
+        println!("{passed}/{} passed in {:.1} s wall{on}", reports.len(), wall.as_secs_f64());
     }
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
 }
