@@ -169,6 +169,9 @@ pub struct ClassCounters {
     pub retries: u64,
     /// Sessions of a retrying source given up without a verdict (its queue lifetime over).
     pub abandoned: u64,
+    /// Transactions an MTA began on a connection after one of its transactions there was
+    /// refused or deferred (Postfix's RSET, then the next message; `after_5xx = "rset"`).
+    pub after_refusal: u64,
 }
 
 /// Per-hour totals for the graph.
@@ -324,7 +327,7 @@ impl Delays {
     }
 }
 
-const CLASS_FIELDS: [&str; 26] = [
+const CLASS_FIELDS: [&str; 27] = [
     "attempts",
     "syns",
     "drop_rate",
@@ -351,9 +354,10 @@ const CLASS_FIELDS: [&str; 26] = [
     "syn_acks_lost",
     "retries",
     "abandoned",
+    "after_refusal",
 ];
 
-fn class_values(c: &ClassCounters) -> [u64; 26] {
+fn class_values(c: &ClassCounters) -> [u64; 27] {
     [
         c.attempts,
         c.syns,
@@ -381,6 +385,7 @@ fn class_values(c: &ClassCounters) -> [u64; 26] {
         c.syn_acks_lost,
         c.retries,
         c.abandoned,
+        c.after_refusal,
     ]
 }
 

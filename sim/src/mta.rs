@@ -387,6 +387,9 @@ impl Mta {
                     broken = true;
                     break;
                 }
+                if !left.is_empty() {
+                    self.world.state().bump(self.addr, |c| c.after_refusal += 1);
+                }
             }
             if !broken {
                 let _ = tokio::time::timeout(Duration::from_secs(60), smtp.quit()).await;
