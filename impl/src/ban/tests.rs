@@ -345,6 +345,46 @@ async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_ban
     assert!(m.list_blocking().unwrap().is_empty());
 }
 
+/// One reconcile against a kernel table that lists `192.0.2.{listed}`: the count of bans
+/// re-applied so far, and the last one written (each write to the regular file that stands in
+/// for /proc starts at its beginning).
+async fn reconcile(
+    m: &BanManager,
+    clock: &TestClock,
+    cfg: &BanConfig,
+    proc_dir: &Path,
+    listed: &[u8],
+) -> (u64, String) {
+    let table: String =
+        listed.iter().map(|i| format!("src=192.0.2.{i} ttl: 0 last_seen: 5 oldest_pkt: 1 5\n")).collect();
+    std::fs::write(proc_dir.join("SMTPBAN"), table).unwrap();
+    clock.advance(cfg.reconcile_interval);
+    m.tick().await;
+    let last = std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap();
+    (m.stats().reapplied.load(Ordering::Relaxed), last.lines().next().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn reconcile_reapplies_exactly_the_bans_the_kernel_lost() {
+    // The kernel's list and the active bans are walked together in network order: bans
+    // between, before and after the ones the kernel still holds, and kernel entries that are
+    // no ban of ours, must neither hide a lost ban nor count as one.
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = fake_xt_proc(dir.path());
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let m = open(dir.path(), &cfg, &clock);
+    for i in [2, 4, 6, 8] {
+        m.ban(BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(1000))).await.unwrap();
+    }
+    // The kernel lists some of ours (and some that are not): the others are re-applied.
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[1, 4, 5, 8, 9]).await, (2, "+192.0.2.6".to_string()));
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[2, 4, 6, 8]).await.0, 2, "nothing lost, nothing re-applied");
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[4, 6, 8, 9]).await, (3, "+192.0.2.2".to_string()));
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[1, 2, 4, 6]).await, (4, "+192.0.2.8".to_string()));
+}
+
 #[tokio::test]
 async fn capacity_warnings_before_the_kernel_evicts() {
     let dir = tempfile::tempdir().unwrap();
