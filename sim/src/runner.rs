@@ -175,7 +175,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
         sim.host(*host, move || traffic(w.clone(), host));
     }
     // The end, on the tick grid: the run ticks to it (or skips quiet time towards it).
-    let end = tick * horizon.as_nanos().div_ceil(tick.as_nanos()) as u32;
+    let end = Duration::from_nanos((horizon.as_nanos().div_ceil(tick.as_nanos()) * tick.as_nanos()) as u64);
     let every = (end / 200).max(tick);
     let mut shown = Duration::ZERO;
     let mut actions = schedule(&world.cfg.faults).into_iter().peekable();
@@ -234,9 +234,11 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
 ///
 /// A timer inside a host fires on time within any step, and a message sent during a step is
 /// delivered at the next one's start, long or not: landing on the same tick boundaries as
-/// ticking through does, the run is the same step for step (`sim/tests/quiet_time.rs`). One
-/// catch: a task woken at the very end of a step (by a timer due then, or by such a task)
-/// runs at the start of the next one, so a step after a timer fired is always a plain tick.
+/// ticking through does, the run is the same (`sim/tests/quiet_time.rs`), but for events due
+/// in the same millisecond, which tokio's timer wheel may order otherwise after a long step
+/// (docs/simulation.md §2). One catch: a task woken at the very end of a step (by a timer due
+/// then, or by such a task) runs at the start of the next one, so a step after a timer fired
+/// is always a plain tick.
 pub(crate) fn quiet_step(sim: &turmoil::Sim<'_>, wakes: &Wakes, tick: Duration, until: Duration) -> Duration {
     let now = sim.elapsed();
     let (passed, next) = wakes.around(now);
