@@ -239,6 +239,9 @@ fn offence_counter_window_and_capacity() {
     c.record(t0, a);
     c.record(t0 + Duration::from_secs(10), a);
     assert_eq!(c.count(t0 + Duration::from_secs(20), a), 2);
+    // An offence exactly one window old no longer counts (as `expire` drops it): B4 looks at
+    // the hour before now, not a second more (a mutant counting it survived before).
+    assert_eq!(c.count(t0 + Duration::from_secs(3600), a), 1);
     assert_eq!(c.count(t0 + Duration::from_secs(3605), a), 1);
     c.record(t0 + Duration::from_secs(30), "192.0.2.2".parse().unwrap());
     c.record(t0 + Duration::from_secs(40), "192.0.2.3".parse().unwrap());

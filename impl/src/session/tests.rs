@@ -1717,3 +1717,57 @@ fn observe_mode_accepts_and_records_what_would_be_done() {
     assert_eq!(events.iter().filter(|e| !e.observed).count(), 1, "only the relay denial, enforced: {events:?}");
     assert!(!t.session.is_closed());
 }
+
+/// `Event::verb` names the exchange a verdict answered; the simulation's `bad_reply` invariant
+/// checks each event's code against it (RFC 5321 §4.3.2), so a verb lost to `None` would
+/// silence that check (a mutant returning `None` survived before).
+#[test]
+fn event_verbs_name_the_exchange_answered() {
+    use crate::proto::Verb;
+    let e = |command| Event { rule: Rule::E1, command, code: 250, ban: None, detail: String::new(), observed: false };
+    let verbs = ["connect", "MAIL", "RCPT", "DATA", "QUIT"].map(|c| e(c).verb());
+    assert_eq!(verbs, [Some(Verb::Greeting), Some(Verb::Mail), Some(Verb::Rcpt), Some(Verb::EndOfData), None]);
+}
+
+/// A big read (here 72 KB of pipelined NOOPs) is not kept once processed: an idle session
+/// holds at most `INPUT_KEEP` bytes of input buffer (a mutant that kept it survived before).
+#[test]
+fn a_big_read_is_not_kept_by_an_idle_session() {
+    let mut t = open();
+    let n = 12_000;
+    let replies = t.send("NOOP\r\n".repeat(n).as_str());
+    assert_eq!(replies.len(), n);
+    assert!(t.session.input.is_empty());
+    assert!(t.session.input.capacity() <= INPUT_KEEP, "{}", t.session.input.capacity());
+}
+
+/// B4's share test counts accepted local recipients only: relay attempts (554) are none, so
+/// ten of them do not make a dictionary attacker look like an MTA whose users mistype (a
+/// mutant counting every E2 verdict as valid survived before, and spared this client).
+#[test]
+fn e2_b4_share_test_is_not_fooled_by_relay_attempts() {
+    let mut t = ehlo(session_config());
+    t.send("MAIL FROM:<x@elsewhere.test>\r\n");
+    for i in 0..10 {
+        assert_eq!(t.codes(&format!("RCPT TO:<r{i}@elsewhere.test>\r\n")), [554], "relay attempt {i}");
+    }
+    assert_eq!(t.codes("RCPT TO:<n1@example.test>\r\n"), [550]);
+    assert!(t.bans().is_empty(), "the first unknown recipient is probe-shaped");
+    assert_eq!(t.codes("RCPT TO:<n2@example.test>\r\n"), [550, 421]);
+    assert_eq!(t.bans(), [BanReason::UnknownRecipient]);
+    assert_eq!(t.session.b4_tally().session_valid, 0);
+}
+
+/// Observe mode observes refusals only: an acceptance is carried out as in enforce mode, so
+/// an accepted recipient still waits for its C1 callback, and no observed event is made (a
+/// mutant observing positive verdicts survived before: it skipped C1 in observe mode).
+#[test]
+fn observe_mode_leaves_acceptances_to_the_rules() {
+    let cfg = SessionConfig { mode: Mode::Observe, verify_senders: true, ..session_config() };
+    let mut t = open_with(cfg, 0);
+    let codes = t.codes("EHLO a.test\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<alice@example.test>\r\n");
+    assert_eq!(codes, [250, 250], "RCPT waits for the callback");
+    assert_eq!(t.acts(), [Act::Verify("x@elsewhere.test".into())]);
+    let events = t.events();
+    assert!(events.iter().all(|e| !e.observed), "{events:?}");
+}
