@@ -1771,3 +1771,18 @@ fn observe_mode_leaves_acceptances_to_the_rules() {
     let events = t.events();
     assert!(events.iter().all(|e| !e.observed), "{events:?}");
 }
+
+/// B4's share test counts the client's valid recipients of earlier sessions too: one unknown
+/// before and one now, against nine valid before (11 seen, 18 % unknown), is an MTA whose
+/// users mistype: 550 without a ban. Without that history the same session is banned (a
+/// mutant dropping `valid_before` from the tally survived before).
+#[test]
+fn e2_b4_share_test_counts_valid_recipients_of_earlier_sessions() {
+    let with_history = |valid_before| {
+        let mut t = open_client(session_config(), ClientInfo { valid_before, ..client(1) });
+        let codes = t.codes("EHLO c\r\nMAIL FROM:<x@elsewhere.test>\r\nRCPT TO:<nobody@example.test>\r\n");
+        (codes, t.bans())
+    };
+    assert_eq!(with_history(9), (vec![250, 250, 550], vec![]));
+    assert_eq!(with_history(0), (vec![250, 250, 550, 421], vec![BanReason::UnknownRecipient]));
+}
