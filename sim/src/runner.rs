@@ -143,7 +143,8 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
     let horizon = cfg.horizon;
     // The kernel model's Instants only need a common base; differences are what count.
     let world = World::new(cfg, wall);
-    let wakes = Wakes::install();
+    // Deadlines are noted only for a run that skips quiet time: nothing else would forget them.
+    let wakes = world.cfg.skip_quiet.then(Wakes::install);
     let mut sim = turmoil::Builder::new()
         .simulation_duration(horizon + Duration::from_secs(3600))
         .tick_duration(tick)
@@ -211,7 +212,7 @@ pub fn run(cfg: Resolved, progress: &mut dyn Progress) -> anyhow::Result<Report>
             }
         }
         let until = actions.peek().map_or(end, |(t, _)| (*t).clamp(now, end));
-        let step = if world.cfg.skip_quiet { quiet_step(&sim, &wakes, tick, until) } else { tick };
+        let step = wakes.as_ref().map_or(tick, |w| quiet_step(&sim, w, tick, until));
         sim.step_by(step).map_err(|e| anyhow::anyhow!("simulation failed at {:?}: {e}", sim.elapsed()))?;
         if sim.elapsed() >= shown + every {
             shown = sim.elapsed();
