@@ -23,6 +23,7 @@
 #       level 0 (the handshake is not logged; the session's verdicts still are)
 # Postfix has no bans: its forged and fake sessions get the same 5xx and nothing else.
 set -euo pipefail
+. "$(dirname "$0")/postfix-private.sh"
 cmd=${1:?usage: postfix-bench.sh start DIR PORT [CERT KEY] | stop DIR}
 dir=$(realpath -m "${2:?missing DIR}")
 etc=$dir/etc
@@ -95,34 +96,20 @@ $tls_main
 smtp_tls_security_level = none
 EOF
   printf '%s OK\n' alice@example.test bob@example.test postmaster@example.test abuse@example.test >"$etc/users"
-  # Every service Postfix needs, none chrooted; only the benchmark port listens.
-  cat >"$etc/master.cf" <<EOF
-127.0.0.1:$port inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-flush     unix  n - n 1000? 0 flush
-proxymap  unix  - - n - - proxymap
+  # Every service Postfix needs, none chrooted (ci/postfix-private.sh), plus the delivery
+  # agents its defaults name; only the benchmark port listens.
+  {
+    echo "127.0.0.1:$port inet n - n - - smtpd"
+    postfix_daemons
+    cat <<EOF
 proxywrite unix - - n - 1 proxymap
 smtp      unix  - - n - - smtp
 relay     unix  - - n - - smtp
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
 local     unix  - n n - - local
-virtual   unix  - n n - - virtual
 lmtp      unix  - - n - - lmtp
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
 $tls_master
 EOF
+  } >"$etc/master.cf"
   # Postfix writes its complaints to the terminal or syslog: keep them in a file instead.
   if ! script -qec "postfix -c '$etc' check && postfix -c '$etc' start" "$dir/start.log" >/dev/null; then
     echo "postfix-bench: postfix did not start:" >&2

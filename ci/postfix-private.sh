@@ -1,5 +1,6 @@
 # Sourced by the scripts that run a private Postfix instance on loopback
-# (ci/postfix-integration.sh, ci/replay-postfix.sh): what their master.cf and main.cf share.
+# (ci/postfix-integration.sh, ci/replay-postfix.sh; ci/postfix-bench.sh its services): what
+# their master.cf and main.cf share.
 
 # postfix_daemons: the services of Debian's master.cf that a private instance needs, none
 # chrooted (it has no chroot), its log through postlogd. Append after the smtpd listeners.
