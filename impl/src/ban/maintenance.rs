@@ -10,7 +10,8 @@
 //!    the xt rule's `--seconds` (and the in-process gate, which models it) forgets them;
 //! 5. **prune history**: history older than `history_keep`, hourly;
 //! 6. **reconcile the kernel**: read the kernel table back and re-apply the bans a ruleset
-//!    reload or a flushed table lost, every `reconcile_interval`, once nothing awaits a retry.
+//!    reload or a flushed table lost, every `reconcile_interval`, once nothing awaits a retry;
+//!    into a table with a capacity (xt_recent's `ip_list_tot`) no more than its free slots.
 //!
 //! Phases 1–5 run under the core lock and only *decide* kernel operations; the pass then
 //! releases the lock and, in its turn (a ticket, so kernel batches keep their order), carries
@@ -24,7 +25,7 @@
 //! Maintenance must not record new bans (only re-apply recorded ones) nor decide anything a
 //! ban order decides; it reads time only from the [`Clock`](crate::edges::Clock), once a pass.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{Ban, BanError, BanManager, Core, HistoryEvent, Inner, KernelOp, MirrorOp, Net, Pending, bump};
@@ -256,22 +257,36 @@ impl Inner {
     /// Phase 6: reconcile with the kernel table, every `reconcile_interval` while nothing
     /// awaits a retry: a reloaded ruleset or a flushed table loses bans silently. Runs in the
     /// pass's kernel turn, without the core lock (taken only to compare and to settle).
+    ///
+    /// A full xt_recent table is another matter: the kernel evicted bans to make room, and
+    /// writing them back would evict as many others, every reconcile (1,300 writes every 30 s
+    /// with 1,400 bans and the default `ip_list_tot = 100`). Only the free slots are filled;
+    /// the server still refuses every banned client with 554 (its own gate holds them all),
+    /// and the capacity warnings say to raise `ip_list_tot`.
     fn reconcile_kernel(&self, now: SystemTime) {
         match self.backend.list() {
             Ok(Some(present)) => {
-                let missing: Vec<KernelOp> = {
+                let (missing, held_out) = {
                     let core = self.core.lock().expect("core lock");
                     // Both in network order: one walk along the two, not a lookup per ban.
-                    let mut present = present.iter().peekable();
-                    core.active
+                    let mut listed = present.iter().peekable();
+                    let mut lost: Vec<&Ban> = core
+                        .active
                         .values()
                         .filter(|b| {
-                            while present.next_if(|p| **p < b.net).is_some() {}
-                            present.peek() != Some(&&b.net) && !b.is_expired(now)
+                            while listed.next_if(|p| **p < b.net).is_some() {}
+                            listed.peek() != Some(&&b.net) && !b.is_expired(now)
                         })
-                        .map(|b| Inner::apply_op(b, now))
-                        .collect()
+                        .collect();
+                    let held_out = self.backend.capacity().map_or(0, |cap| fit_free_slots(&mut lost, &present, cap));
+                    (lost.into_iter().map(|b| Inner::apply_op(b, now)).collect::<Vec<_>>(), held_out)
                 };
+                if held_out > 0 {
+                    tracing::debug!(
+                        held_out,
+                        "bans missing from the full xt_recent table not re-applied: each would evict another"
+                    );
+                }
                 for op in &missing {
                     if let KernelOp::Apply(net, ..) = op {
                         bump(&self.stats.reapplied);
@@ -332,4 +347,25 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Keeps in `lost` (in network order) only as many bans per address family as that family's
+/// table has free slots (`capacity` minus what the kernel lists, ours or not): those that run
+/// longest. Returns how many it held out.
+fn fit_free_slots(lost: &mut Vec<&Ban>, present: &BTreeSet<Net>, capacity: usize) -> usize {
+    let v4 = present.iter().filter(|n| n.addr().is_ipv4()).count();
+    let free = [capacity.saturating_sub(v4), capacity.saturating_sub(present.len() - v4)];
+    let before = lost.len();
+    let (mut ipv4, mut ipv6): (Vec<&Ban>, Vec<&Ban>) = lost.drain(..).partition(|b| b.net.addr().is_ipv4());
+    for (family, slots) in [(&mut ipv4, free[0]), (&mut ipv6, free[1])] {
+        if family.len() > slots {
+            if slots > 0 {
+                family.select_nth_unstable_by_key(slots - 1, |b| std::cmp::Reverse(b.expires));
+            }
+            family.truncate(slots);
+            family.sort_unstable_by_key(|b| b.net);
+        }
+    }
+    lost.extend(ipv4.into_iter().chain(ipv6));
+    before - lost.len()
 }

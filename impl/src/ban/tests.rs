@@ -386,6 +386,40 @@ async fn reconcile_reapplies_exactly_the_bans_the_kernel_lost() {
 }
 
 #[tokio::test]
+async fn reconcile_fills_only_the_free_slots_of_a_full_table() {
+    // A full xt_recent table evicts an entry for every write: re-applying every lost ban would
+    // evict as many others, every reconcile. Only the free slots are filled, per family, with
+    // the bans that run longest.
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = fake_xt_proc(dir.path());
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    cfg.xt_recent.capacity = 4;
+    let m = open(dir.path(), &cfg, &clock);
+    for (i, secs) in [(2, 1000), (4, 4000), (6, 3000), (8, 2000)] {
+        let order = BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(secs));
+        m.ban(order).await.unwrap();
+    }
+    m.ban(BanOrder::manual(ip("2001:db8::1"), "x").lasting(Duration::from_secs(500))).await.unwrap();
+    let v6_table = proc_dir.join("SMTPBAN6");
+    // One slot free (two entries are not ours): the longest of the three lost bans.
+    std::fs::write(&v6_table, "").unwrap();
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[1, 4, 9]).await, (2, "+192.0.2.6".to_string()));
+    assert!(std::fs::read_to_string(&v6_table).unwrap().starts_with("+2001:db8::"), "the IPv6 table has room");
+    // Full: nothing written, nothing evicted.
+    let v6_listed = "src=2001:0db8:0000:0000:0000:0000:0000:0000 ttl: 0 last_seen: 5 oldest_pkt: 1 5\n";
+    std::fs::write(&v6_table, v6_listed).unwrap();
+    assert_eq!(
+        reconcile(&m, &clock, &cfg, &proc_dir, &[1, 4, 6, 9]).await,
+        (2, "src=192.0.2.1 ttl: 0 last_seen: 5 oldest_pkt: 1 5".to_string())
+    );
+    // Flushed: every lost ban fits again.
+    std::fs::write(&v6_table, v6_listed).unwrap();
+    assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[]).await, (6, "+192.0.2.8".to_string()));
+}
+
+#[tokio::test]
 async fn capacity_warnings_before_the_kernel_evicts() {
     let dir = tempfile::tempdir().unwrap();
     let proc_dir = fake_xt_proc(dir.path());
