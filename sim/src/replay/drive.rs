@@ -15,7 +15,8 @@
 //!   does not deliver it twice.
 //! - Message contents are not in a log: every replayed message is clean (no V1/B3).
 //!
-//! Sessions stream from a reader thread through a bounded channel: memory follows the log's
+//! Sessions stream from a reader thread through a bounded channel, in batches (a hand-over per
+//! session cost a futex wake each, a tenth of the replay): memory follows the log's
 //! concurrency, not its length. Per client the replay keeps a few counters ([`Cost`]).
 
 use std::collections::HashMap;
@@ -225,7 +226,7 @@ struct Ctx {
     epoch_ms: i64,
     local: String,
     local_domains: Vec<String>,
-    rx: Mutex<Receiver<LoggedSession>>,
+    feed: Mutex<Feed>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -291,13 +292,14 @@ pub fn replay(
     let year = opts.year.or_else(|| files.first().and_then(|f| input::mtime_year(f))).unwrap_or(2026);
 
     // The reader thread: lines → sessions → a bounded channel.
-    let (tx, rx) = sync_channel::<LoggedSession>(4096);
+    let (tx, rx) = sync_channel::<Vec<LoggedSession>>(FEED_BATCHES);
     let reader = {
         let (files, format, offset) = (files.clone(), opts.format, opts.utc_offset_secs);
         std::thread::spawn(move || read(files, format, year, offset, tx))
     };
     // The first session fixes the epoch: simulated time 0 is the start of its hour.
-    let first = rx.recv().ok();
+    let mut feed = Feed { rx, batch: Vec::new().into_iter() };
+    let first = feed.next();
     let Some(first) = first else {
         let (stats, _, span) = reader.join().map_err(|_| anyhow::anyhow!("the log reader panicked"))??;
         anyhow::bail!("no SMTP sessions in the log ({} lines, {} unknown; span {span:?})", stats.lines, stats.unknown);
@@ -315,7 +317,7 @@ pub fn replay(
         epoch_ms,
         local,
         local_domains,
-        rx: Mutex::new(rx),
+        feed: Mutex::new(feed),
     });
     // On tmpfs when there is one, as the scenario runner does: SQLite's fsyncs and the spool's
     // files then cost what they cost on a server's disk cache.
@@ -460,8 +462,9 @@ fn read(
     format: Format,
     year: i64,
     offset: i64,
-    tx: SyncSender<LoggedSession>,
+    tx: SyncSender<Vec<LoggedSession>>,
 ) -> anyhow::Result<ReadResult> {
+    let mut batch = Vec::with_capacity(FEED_BATCH);
     let mut reader = LogReader::new(format, year, offset);
     let mut later: LaterMap = HashMap::new();
     input::read_all(&files, &mut reader, |s| {
@@ -477,9 +480,36 @@ fn read(
                 }
             }
         }
-        tx.send(s).is_ok()
+        batch.push(s);
+        batch.len() < FEED_BATCH || tx.send(std::mem::replace(&mut batch, Vec::with_capacity(FEED_BATCH))).is_ok()
     })?;
+    if !batch.is_empty() {
+        // The replay may have stopped reading: then nobody wants the rest.
+        let _ = tx.send(batch);
+    }
     Ok((reader.stats, later, reader.span_ms))
+}
+
+/// Sessions per hand-over from the reader thread, and hand-overs the channel holds.
+const FEED_BATCH: usize = 256;
+const FEED_BATCHES: usize = 16;
+
+/// The receiving end of the reader thread's batches, one session at a time.
+struct Feed {
+    rx: Receiver<Vec<LoggedSession>>,
+    batch: std::vec::IntoIter<LoggedSession>,
+}
+
+impl Feed {
+    /// The next session in the log's order; `None` once the reader is done.
+    fn next(&mut self) -> Option<LoggedSession> {
+        loop {
+            if let Some(s) = self.batch.next() {
+                return Some(s);
+            }
+            self.batch = self.rx.recv().ok()?.into_iter();
+        }
+    }
 }
 
 /// Spawns each logged session at its time.
@@ -487,7 +517,7 @@ async fn generator(ctx: Arc<Ctx>, first: Option<LoggedSession>) {
     let start = tokio::time::Instant::now();
     let base = start - ctx.world.now();
     let mut next = first;
-    while let Some(s) = next.take().or_else(|| ctx.rx.lock().expect("rx").recv().ok()) {
+    while let Some(s) = next.take().or_else(|| ctx.feed.lock().expect("feed").next()) {
         let at = Duration::from_millis((s.start_ms - ctx.epoch_ms).max(0) as u64);
         crate::wake::sleep_until(base + at).await;
         {
