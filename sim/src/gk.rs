@@ -112,8 +112,15 @@ impl BanBackend for KernelBackend {
     fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
         let prefix = self.world.cfg.settings.config.gate.ipv6_prefix;
         let now = self.world.now();
-        let banned = self.world.kernel().banned(now);
-        Ok(Some(banned.into_iter().map(|a| Net::ban_key(a, prefix)).collect()))
+        let mut nets: Vec<Net> = self.world.kernel().banned(now).into_iter().map(|a| Net::ban_key(a, prefix)).collect();
+        // Sorted first by an integer key in `Net`'s order (family, address, prefix): the set's
+        // own sort compares `IpAddr` enums, a twelfth of a simulated month's CPU with
+        // thousands of bans read back every 30 s; given one sorted run, it only checks it.
+        nets.sort_unstable_by_key(|n| match n.addr() {
+            IpAddr::V4(a) => (false, u128::from(a.to_bits()), n.prefix()),
+            IpAddr::V6(a) => (true, a.to_bits(), n.prefix()),
+        });
+        Ok(Some(nets.into_iter().collect()))
     }
 
     fn capacity(&self) -> Option<usize> {
