@@ -1,6 +1,5 @@
 use crate::envelope::{Envelope, Protocol};
 use crate::host::Host;
-use crate::rt::Rt;
 use crate::{config, TRACING_TARGET};
 
 use indexmap::IndexMap;
@@ -19,10 +18,11 @@ pub(crate) struct Topology {
     /// Specific configuration overrides between specific hosts.
     links: IndexMap<Pair, Link>,
 
-    /// We don't use a Rt for async. Right now, we just use it to tick time
-    /// forward in the same way we do it elsewhere. We'd like to represent
-    /// network state with async in the future.
-    rt: Rt<'static>,
+    /// The network's clock: where it started and how far it has been ticked
+    /// (gatekeeper patch, see PATCHES.md: upstream keeps a tokio runtime with a
+    /// paused clock for this and ticks it like a host's, every step).
+    start: Instant,
+    elapsed: Duration,
 }
 
 /// This type is used as the key in the [`Topology::links`] map. See [`new`]
@@ -177,14 +177,19 @@ impl Topology {
         Topology {
             config,
             links: IndexMap::new(),
-            rt: Rt::no_software(),
+            start: Instant::from_std(std::time::Instant::now()),
+            elapsed: Duration::ZERO,
         }
+    }
+
+    fn now(&self) -> Instant {
+        self.start + self.elapsed
     }
 
     /// Register a link between two hosts
     pub(crate) fn register(&mut self, a: IpAddr, b: IpAddr) {
         let pair = Pair::new(a, b);
-        assert!(self.links.insert(pair, Link::new(self.rt.now())).is_none());
+        assert!(self.links.insert(pair, Link::new(self.now())).is_none());
     }
 
     pub(crate) fn set_max_message_latency(&mut self, value: Duration) {
@@ -284,9 +289,10 @@ impl Topology {
     }
 
     pub(crate) fn tick_by(&mut self, duration: Duration) {
-        let _ = self.rt.tick(duration);
+        self.elapsed += duration;
+        let now = self.now();
         for link in self.links.values_mut() {
-            link.tick(self.rt.now());
+            link.tick(now);
         }
     }
 
@@ -451,12 +457,12 @@ impl Link {
         rand: &mut dyn RngCore,
         host: &mut Host,
     ) {
-        let deliverable = self
-            .deliverable
-            .entry(host.addr)
-            .or_default()
-            .drain(..)
-            .collect::<Vec<Envelope>>();
+        // Gatekeeper patch: nothing allocated or inserted for a host with nothing
+        // to receive (upstream collects a Vec per link and host every step).
+        let deliverable = match self.deliverable.get_mut(&host.addr) {
+            Some(queue) if !queue.is_empty() => std::mem::take(queue),
+            _ => return,
+        };
 
         for message in deliverable {
             let (src, dst) = (message.src, message.dst);
