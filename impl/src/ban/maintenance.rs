@@ -351,8 +351,8 @@ impl Inner {
 
 /// Keeps in `lost` (in network order) only as many bans per address family as that family's
 /// table has free slots (`capacity` minus what the kernel lists, ours or not): those that run
-/// longest. Returns how many it held out.
-fn fit_free_slots(lost: &mut Vec<&Ban>, present: &BTreeSet<Net>, capacity: usize) -> usize {
+/// longest. Returns how many it held out. The reconcile and the restore at start use it.
+pub(super) fn fit_free_slots(lost: &mut Vec<&Ban>, present: &BTreeSet<Net>, capacity: usize) -> usize {
     let v4 = present.iter().filter(|n| n.addr().is_ipv4()).count();
     let free = [capacity.saturating_sub(v4), capacity.saturating_sub(present.len() - v4)];
     let before = lost.len();

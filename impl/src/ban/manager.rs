@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::SystemTime;
 
 use super::config::WIDE_V6_PREFIX;
+use super::maintenance::fit_free_slots;
 use super::store::{from_ms, parse_reason, to_ms};
 use super::{
     Ban, BanBackend, BanConfig, BanError, BanMirror, BanOutcome, BanStats, BanStore, Core, HistoryEvent, HistoryRow,
@@ -800,6 +801,7 @@ impl Inner {
         let mut ops = Vec::new();
         let bans = core.store.all()?;
         self.stats.bad_rows.store(core.store.bad_rows() as u64, Ordering::Relaxed);
+        let mut restored = Vec::new();
         for mut ban in bans {
             let key = Net::ban_key(ban.net.addr(), self.ipv6_prefix);
             if key != ban.net && !self.is_wide(ban.net) {
@@ -817,11 +819,18 @@ impl Inner {
                 report.expired += 1;
                 continue;
             }
-            kernel.push(Inner::apply_op(&ban, now));
+            restored.push(ban.net);
             ops.push(MirrorOp::Ban(ban.net, ban.remaining(now)));
             core.active.insert(ban.net, ban);
             report.restored += 1;
         }
+        let mut fit: Vec<&Ban> = restored.iter().filter_map(|net| core.active.get(net)).collect();
+        // Into a table with a capacity, no more bans per family than it holds: each write
+        // beyond would evict one written before. The longest-running go in.
+        if let Some(cap) = self.backend.capacity() {
+            report.held_out = fit_free_slots(&mut fit, &BTreeSet::new(), cap);
+        }
+        kernel.extend(fit.into_iter().map(|b| Inner::apply_op(b, now)));
         self.warn_capacity(&core);
         let ticket = Inner::ticket(&mut core);
         drop(core);
@@ -833,6 +842,7 @@ impl Inner {
             restored = report.restored,
             expired = report.expired,
             failed = report.failed,
+            held_out = report.held_out,
             backend = self.backend.kind().as_str(),
             "bans restored"
         );

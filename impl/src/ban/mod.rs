@@ -205,6 +205,9 @@ pub struct RestoreReport {
     pub expired: usize,
     /// Re-applications the backend refused (queued for retry).
     pub failed: usize,
+    /// Unexpired bans not written into the kernel because its table was full (xt_recent's
+    /// `ip_list_tot`): the server still refuses them.
+    pub held_out: usize,
 }
 
 /// A ban-manager failure: the operation did not happen.

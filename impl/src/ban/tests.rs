@@ -173,7 +173,7 @@ async fn a_ban_survives_kill_9_and_comes_back_with_its_remaining_time() {
     let mirror = Arc::new(Recorder::default());
     m.attach_mirror(mirror.clone());
     let report = m.restore().await.unwrap();
-    assert_eq!(report, RestoreReport { restored: 1, expired: 0, failed: 0 });
+    assert_eq!(report, RestoreReport { restored: 1, expired: 0, failed: 0, held_out: 0 });
     let bans = m.list_blocking().unwrap();
     assert_eq!(bans.len(), 1);
     let b = &bans[0];
@@ -217,7 +217,7 @@ async fn expired_bans_are_dropped_on_restore_and_by_the_expiry_pass() {
     let m = open(dir.path(), &cfg, &clock);
     let mirror = Arc::new(Recorder::default());
     m.attach_mirror(mirror.clone());
-    assert_eq!(m.restore().await.unwrap(), RestoreReport { restored: 1, expired: 1, failed: 0 });
+    assert_eq!(m.restore().await.unwrap(), RestoreReport { restored: 1, expired: 1, failed: 0, held_out: 0 });
     assert_eq!(m.list_blocking().unwrap().len(), 1);
     mirror.take();
     clock.advance(Duration::from_secs(50));
@@ -417,6 +417,32 @@ async fn reconcile_fills_only_the_free_slots_of_a_full_table() {
     // Flushed: every lost ban fits again.
     std::fs::write(&v6_table, v6_listed).unwrap();
     assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[]).await, (6, "+192.0.2.8".to_string()));
+}
+
+#[tokio::test]
+async fn restore_writes_no_more_bans_than_a_full_table_holds() {
+    // At start every stored ban goes back into the kernel; into a table of 2 slots, writing 4
+    // would evict the first two written. The two that run longest are written, the others
+    // held out (the server still refuses them).
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = fake_xt_proc(dir.path());
+    let clock = TestClock::new();
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let m = open(dir.path(), &cfg, &clock);
+    for (i, secs) in [(2, 1000), (4, 4000), (6, 3000), (8, 2000)] {
+        let order = BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(secs));
+        m.ban(order).await.unwrap();
+    }
+    drop(m);
+    cfg.xt_recent.capacity = 2;
+    install_xt_tables(&proc_dir);
+    let m = open(dir.path(), &cfg, &clock);
+    let report = m.restore().await.unwrap();
+    assert_eq!(report, RestoreReport { restored: 4, expired: 0, failed: 0, held_out: 2 });
+    // Written in network order; the last write is the table file's content.
+    assert_eq!(std::fs::read_to_string(proc_dir.join("SMTPBAN")).unwrap(), "+192.0.2.6\n");
+    assert_eq!(m.list_blocking().unwrap().len(), 4, "every ban stays in force");
 }
 
 #[tokio::test]
