@@ -31,6 +31,7 @@ status=0
 for f in "${files[@]}"; do
     name=$(basename "$f" .rs)
     echo "== cargo mutants: $f"
+    mkdir -p "$out/$name" # cargo-mutants creates mutants.out inside, not the folders above it
     # shellcheck disable=SC2086 # MUTANTS_ARGS is a list of options
     CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1} nice -n 10 cargo mutants -p gatekeeper --in-place --baseline=skip \
         --test-tool cargo --file "$f" --exclude-re "$exclude" --timeout 120 --build-timeout 600 \
