@@ -532,3 +532,39 @@ proptest! {
         prop_assert!(t.len() <= 1);
     }
 }
+
+#[test]
+fn nft_flush_set_empties_it_and_it_takes_elements_again() {
+    let (a, b) = (ip("192.0.2.1"), ip("192.0.2.2"));
+    let mut s = nft(Some(2), Some(Duration::from_secs(60)));
+    assert_eq!(s.capacity(), Some(2));
+    assert!(s.add(0, a) && s.add(0, b));
+    assert_eq!((s.len(), s.live_len(1)), (2, 2));
+    s.flush();
+    assert_eq!((s.len(), s.live_len(1)), (0, 0));
+    assert!(!s.contains(1, a));
+    // Nothing of the flushed elements is left to expire or to fill the set.
+    assert!(s.add(2, a) && s.add(2, b));
+    s.gc(60 * HZ + 10);
+    assert_eq!(s.len(), 0, "the new elements expired on their own schedule");
+}
+
+#[test]
+fn memory_estimates_count_stamp_rings_and_expiry_queues() {
+    // An xt_recent entry's stamps beyond its first live in a ring of 8-byte jiffies.
+    let mut t = xt_with(10, 32, XtMask::ALL);
+    t.set(ms(4), ip("192.0.2.1"));
+    let one_stamp = t.memory_bytes();
+    for i in 2..=32 {
+        t.set(ms(4 * i), ip("192.0.2.1"));
+    }
+    assert!(t.memory_bytes() >= one_stamp + 31 * 8, "{} vs {one_stamp}", t.memory_bytes());
+    // An nft set with a timeout queues each element's expiry; one without does not.
+    let (mut timed, mut plain) = (nft(None, Some(Duration::from_secs(60))), nft(None, None));
+    for i in 0..100u8 {
+        let addr = IpAddr::from([192, 0, 2, i]);
+        assert!(timed.add(0, addr) && plain.add(0, addr));
+    }
+    let queue = timed.memory_bytes() - plain.memory_bytes();
+    assert!(queue >= 100 * std::mem::size_of::<(Jiffies, u32)>(), "expiry queue {queue} bytes");
+}
