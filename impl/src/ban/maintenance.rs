@@ -278,7 +278,8 @@ impl Inner {
                             listed.peek() != Some(&&b.net) && !b.is_expired(now)
                         })
                         .collect();
-                    let held_out = self.backend.capacity().map_or(0, |cap| fit_free_slots(&mut lost, &present, cap));
+                    let held_out =
+                        self.backend.capacity().map_or(0, |cap| fit_free_slots(&mut lost, free_slots(&present, cap)));
                     (lost.into_iter().map(|b| Inner::apply_op(b, now)).collect::<Vec<_>>(), held_out)
                 };
                 if held_out > 0 {
@@ -349,12 +350,17 @@ impl Inner {
     }
 }
 
-/// Keeps in `lost` (in network order) only as many bans per address family as that family's
-/// table has free slots (`capacity` minus what the kernel lists, ours or not): those that run
-/// longest. Returns how many it held out. The reconcile and the restore at start use it.
-pub(super) fn fit_free_slots(lost: &mut Vec<&Ban>, present: &BTreeSet<Net>, capacity: usize) -> usize {
+/// The free slots of each family's table (IPv4, IPv6) of `capacity` entries, given what the
+/// kernel lists (ours or not).
+fn free_slots(present: &BTreeSet<Net>, capacity: usize) -> [usize; 2] {
     let v4 = present.iter().filter(|n| n.addr().is_ipv4()).count();
-    let free = [capacity.saturating_sub(v4), capacity.saturating_sub(present.len() - v4)];
+    [capacity.saturating_sub(v4), capacity.saturating_sub(present.len() - v4)]
+}
+
+/// Keeps in `lost` (in network order) only as many bans per address family as `free` slots
+/// (IPv4, IPv6): those that run longest. Returns how many it held out. The reconcile and the
+/// restore at start use it.
+pub(super) fn fit_free_slots(lost: &mut Vec<&Ban>, free: [usize; 2]) -> usize {
     let before = lost.len();
     let (mut ipv4, mut ipv6): (Vec<&Ban>, Vec<&Ban>) = lost.drain(..).partition(|b| b.net.addr().is_ipv4());
     for (family, slots) in [(&mut ipv4, free[0]), (&mut ipv6, free[1])] {

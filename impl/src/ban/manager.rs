@@ -828,7 +828,7 @@ impl Inner {
         // Into a table with a capacity, no more bans per family than it holds: each write
         // beyond would evict one written before. The longest-running go in.
         if let Some(cap) = self.backend.capacity() {
-            report.held_out = fit_free_slots(&mut fit, &BTreeSet::new(), cap);
+            report.held_out = fit_free_slots(&mut fit, [cap, cap]);
         }
         kernel.extend(fit.into_iter().map(|b| Inner::apply_op(b, now)));
         self.warn_capacity(&core);
