@@ -98,6 +98,23 @@ fn install_xt_tables(proc_dir: &Path) {
     }
 }
 
+/// A temp dir holding a fake xt_recent proc table, a clock, and the xt_recent backend's
+/// configuration pointing at that table.
+fn xt_setup() -> (tempfile::TempDir, std::path::PathBuf, Arc<TestClock>, BanConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    let proc_dir = fake_xt_proc(dir.path());
+    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
+    cfg.xt_recent.proc_dir = proc_dir.clone();
+    (dir, proc_dir, TestClock::new(), cfg)
+}
+
+/// Manual bans of 192.0.2.{i}, each lasting its seconds.
+async fn ban_for(m: &BanManager, bans: &[(u8, u64)]) {
+    for &(i, secs) in bans {
+        m.ban(BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(secs))).await.unwrap();
+    }
+}
+
 pub(super) fn open(dir: &Path, cfg: &BanConfig, clock: &Arc<TestClock>) -> BanManager {
     BanManager::open(cfg, &gate(), dir, clock.clone(), false).unwrap()
 }
@@ -320,11 +337,7 @@ async fn xt_backend_failure_is_retried_until_the_table_appears() {
 
 #[tokio::test]
 async fn xt_expiry_is_written_by_the_gatekeeper_and_reconcile_reapplies_lost_bans() {
-    let dir = tempfile::tempdir().unwrap();
-    let proc_dir = fake_xt_proc(dir.path());
-    let clock = TestClock::new();
-    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
-    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let (dir, proc_dir, clock, cfg) = xt_setup();
     let m = open(dir.path(), &cfg, &clock);
     m.ban(BanOrder::manual(ip("192.0.2.1"), "x").lasting(Duration::from_secs(100))).await.unwrap();
     // The kernel lists it (as /proc does):
@@ -369,11 +382,7 @@ async fn reconcile_reapplies_exactly_the_bans_the_kernel_lost() {
     // The kernel's list and the active bans are walked together in network order: bans
     // between, before and after the ones the kernel still holds, and kernel entries that are
     // no ban of ours, must neither hide a lost ban nor count as one.
-    let dir = tempfile::tempdir().unwrap();
-    let proc_dir = fake_xt_proc(dir.path());
-    let clock = TestClock::new();
-    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
-    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let (dir, proc_dir, clock, cfg) = xt_setup();
     let m = open(dir.path(), &cfg, &clock);
     for i in [2, 4, 6, 8] {
         m.ban(BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(1000))).await.unwrap();
@@ -390,17 +399,10 @@ async fn reconcile_fills_only_the_free_slots_of_a_full_table() {
     // A full xt_recent table evicts an entry for every write: re-applying every lost ban would
     // evict as many others, every reconcile. Only the free slots are filled, per family, with
     // the bans that run longest.
-    let dir = tempfile::tempdir().unwrap();
-    let proc_dir = fake_xt_proc(dir.path());
-    let clock = TestClock::new();
-    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
-    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let (dir, proc_dir, clock, mut cfg) = xt_setup();
     cfg.xt_recent.capacity = 4;
     let m = open(dir.path(), &cfg, &clock);
-    for (i, secs) in [(2, 1000), (4, 4000), (6, 3000), (8, 2000)] {
-        let order = BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(secs));
-        m.ban(order).await.unwrap();
-    }
+    ban_for(&m, &[(2, 1000), (4, 4000), (6, 3000), (8, 2000)]).await;
     m.ban(BanOrder::manual(ip("2001:db8::1"), "x").lasting(Duration::from_secs(500))).await.unwrap();
     let v6_table = proc_dir.join("SMTPBAN6");
     // One slot free (two entries are not ours): the longest of the three lost bans.
@@ -424,16 +426,9 @@ async fn restore_writes_no_more_bans_than_a_full_table_holds() {
     // At start every stored ban goes back into the kernel; into a table of 2 slots, writing 4
     // would evict the first two written. The two that run longest are written, the others
     // held out (the server still refuses them).
-    let dir = tempfile::tempdir().unwrap();
-    let proc_dir = fake_xt_proc(dir.path());
-    let clock = TestClock::new();
-    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
-    cfg.xt_recent.proc_dir = proc_dir.clone();
+    let (dir, proc_dir, clock, mut cfg) = xt_setup();
     let m = open(dir.path(), &cfg, &clock);
-    for (i, secs) in [(2, 1000), (4, 4000), (6, 3000), (8, 2000)] {
-        let order = BanOrder::manual(ip(&format!("192.0.2.{i}")), "x").lasting(Duration::from_secs(secs));
-        m.ban(order).await.unwrap();
-    }
+    ban_for(&m, &[(2, 1000), (4, 4000), (6, 3000), (8, 2000)]).await;
     drop(m);
     cfg.xt_recent.capacity = 2;
     install_xt_tables(&proc_dir);
@@ -447,11 +442,7 @@ async fn restore_writes_no_more_bans_than_a_full_table_holds() {
 
 #[tokio::test]
 async fn capacity_warnings_before_the_kernel_evicts() {
-    let dir = tempfile::tempdir().unwrap();
-    let proc_dir = fake_xt_proc(dir.path());
-    let clock = TestClock::new();
-    let mut cfg = BanConfig { backend: BackendKind::XtRecent, ..BanConfig::default() };
-    cfg.xt_recent.proc_dir = proc_dir;
+    let (dir, _proc_dir, clock, mut cfg) = xt_setup();
     cfg.xt_recent.capacity = 5;
     cfg.xt_recent.warn_percent = 80;
     let m = open(dir.path(), &cfg, &clock);
