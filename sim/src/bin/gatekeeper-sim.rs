@@ -215,41 +215,27 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
             }
         }
     }
-    let jobs = jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let jobs = jobs_or_cores(jobs);
     println!("sweep: {} runs (seeds {first}..{last}) on {jobs} threads", work.len());
     let started = Instant::now();
     let total = work.len();
-    let queue = std::sync::Mutex::new(work.into_iter());
-    let (tx, rx) = std::sync::mpsc::channel::<Swept>();
     let mut done: Vec<Swept> = Vec::with_capacity(total);
-    std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            let tx = tx.clone();
-            let queue = &queue;
-            scope.spawn(move || {
-                loop {
-                    let Some(run) = queue.lock().expect("work queue").next() else { return };
-                    let (name, seed) = (run.name.clone(), run.seed);
-                    let result = runner::resolve(&run, Sabotage::None)
-                        .and_then(|cfg| runner::run(cfg, &mut ()).map_err(|e| format!("{e:#}")))
-                        .map(|r| r.expectations.into_iter().filter(|e| !e.pass).collect());
-                    if tx.send(Swept { name, seed, result }).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        // As each run ends, one line on stderr: a long sweep shows where it is.
-        for (k, s) in rx.iter().enumerate() {
-            let verdict = match &s.result {
-                Ok(failed) if failed.is_empty() => "pass",
-                Ok(_) => "FAIL",
-                Err(_) => "error",
-            };
-            eprintln!("[{}/{total}] {} seed {}: {verdict}", k + 1, s.name, s.seed);
-            done.push(s);
-        }
+    let sweep_one = |run: gatekeeper_sim::scenario::Run| {
+        let (name, seed) = (run.name.clone(), run.seed);
+        let result = runner::resolve(&run, Sabotage::None)
+            .and_then(|cfg| runner::run(cfg, &mut ()).map_err(|e| format!("{e:#}")))
+            .map(|r| r.expectations.into_iter().filter(|e| !e.pass).collect());
+        Swept { name, seed, result }
+    };
+    // As each run ends, one line on stderr: a long sweep shows where it is.
+    on_threads(work, jobs, sweep_one, |_, s| {
+        let verdict = match &s.result {
+            Ok(failed) if failed.is_empty() => "pass",
+            Ok(_) => "FAIL",
+            Err(_) => "error",
+        };
+        eprintln!("[{}/{total}] {} seed {}: {verdict}", done.len() + 1, s.name, s.seed);
+        done.push(s);
     });
     done.sort_by(|a, b| a.name.cmp(&b.name).then(a.seed.cmp(&b.seed)));
     // Per run: seeds passed; per failing expectation: seed (actual).
@@ -284,6 +270,40 @@ fn sweep(paths: Vec<PathBuf>, (first, last): (u64, u64), jobs: Option<usize>) ->
     let passed = done.iter().filter(|s| s.result.as_ref().is_ok_and(Vec::is_empty)).count();
     println!("{passed}/{total} runs passed in {:.1} s wall", started.elapsed().as_secs_f64());
     if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
+
+/// `--jobs`, or else the machine's cores.
+fn jobs_or_cores(jobs: Option<usize>) -> usize {
+    jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+}
+
+/// Runs `work` on every item, on `jobs` threads taking items in order, and hands each result
+/// with its item's index to `done` on this thread as it ends (in the order runs end).
+fn on_threads<T: Send, R: Send>(
+    items: Vec<T>,
+    jobs: usize,
+    work: impl Fn(T) -> R + Sync,
+    mut done: impl FnMut(usize, R),
+) {
+    let queue = std::sync::Mutex::new(items.into_iter().enumerate());
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, R)>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let (tx, queue, work) = (tx.clone(), &queue, &work);
+            scope.spawn(move || {
+                loop {
+                    let Some((i, item)) = queue.lock().expect("work queue").next() else { return };
+                    if tx.send((i, work(item))).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        for (i, result) in rx {
+            done(i, result);
+        }
+    });
 }
 
 /// Where `run` puts its reports.
@@ -353,8 +373,7 @@ fn run(
         }
     }
     let total = cfgs.len();
-    let jobs =
-        jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).clamp(1, total.max(1));
+    let jobs = jobs_or_cores(jobs).min(total.max(1));
     let suite = Instant::now();
     let mut reports: Vec<Report> = Vec::with_capacity(total);
     if jobs == 1 {
@@ -374,40 +393,23 @@ fn run(
             }
         }
     } else {
-        // Runs on `jobs` threads; reports shown in the suite's order as soon as every run
-        // before them has ended.
-        let queue = std::sync::Mutex::new(cfgs.into_iter().enumerate());
-        let (tx, rx) = std::sync::mpsc::channel::<(usize, String, anyhow::Result<Report>)>();
+        // Reports shown in the suite's order as soon as every run before them has ended.
         let mut waiting = std::collections::BTreeMap::new();
         let mut broken = false;
-        std::thread::scope(|scope| {
-            for _ in 0..jobs {
-                let (tx, queue) = (tx.clone(), &queue);
-                scope.spawn(move || {
-                    loop {
-                        let Some((i, cfg)) = queue.lock().expect("run queue").next() else { return };
-                        let name = cfg.run.name.clone();
-                        if tx.send((i, name, runner::run(cfg, &mut ()))).is_err() {
-                            return;
-                        }
-                    }
-                });
+        let run_one = |cfg: gatekeeper_sim::world::Resolved| (cfg.run.name.clone(), runner::run(cfg, &mut ()));
+        on_threads(cfgs, jobs, run_one, |i, (name, report)| {
+            match report {
+                Ok(r) => {
+                    waiting.insert(i, r);
+                }
+                Err(e) => {
+                    eprintln!("gatekeeper-sim: {name}: {e:#}");
+                    broken = true;
+                }
             }
-            drop(tx);
-            for (i, name, report) in rx.iter() {
-                match report {
-                    Ok(r) => {
-                        waiting.insert(i, r);
-                    }
-                    Err(e) => {
-                        eprintln!("gatekeeper-sim: {name}: {e:#}");
-                        broken = true;
-                    }
-                }
-                while let Some(r) = waiting.remove(&reports.len()) {
-                    broken |= !output.report(&r);
-                    reports.push(r);
-                }
+            while let Some(r) = waiting.remove(&reports.len()) {
+                broken |= !output.report(&r);
+                reports.push(r);
             }
         });
         if broken || reports.len() != total {
