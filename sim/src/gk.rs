@@ -18,15 +18,15 @@
 //! The host is restartable: its state directory (bans, callback cache) and the spool outlive
 //! the process, as a disk would, and the ban manager restores the bans on start.
 
-use std::collections::BTreeSet;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use gatekeeper::app::{Edges, assemble};
-use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, Net};
+use gatekeeper::ban::{BackendError, BackendKind, BanBackend, BanManager, Net, NetList};
 use gatekeeper::edges::{BanOrder, BanSink, BoxFuture, Downstream, MessageFile, Observer};
 use gatekeeper::gate::GateKind;
 use gatekeeper::policy::{BanReason, Rule};
@@ -55,7 +55,7 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
         clock: Arc::new(SimClock::new(cfg.epoch, world.wall_step_ms.clone())),
         state_dir,
         offload: false,
-        ban_backend: Box::new(KernelBackend { world: world.clone() }),
+        ban_backend: Box::new(KernelBackend { world: world.clone(), listed_at: AtomicU64::new(u64::MAX) }),
         downstream: Arc::new(spool),
         resolver: Box::new(|mut dns, seed| {
             dns.nameservers = vec![SocketAddr::new(turmoil::lookup("dns"), 53)];
@@ -84,6 +84,9 @@ pub async fn run(world: Arc<World>, state_dir: PathBuf) -> turmoil::Result {
 #[derive(Debug)]
 pub struct KernelBackend {
     world: Arc<World>,
+    /// The kernel's [`losses`](crate::world::Kernel::losses) at the last [`list`](BanBackend::list);
+    /// `u64::MAX` before the first.
+    listed_at: AtomicU64,
 }
 
 impl BanBackend for KernelBackend {
@@ -109,18 +112,20 @@ impl BanBackend for KernelBackend {
         self.kind() == BackendKind::Nftables
     }
 
-    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
+    fn list(&self) -> Result<Option<NetList>, BackendError> {
         let prefix = self.world.cfg.settings.config.gate.ipv6_prefix;
         let now = self.world.now();
-        let mut nets: Vec<Net> = self.world.kernel().banned(now).into_iter().map(|a| Net::ban_key(a, prefix)).collect();
-        // Sorted first by an integer key in `Net`'s order (family, address, prefix): the set's
-        // own sort compares `IpAddr` enums, a twelfth of a simulated month's CPU with
-        // thousands of bans read back every 30 s; given one sorted run, it only checks it.
-        nets.sort_unstable_by_key(|n| match n.addr() {
-            IpAddr::V4(a) => (false, u128::from(a.to_bits()), n.prefix()),
-            IpAddr::V6(a) => (true, a.to_bits(), n.prefix()),
-        });
-        Ok(Some(nets.into_iter().collect()))
+        let kernel = self.world.kernel();
+        self.listed_at.store(kernel.losses(), Ordering::Relaxed);
+        Ok(Some(kernel.banned(now).into_iter().map(|a| Net::ban_key(a, prefix)).collect()))
+    }
+
+    /// The model knows what a real kernel cannot tell: whether anything but the gatekeeper's
+    /// own removes and expiry took a ban out since the last read-back. Reading thousands of
+    /// bans back every 30 s was a fifth of a simulated month; the reconcile itself still runs
+    /// after every reboot, eviction or refused add, as it would find something only then.
+    fn may_have_lost(&self) -> bool {
+        self.world.kernel().losses() != self.listed_at.load(Ordering::Relaxed)
     }
 
     fn capacity(&self) -> Option<usize> {

@@ -139,11 +139,14 @@ pub struct Kernel {
     gate: Gate,
     cfg: GateConfig,
     origin: Instant,
+    /// Times the tables may have lost a ban the gatekeeper did not remove: a reboot, an add
+    /// refused or evicting another entry ([`KernelBackend::may_have_lost`](crate::gk::KernelBackend)).
+    losses: u64,
 }
 
 impl Kernel {
     fn new(cfg: GateConfig, origin: Instant) -> Kernel {
-        Kernel { gate: Gate::new(cfg.clone(), origin), cfg, origin }
+        Kernel { gate: Gate::new(cfg.clone(), origin), cfg, origin, losses: 0 }
     }
 
     /// One SYN.
@@ -153,7 +156,12 @@ impl Kernel {
 
     /// A ban pushed by the gatekeeper (`+addr` / `add element`).
     pub fn ban(&mut self, now: Duration, addr: IpAddr, for_: Duration) {
-        self.gate.ban(self.origin + now, addr, for_);
+        // A full xt_recent table evicts an entry for a new one (or the same one refreshed:
+        // counting it too only costs a needless read-back).
+        let evicts = self.may_have_evicted();
+        if !self.gate.ban(self.origin + now, addr, for_) || evicts {
+            self.losses += 1;
+        }
     }
 
     /// A ban lifted by the gatekeeper at its expiry.
@@ -164,6 +172,12 @@ impl Kernel {
     /// A reboot: the tables are empty again.
     pub fn reboot(&mut self) {
         self.gate = Gate::new(self.cfg.clone(), self.origin);
+        self.losses += 1;
+    }
+
+    /// How many times the tables may have lost a ban the gatekeeper did not remove.
+    pub fn losses(&self) -> u64 {
+        self.losses
     }
 
     /// Occupancy of the ban tables.
@@ -589,5 +603,44 @@ impl World {
                 format!("{} client banned ({}: {evidence})", class.as_str(), reason.as_str()),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use gatekeeper::gate::GateKind;
+
+    use super::*;
+
+    fn addr(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    /// The ban backend reads the kernel's tables back only after a loss it did not cause; a
+    /// loss the model failed to count would leave a ban out of the kernel for good.
+    #[test]
+    fn the_kernel_counts_every_loss_the_gatekeeper_did_not_cause() {
+        let day = Duration::from_secs(86_400);
+        let xt = GateConfig { kind: GateKind::XtRecent { ip_list_tot: 2, hz: 250 }, ..GateConfig::default() };
+        let mut k = Kernel::new(xt, Instant::now());
+        k.ban(Duration::ZERO, addr(1), day);
+        k.ban(Duration::ZERO, addr(2), day);
+        k.unban(addr(2));
+        assert_eq!(k.losses(), 0, "adds with room and the gatekeeper's own removes lose nothing");
+        k.ban(Duration::ZERO, addr(2), day);
+        k.ban(Duration::ZERO, addr(3), day);
+        assert_eq!(k.losses(), 1, "a full xt_recent table evicted an entry");
+        k.reboot();
+        assert_eq!(k.losses(), 2, "a reboot empties the tables");
+
+        let nft = GateConfig { kind: GateKind::Nft { size: 65_535, hz: 250 }, ..GateConfig::default() };
+        let mut k = Kernel::new(nft, Instant::now());
+        k.ban(Duration::ZERO, addr(1), day);
+        assert_eq!(k.losses(), 0);
+        k.ban(Duration::ZERO, addr(2), Duration::from_micros(10));
+        assert_eq!(k.losses(), 1, "the set refused an add (a timeout under its 1 ms resolution)");
+        assert_eq!(k.banned(Duration::ZERO), vec![addr(1)]);
     }
 }

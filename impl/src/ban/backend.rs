@@ -17,7 +17,7 @@
 //! (`[bans] kernel_timeout`): a hung `nft` is killed; a `/proc` write that does not return is
 //! abandoned on its thread (a write cannot be interrupted) and reported as timed out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::io::{self, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use super::config::{BackendKind, NftablesSection, XtRecentSection};
-use super::net::Net;
+use super::net::{Net, NetList};
 
 /// A backend operation that failed. The ban stays recorded; the manager retries.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,7 +73,16 @@ pub trait BanBackend: Send + Sync + std::fmt::Debug {
     fn expires_itself(&self) -> bool;
 
     /// The networks in the ban tables now, if the backend can list them.
-    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError>;
+    fn list(&self) -> Result<Option<NetList>, BackendError>;
+
+    /// Whether the tables may have lost a ban since the last [`list`](Self::list) other than by
+    /// this backend's own [`remove`](Self::remove) or by running out of time: a flush, a
+    /// reboot, a ruleset reload, an eviction. The reconcile reads the tables back only then.
+    /// The real kernel's tables can be changed by anyone, so a backend that cannot tell says
+    /// true (the default); the simulation's kernel model can.
+    fn may_have_lost(&self) -> bool {
+        true
+    }
 
     /// How many entries one table (one address family) holds before the kernel evicts.
     fn capacity(&self) -> Option<usize> {
@@ -122,7 +131,7 @@ impl BanBackend for MemoryBackend {
     fn expires_itself(&self) -> bool {
         false
     }
-    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
+    fn list(&self) -> Result<Option<NetList>, BackendError> {
         Ok(Some(self.entries.lock().expect("memory backend lock").keys().copied().collect()))
     }
     fn holds_prefixes(&self) -> bool {
@@ -233,14 +242,14 @@ impl BanBackend for XtRecentBackend {
     fn expires_itself(&self) -> bool {
         false
     }
-    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
-        let mut out = BTreeSet::new();
+    fn list(&self) -> Result<Option<NetList>, BackendError> {
+        let mut out = Vec::new();
         for table in [&self.table4, &self.table6] {
             let path = self.dir.join(table);
             let text = std::fs::read_to_string(&path).map_err(|e| io_error(&path, "read", &e))?;
             out.extend(parse_xt_listing(&text).into_iter().map(|a| Net::ban_key(a, self.ipv6_prefix)));
         }
-        Ok(Some(out))
+        Ok(Some(NetList::from(out)))
     }
     fn capacity(&self) -> Option<usize> {
         Some(self.capacity)
@@ -389,7 +398,7 @@ pub fn run_nft(nft: &Path, args: &[&str], stdin: Option<&str>, timeout: Duration
 }
 
 /// The networks in an `nft -j list set` answer.
-pub fn parse_nft_set_json(json: &str) -> Result<BTreeSet<Net>, BackendError> {
+pub fn parse_nft_set_json(json: &str) -> Result<Vec<Net>, BackendError> {
     fn element(v: &serde_json::Value) -> Option<Net> {
         match v {
             serde_json::Value::String(s) => s.parse().ok(),
@@ -407,7 +416,7 @@ pub fn parse_nft_set_json(json: &str) -> Result<BTreeSet<Net>, BackendError> {
     }
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| BackendError::Other(format!("nft -j: bad JSON: {e}")))?;
-    let mut out = BTreeSet::new();
+    let mut out = Vec::new();
     for item in v.get("nftables").and_then(|n| n.as_array()).into_iter().flatten() {
         if let Some(elems) = item.get("set").and_then(|s| s.get("elem")).and_then(|e| e.as_array()) {
             out.extend(elems.iter().filter_map(element));
@@ -453,13 +462,13 @@ impl BanBackend for NftBackend {
     fn holds_prefixes(&self) -> bool {
         true
     }
-    fn list(&self) -> Result<Option<BTreeSet<Net>>, BackendError> {
-        let mut out = BTreeSet::new();
+    fn list(&self) -> Result<Option<NetList>, BackendError> {
+        let mut out = Vec::new();
         for set in [&self.set4, &self.set6] {
             let json = run_nft(&self.nft, &["-j", "list", "set", "inet", &self.table, set], None, self.timeout)?;
             out.extend(parse_nft_set_json(&json)?);
         }
-        Ok(Some(out))
+        Ok(Some(NetList::from(out)))
     }
 }
 
@@ -509,7 +518,7 @@ mod tests {
         let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"set": {"family": "inet", "name": "ban6",
             "elem": [{"elem": {"val": {"prefix": {"addr": "2001:db8:1:2::", "len": 64}}, "timeout": 345600, "expires": 1499}},
                      {"elem": {"val": "10.1.2.3", "timeout": 10, "expires": 9}}, "10.9.9.9"]}}]}"#;
-        let nets: Vec<String> = parse_nft_set_json(json).unwrap().iter().map(Net::to_string).collect();
+        let nets: Vec<String> = NetList::from(parse_nft_set_json(json).unwrap()).iter().map(Net::to_string).collect();
         assert_eq!(nets, ["10.1.2.3", "10.9.9.9", "2001:db8:1:2::/64"]);
     }
 

@@ -127,7 +127,7 @@ impl BanBackend for Gate {
     fn expires_itself(&self) -> bool {
         true
     }
-    fn list(&self) -> Result<Option<std::collections::BTreeSet<Net>>, BackendError> {
+    fn list(&self) -> Result<Option<crate::ban::NetList>, BackendError> {
         Ok(None)
     }
 }

@@ -25,10 +25,10 @@
 //! Maintenance must not record new bans (only re-apply recorded ones) nor decide anything a
 //! ban order decides; it reads time only from the [`Clock`](crate::edges::Clock), once a pass.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Ban, BanError, BanManager, Core, HistoryEvent, Inner, KernelOp, MirrorOp, Net, Pending, bump};
+use super::{Ban, BanError, BanManager, Core, HistoryEvent, Inner, KernelOp, MirrorOp, Net, NetList, Pending, bump};
 
 /// The longest wait between two scans for long bans to refresh.
 const REFRESH_EVERY_MAX: Duration = Duration::from_secs(3600);
@@ -264,6 +264,9 @@ impl Inner {
     /// the server still refuses every banned client with 554 (its own gate holds them all),
     /// and the capacity warnings say to raise `ip_list_tot`.
     fn reconcile_kernel(&self, now: SystemTime) {
+        if !self.backend.may_have_lost() {
+            return;
+        }
         match self.backend.list() {
             Ok(Some(present)) => {
                 let (missing, held_out) = {
@@ -352,7 +355,7 @@ impl Inner {
 
 /// The free slots of each family's table (IPv4, IPv6) of `capacity` entries, given what the
 /// kernel lists (ours or not).
-fn free_slots(present: &BTreeSet<Net>, capacity: usize) -> [usize; 2] {
+fn free_slots(present: &NetList, capacity: usize) -> [usize; 2] {
     let v4 = present.iter().filter(|n| n.addr().is_ipv4()).count();
     [capacity.saturating_sub(v4), capacity.saturating_sub(present.len() - v4)]
 }

@@ -71,7 +71,7 @@ pub use active::ActiveBans;
 pub use backend::{BackendError, BanBackend, MemoryBackend, NftBackend, XtRecentBackend};
 pub use config::{BackendKind, BanConfig, Escalation, NftablesSection, XtRecentSection};
 pub use manager::{BanManager, BanState};
-pub use net::Net;
+pub use net::{Net, NetList};
 pub use store::{BanStore, HistoryEvent, HistoryRow, OutboxRow, StoreError};
 
 use crate::edges::{BanOrder, Clock};

@@ -394,6 +394,63 @@ async fn reconcile_reapplies_exactly_the_bans_the_kernel_lost() {
     assert_eq!(reconcile(&m, &clock, &cfg, &proc_dir, &[1, 2, 4, 6]).await, (4, "+192.0.2.8".to_string()));
 }
 
+/// The memory backend as a kernel model that knows whether it may have lost a ban (`lost`),
+/// counting the reads of its table.
+#[derive(Debug)]
+struct Knowing {
+    table: Arc<MemoryBackend>,
+    lost: Arc<std::sync::atomic::AtomicBool>,
+    lists: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl BanBackend for Knowing {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Nftables
+    }
+    fn apply(&self, net: Net, remaining: Duration, total: Duration) -> Result<(), BackendError> {
+        self.table.apply(net, remaining, total)
+    }
+    fn remove(&self, net: Net) -> Result<(), BackendError> {
+        self.table.remove(net)
+    }
+    fn expires_itself(&self) -> bool {
+        false
+    }
+    fn list(&self) -> Result<Option<crate::ban::NetList>, BackendError> {
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        self.table.list()
+    }
+    fn may_have_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+}
+
+#[tokio::test]
+async fn reconcile_reads_the_table_back_only_when_the_backend_may_have_lost_a_ban() {
+    let clock = TestClock::new();
+    let cfg = BanConfig::default();
+    let table = Arc::new(MemoryBackend::new());
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lists = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Knowing { table: table.clone(), lost: lost.clone(), lists: lists.clone() };
+    let m = BanManager::new(&cfg, &gate(), BanStore::in_memory().unwrap(), Box::new(backend), clock.clone(), false);
+    m.ban(BanOrder::manual(ip("192.0.2.1"), "x").lasting(Duration::from_secs(1000))).await.unwrap();
+    let net = Net::ban_key(ip("192.0.2.1"), 64);
+    // Gone from the table by a way the backend says cannot happen: not read back.
+    table.remove(net).unwrap();
+    clock.advance(cfg.reconcile_interval);
+    m.tick().await;
+    assert_eq!(lists.load(Ordering::Relaxed), 0);
+    assert_eq!(m.stats().reapplied.load(Ordering::Relaxed), 0);
+    // It may have lost one: read back, and the lost ban re-applied.
+    lost.store(true, Ordering::Relaxed);
+    clock.advance(cfg.reconcile_interval);
+    m.tick().await;
+    assert_eq!(lists.load(Ordering::Relaxed), 1);
+    assert_eq!(m.stats().reapplied.load(Ordering::Relaxed), 1);
+    assert!(table.list().unwrap().unwrap().contains(&net));
+}
+
 #[tokio::test]
 async fn reconcile_fills_only_the_free_slots_of_a_full_table() {
     // A full xt_recent table evicts an entry for every write: re-applying every lost ban would
@@ -563,7 +620,7 @@ impl BanBackend for CallLog {
     fn expires_itself(&self) -> bool {
         false
     }
-    fn list(&self) -> Result<Option<std::collections::BTreeSet<Net>>, BackendError> {
+    fn list(&self) -> Result<Option<crate::ban::NetList>, BackendError> {
         Ok(None)
     }
 }
