@@ -48,6 +48,9 @@ pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
     let source = Source::Table { table: s.gatekeeper.clone(), base: run.path.parent() };
     let settings = Config::load(source, overrides).map_err(|e| format!("[gatekeeper]: {e}"))?;
     let config = settings.config.clone();
+    if let Some(problem) = tick_problem(s.tick, &config) {
+        return Err(problem);
+    }
     if config.rules.scan && !matches!(config.scan.engine, gatekeeper::scan::Engine::Builtin) {
         return Err("[gatekeeper.scan]: the simulation runs the builtin engine only".into());
     }
@@ -95,6 +98,33 @@ pub fn resolve(run: &Run, sabotage: Sabotage) -> Result<Resolved, String> {
         actor_names: names,
         shares,
         skip_quiet: true,
+    })
+}
+
+/// A tick too coarse for the gatekeeper's waits. Delivery is rounded up to the tick, so a
+/// round trip takes two ticks: once that reaches the shortest time the gatekeeper waits for a
+/// peer on the network, every such exchange times out (every DNS lookup at a 5 s tick, with
+/// the default 5 s `dns_timeout`), and the run tells of a world where no answer comes in time.
+/// Below it, a scenario shows in its report that nothing timed out (`tempfails`,
+/// `callbacks.unknown`).
+fn tick_problem(tick: Duration, config: &gatekeeper::config::Config) -> Option<String> {
+    use humantime_serde::re::humantime::format_duration;
+    let c = &config.callbacks;
+    let waits = [
+        ("callbacks.dns_timeout", c.dns_timeout),
+        ("callbacks.connect_timeout", c.connect_timeout),
+        ("callbacks.command_timeout", c.command_timeout),
+        ("smtp.command_timeout", config.smtp.command_timeout),
+        ("delivery.relay_timeout", config.delivery.relay_timeout),
+    ];
+    let (name, wait) = waits.into_iter().filter(|(_, d)| !d.is_zero()).min_by_key(|&(_, d)| d)?;
+    (2 * tick >= wait).then(|| {
+        format!(
+            "tick: {} makes a round trip {}, not shorter than [gatekeeper] {name} ({}): every such exchange would time out",
+            format_duration(tick),
+            format_duration(2 * tick),
+            format_duration(wait),
+        )
     })
 }
 
@@ -368,4 +398,24 @@ pub fn load(paths: &[PathBuf], seed: Option<u64>) -> anyhow::Result<Vec<Run>> {
         anyhow::bail!("{}", problems.join("\n"));
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use gatekeeper::config::Config;
+
+    use super::*;
+
+    #[test]
+    fn a_tick_whose_round_trip_reaches_a_gatekeeper_timeout_is_refused() {
+        let defaults = Config::parse("").unwrap();
+        assert_eq!(tick_problem(Duration::from_secs(2), &defaults), None);
+        let problem = tick_problem(Duration::from_millis(2500), &defaults).unwrap();
+        assert!(problem.contains("round trip 5s") && problem.contains("callbacks.dns_timeout (5s)"), "{problem}");
+        // The shortest wait decides, whichever it is.
+        let slow_dns = Config::parse("[callbacks]\ndns_timeout = \"20s\"\n").unwrap();
+        assert_eq!(tick_problem(Duration::from_secs(4), &slow_dns), None);
+        let problem = tick_problem(Duration::from_secs(5), &slow_dns).unwrap();
+        assert!(problem.contains("callbacks.connect_timeout (10s)"), "{problem}");
+    }
 }

@@ -63,7 +63,7 @@ fn bad_scenarios_are_refused_with_every_problem() {
     let text = r#"
         seed = 1
         duration = "1h"
-        tick = "5s"
+        tick = "11s"
         bogus = 1
     "#;
     let err = Scenario::parse(text, Path::new("bad.toml")).unwrap_err();
@@ -71,7 +71,7 @@ fn bad_scenarios_are_refused_with_every_problem() {
     let text = r#"
         seed = 1
         duration = "1h"
-        tick = "5s"
+        tick = "11s"
         [[actor]]
         kind = "fake_sender"
         addresses = 0
