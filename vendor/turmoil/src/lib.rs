@@ -187,6 +187,11 @@ use config::Config;
 
 mod dns;
 use dns::Dns;
+
+/// turmoil's maps, in insertion order as upstream's, hashed with foldhash instead of SipHash:
+/// every packet looks up its host, link and socket, and SipHash was a twentieth of a simulated
+/// month. A fixed seed, though the order never depends on the hash.
+pub(crate) type IndexMap<K, V> = indexmap::IndexMap<K, V, foldhash::fast::FixedState>;
 pub use dns::{ToIpAddr, ToIpAddrs, ToSocketAddrs};
 
 mod envelope;
