@@ -5,6 +5,8 @@
 mod bans;
 #[path = "gatekeeper/cluster.rs"]
 mod cluster;
+#[path = "gatekeeper/logfields.rs"]
+mod logfields;
 #[path = "gatekeeper/logwriter.rs"]
 mod logwriter;
 
@@ -163,11 +165,14 @@ fn init_logging(format: LogFormat) -> logwriter::Guard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     use std::io::IsTerminal;
     // Colour only on a terminal: log files stay plain text, cheap to write and to count.
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stderr().is_terminal());
+    let ansi = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi);
     let (writer, guard) = logwriter::stderr();
     let builder = builder.with_writer(writer);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text if ansi => builder.init(),
+        // The same lines, without painting each field name in no colour (logfields).
+        LogFormat::Text => builder.fmt_fields(logfields::PlainFields).init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
     guard
