@@ -171,8 +171,10 @@ fn init_logging(format: LogFormat) -> logwriter::Guard {
     let builder = builder.with_writer(writer);
     match format {
         LogFormat::Text if ansi => builder.init(),
-        // The same lines, without painting each field name in no colour (logfields).
-        LogFormat::Text => builder.fmt_fields(logfields::PlainFields).init(),
+        // The same lines, without painting each part in no colour (logfields).
+        LogFormat::Text => {
+            builder.fmt_fields(logfields::PlainFields).event_format(logfields::PlainLine { timestamps: true }).init()
+        }
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
     }
     guard

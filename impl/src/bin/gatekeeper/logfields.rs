@@ -8,13 +8,21 @@
 //! `write_str`, and a message is escaped only where it holds a character to escape.
 //!
 //! Used for the text format without colour (log files, the journal); on a terminal the default
-//! paints as before, and the JSON format has its own visitor.
+//! paints as before, and the JSON format has its own visitor. [`PlainLine`] writes the head of
+//! the line (timestamp, level, spans, target) as the default `Full` format does, without its
+//! styles either, and the timestamp's date and time of day once a second.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write as _};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_log::NormalizeEvent;
 use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
-use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
+use tracing_subscriber::fmt::format::{DefaultVisitor, FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormattedFields};
+use tracing_subscriber::registry::LookupSpan;
 
 /// The [`MakeVisitor`] to pass to `fmt_fields`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -124,6 +132,86 @@ impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
     }
 }
 
+/// tracing-subscriber's `Full` line without colour: `TIMESTAMP LEVEL span{fields}:…: target:
+/// fields`, the timestamp RFC 3339 in UTC to the microsecond (`2026-12-07T06:58:01.123456Z`),
+/// its date and time of day formatted once per second (per thread) instead of for every line.
+#[derive(Debug, Clone, Copy)]
+pub struct PlainLine {
+    /// Start with the timestamp (off only to compare lines in tests).
+    pub timestamps: bool,
+}
+
+impl<S, N> FormatEvent<S, N> for PlainLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        // A `log` record's own target and level, not the bridge's.
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        if self.timestamps {
+            write_timestamp(&mut writer, SystemTime::now())?;
+            writer.write_char(' ')?;
+        }
+        writer.write_str(match *meta.level() {
+            Level::TRACE => "TRACE ",
+            Level::DEBUG => "DEBUG ",
+            Level::INFO => " INFO ",
+            Level::WARN => " WARN ",
+            Level::ERROR => "ERROR ",
+        })?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut seen = false;
+            for span in scope.from_root() {
+                writer.write_str(span.metadata().name())?;
+                seen = true;
+                if let Some(fields) = span.extensions().get::<FormattedFields<N>>()
+                    && !fields.is_empty()
+                {
+                    write!(writer, "{{{fields}}}")?;
+                }
+                writer.write_char(':')?;
+            }
+            if seen {
+                writer.write_char(' ')?;
+            }
+        }
+        writer.write_str(meta.target())?;
+        writer.write_str(": ")?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        writer.write_char('\n')
+    }
+}
+
+fn write_timestamp(w: &mut impl fmt::Write, t: SystemTime) -> fmt::Result {
+    thread_local! {
+        /// The second last formatted, and its text up to the decimal point.
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let Ok(since) = t.duration_since(UNIX_EPOCH) else {
+        return write!(w, "{}", humantime_serde::re::humantime::format_rfc3339_micros(t));
+    };
+    SECOND.with_borrow_mut(|(second, text)| {
+        if *second != since.as_secs() {
+            text.clear();
+            // `…:SSZ`: keep all but the `Z`.
+            write!(text, "{}", humantime_serde::re::humantime::format_rfc3339_seconds(t))?;
+            text.pop();
+            text.push('.');
+            *second = since.as_secs();
+        }
+        w.write_str(text)
+    })?;
+    let mut micros = since.subsec_micros();
+    let mut digits = *b"000000Z";
+    for d in digits[..6].iter_mut().rev() {
+        *d = b'0' + (micros % 10) as u8;
+        micros /= 10;
+    }
+    w.write_str(std::str::from_utf8(&digits).expect("ASCII digits"))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
@@ -176,6 +264,19 @@ mod tests {
 
     /// Lines of every shape the gatekeeper logs, and some it does not.
     fn log_all() {
+        tracing::info!(outside = "any span", "first");
+        // A dependency logging through the `log` crate (rustls does): its own target and level.
+        let record = log::Record::builder()
+            .target("rustls::conn")
+            .level(log::Level::Warn)
+            .module_path_static(Some("rustls::conn"))
+            .file_static(Some("src/conn.rs"))
+            .line(Some(7))
+            .args(format_args!("peer sent \x1b junk"))
+            .build();
+        tracing_log::format_trace(&record).unwrap();
+        let bare = tracing::info_span!("bare");
+        bare.in_scope(|| tracing::info!("in a span without fields"));
         let span = tracing::info_span!("conn", client = %"192.0.2.1", id = 7u64, r#type = "smtp");
         let _g = span.enter();
         tracing::info!(helo = "mx.example.test", rule = %"E2", code = 550, bounce = true, "verdict");
@@ -188,6 +289,55 @@ mod tests {
         tracing::debug!("nested\x08\x0c");
     }
 
+    #[test]
+    fn timestamps_are_rfc3339_to_the_microsecond() {
+        use std::time::Duration;
+        let mut seconds = vec![0, 59, 951_782_400, 1_709_164_799, 1_709_164_800, 1_796_601_481, 4_102_444_799];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            seconds.push(x % 4_102_444_800);
+        }
+        for s in seconds {
+            // Twice within one second (the cached text), then the next.
+            for (s, micros) in [(s, 0), (s, 999_999), (s, 123_456), (s + 1, 7)] {
+                let t = UNIX_EPOCH + Duration::new(s, micros * 1000 + 999);
+                let mut ours = String::new();
+                write_timestamp(&mut ours, t).unwrap();
+                let reference = humantime_serde::re::humantime::format_rfc3339_micros(t).to_string();
+                assert_eq!(ours, reference, "{s}.{micros}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_timestamp_reads_as_the_default_one() {
+        let line = |timer: bool| {
+            let buf = Buf::default();
+            let builder = tracing_subscriber::fmt().with_ansi(false).with_writer(buf.clone());
+            let dispatch = if timer {
+                tracing::Dispatch::new(
+                    builder.fmt_fields(PlainFields).event_format(PlainLine { timestamps: true }).finish(),
+                )
+            } else {
+                tracing::Dispatch::new(builder.finish())
+            };
+            tracing::dispatcher::with_default(&dispatch, || tracing::info!("x"));
+            String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+        };
+        let (ours, default) = (line(true), line(false));
+        let stamp = |l: &str| {
+            let s = l.split_whitespace().next().unwrap().to_string();
+            (humantime_serde::re::humantime::parse_rfc3339(&s).unwrap(), s.len())
+        };
+        let ((a, a_len), (b, b_len)) = (stamp(&ours), stamp(&default));
+        assert_eq!(a_len, b_len, "{ours}{default}");
+        assert!(a.duration_since(b).or_else(|e| Ok::<_, ()>(e.duration())).unwrap().as_secs() < 2, "{ours}{default}");
+        assert_eq!(ours[a_len..], default[b_len..]);
+    }
+
     fn render(plain: bool) -> String {
         let buf = Buf::default();
         let builder = tracing_subscriber::fmt()
@@ -196,7 +346,9 @@ mod tests {
             .with_ansi(false)
             .with_writer(buf.clone());
         let dispatch = if plain {
-            tracing::Dispatch::new(builder.fmt_fields(PlainFields).finish())
+            tracing::Dispatch::new(
+                builder.fmt_fields(PlainFields).event_format(PlainLine { timestamps: false }).finish(),
+            )
         } else {
             tracing::Dispatch::new(builder.finish())
         };
@@ -207,7 +359,8 @@ mod tests {
     #[test]
     fn lines_are_the_default_formats_byte_for_byte() {
         let (ours, default) = (render(true), render(false));
-        assert_eq!(ours.lines().count(), 6, "{ours}");
+        assert_eq!(ours.lines().count(), 9, "{ours}");
+        assert!(ours.contains(" WARN rustls::conn: peer sent \\x1b junk\n"), "{ours}");
         assert!(ours.contains("\\x1b[31mescapes\\x07") && ours.contains("\\u{9b}C1 and café"), "{ours}");
         assert_eq!(ours, default);
     }
