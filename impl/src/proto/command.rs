@@ -88,11 +88,18 @@ impl Command {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => (line, ""),
         };
-        let upper = verb.to_ascii_uppercase();
+        // Upper-cased on the stack: no verb is longer than STARTTLS's 8 letters.
+        let mut buf = [0u8; 8];
+        let Some(upper) = buf.get_mut(..verb.len()) else {
+            return Err(CommandError::Unrecognized);
+        };
+        upper.copy_from_slice(verb.as_bytes());
+        upper.make_ascii_uppercase();
+        let upper = std::str::from_utf8(upper).expect("ASCII case changes keep UTF-8");
         let arg = rest.trim_matches(' ');
         let no_args =
             |cmd: Command| if arg.is_empty() { Ok(cmd) } else { Err(CommandError::Syntax("no arguments allowed")) };
-        match upper.as_str() {
+        match upper {
             "EHLO" | "HELO" => {
                 if arg.is_empty() || arg.contains(' ') {
                     return Err(CommandError::Syntax("expected one domain or address literal"));
@@ -125,7 +132,7 @@ impl Command {
             "STARTTLS" if !arg.is_empty() => Err(CommandError::Syntax("STARTTLS takes no parameters")),
             "STARTTLS" => Ok(Command::StartTls),
             "EXPN" | "TURN" | "AUTH" | "BDAT" | "ETRN" | "SEND" | "SOML" | "SAML" | "ATRN" => {
-                Ok(Command::NotImplemented(upper))
+                Ok(Command::NotImplemented(upper.to_string()))
             }
             _ => Err(CommandError::Unrecognized),
         }
